@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-all demo bench clean
+
+install: $(STAMP)
+
+# torch is pinned to the local CPU wheel first, so nothing later pulls a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests
+
+test-all: install
+	$(BIN)/python -m pytest -q -n 2 tests
+
+demo: install
+	$(BIN)/lmdistill demo --preset full --out runs/demo
+
+bench: install
+	$(BIN)/python bench/losses.py
+	$(BIN)/python bench/generation.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

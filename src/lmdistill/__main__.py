@@ -1,0 +1,3 @@
+from lmdistill.cli import main
+
+raise SystemExit(main())

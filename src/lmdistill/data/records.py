@@ -1,0 +1,235 @@
+"""Load instruction data (JSONL, JSON, folders, hub datasets) into validated ``Example`` rows.
+
+Every bad row is reported as ``file:line: field "x" ...``. By default any bad row raises one
+``DataError`` listing them all; with ``skip_bad=True`` bad rows are skipped and reported in
+``LoadResult.skipped``, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from lmdistill.errors import DataError, Problem
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Example:
+    """One instruction-following example.
+
+    ``output`` is the gold response; ``references`` holds every acceptable reference (the gold
+    response first) for metrics that take the max over references. Chat rows keep ``messages``
+    (the conversation before the answer); their ``instruction`` is the last user turn.
+    """
+
+    id: str
+    instruction: str
+    input: str = ""
+    output: str = ""
+    references: list[str] = field(default_factory=list)
+    messages: list[dict] | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.references and self.output:
+            self.references = [self.output]
+
+
+@dataclass
+class LoadResult:
+    examples: list[Example]
+    skipped: list[Problem]
+    path: str
+
+    def report(self) -> str:
+        if not self.skipped:
+            return f"{self.path}: loaded {len(self.examples)} rows"
+        lines = sorted({p.line for p in self.skipped if p.line is not None})
+        return (f"{self.path}: loaded {len(self.examples)} rows, skipped {len(lines)} bad row(s) "
+                f"at line(s) {', '.join(map(str, lines))}")
+
+
+def _check_str(obj: dict, key: str, path: str, line: int, problems: list[Problem],
+               required: bool, nonempty: bool = False) -> str:
+    if key not in obj or obj[key] is None:
+        if required:
+            problems.append(Problem(path, line, key, "is missing"))
+        return ""
+    val = obj[key]
+    if not isinstance(val, str):
+        problems.append(Problem(path, line, key, f"must be a string, got {type(val).__name__}"))
+        return ""
+    if nonempty and not val.strip():
+        problems.append(Problem(path, line, key, "is empty"))
+    return val
+
+
+def parse_row(obj: Any, path: str, line: int, *, require_output: bool = True) -> tuple[Example | None, list[Problem]]:
+    """Validate one decoded row; return the example (or None) and the problems found."""
+    problems: list[Problem] = []
+    if not isinstance(obj, dict):
+        return None, [Problem(path, line, None, f"row must be a JSON object, got {type(obj).__name__}")]
+    rid = obj.get("id", f"{Path(path).stem}-{line}")
+    if not isinstance(rid, (str, int)):
+        problems.append(Problem(path, line, "id", f"must be a string or integer, got {type(rid).__name__}"))
+    source = obj.get("source", "") if isinstance(obj.get("source", ""), str) else ""
+
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            return None, problems + [Problem(path, line, "messages", "must be a non-empty list of {role, content}")]
+        clean = []
+        for i, m in enumerate(msgs):
+            fname = f"messages[{i}]"
+            if not isinstance(m, dict):
+                problems.append(Problem(path, line, fname, "must be an object with role and content"))
+                continue
+            if m.get("role") not in ROLES:
+                problems.append(Problem(path, line, f"{fname}.role", f"must be one of {', '.join(ROLES)}, got {m.get('role')!r}"))
+            if not isinstance(m.get("content"), str):
+                problems.append(Problem(path, line, f"{fname}.content", "is missing or not a string"))
+            clean.append({"role": m.get("role"), "content": m.get("content")})
+        if problems:
+            return None, problems
+        if clean[-1]["role"] == "assistant":
+            history, output = clean[:-1], clean[-1]["content"]
+        else:
+            history, output = clean, ""
+        if require_output and not output.strip():
+            return None, [Problem(path, line, "messages", "has no non-empty final assistant turn (the response)")]
+        users = [m for m in history if m["role"] == "user"]
+        if not users:
+            return None, [Problem(path, line, "messages", "has no user turn")]
+        return Example(id=str(rid), instruction=users[-1]["content"], output=output, messages=history,
+                       source=source), []
+
+    instruction = _check_str(obj, "instruction", path, line, problems, required=True, nonempty=True)
+    inp = _check_str(obj, "input", path, line, problems, required=False)
+    output = _check_str(obj, "output", path, line, problems, required=require_output, nonempty=require_output)
+    refs = obj.get("references")
+    references: list[str] = []
+    if refs is not None:
+        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+            problems.append(Problem(path, line, "references", "must be a list of strings"))
+        else:
+            references = [r for r in refs]
+    if problems:
+        return None, problems
+    if output and output not in references:
+        references = [output] + references
+    return Example(id=str(rid), instruction=instruction, input=inp, output=output,
+                   references=references, source=source), []
+
+
+def _iter_jsonl(path: Path) -> Iterable[tuple[int, Any, Problem | None]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, None, Problem(str(path), lineno, None, f"is not valid UTF-8 (byte {e.start})")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield lineno, json.loads(text), None
+            except json.JSONDecodeError as e:
+                yield lineno, None, Problem(str(path), lineno, None, f"is not valid JSON ({e.msg} at column {e.colno})")
+
+
+def _iter_json(path: Path) -> Iterable[tuple[int, Any, Problem | None]]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        yield 1, None, Problem(str(path), None, None, f"is not valid UTF-8 (byte {e.start})")
+        return
+    except json.JSONDecodeError as e:
+        yield e.lineno, None, Problem(str(path), e.lineno, None, f"is not valid JSON ({e.msg} at column {e.colno})")
+        return
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        yield 1, None, Problem(str(path), None, None, "must hold a JSON list of rows (or {\"data\": [...]})")
+        return
+    for i, obj in enumerate(data, start=1):  # "line" is the 1-based row index in a JSON list
+        yield i, obj, None
+
+
+def load_file(path: str | Path, *, skip_bad: bool = False, require_output: bool = True) -> LoadResult:
+    """Load one .jsonl or .json file."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError([Problem(str(path), None, None, "does not exist")])
+    rows = _iter_json(path) if path.suffix == ".json" else _iter_jsonl(path)
+    examples: list[Example] = []
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    for lineno, obj, problem in rows:
+        if problem is not None:
+            problems.append(problem)
+            continue
+        ex, probs = parse_row(obj, str(path), lineno, require_output=require_output)
+        if ex is not None and ex.id in seen:
+            probs = [Problem(str(path), lineno, "id", f"duplicates the id {ex.id!r} of line {seen[ex.id]}")]
+            ex = None
+        if probs:
+            problems.extend(probs)
+        elif ex is not None:
+            seen[ex.id] = lineno
+            examples.append(ex)
+    if problems and not skip_bad:
+        raise DataError(problems)
+    return LoadResult(examples, problems, str(path))
+
+
+def load_examples(source: str | Path, *, split: str | None = None, skip_bad: bool = False,
+                  require_output: bool = True) -> LoadResult:
+    """Load instruction data from a bundled benchmark name (``dolly`` or ``dolly:valid``), a file,
+    a folder of .jsonl/.json files, or a hub dataset (``hf:NAME`` or ``hf:NAME:SPLIT``)."""
+    from lmdistill.data.registry import BENCHMARKS, resolve
+
+    src = str(source)
+    name = src.split(":", 1)[0]
+    if name in BENCHMARKS and not Path(src).exists():
+        bench_split = src.split(":", 1)[1] if ":" in src else split
+        return load_file(resolve(name, bench_split), skip_bad=skip_bad, require_output=require_output)
+    if src.startswith("hf:"):
+        return load_hub_dataset(src[3:], split=split or "train", skip_bad=skip_bad)
+    path = Path(src)
+    if path.is_dir():
+        files = sorted([*path.glob("*.jsonl"), *path.glob("*.json")])
+        if not files:
+            raise DataError([Problem(str(path), None, None, "folder holds no .jsonl or .json files")])
+        results = [load_file(f, skip_bad=skip_bad, require_output=require_output) for f in files]
+        examples = [e for r in results for e in r.examples]
+        skipped = [p for r in results for p in r.skipped]
+        return LoadResult(examples, skipped, str(path))
+    if not path.exists():
+        raise DataError([Problem(src, None, None,
+                                 f"is neither a file, a folder, a bundled benchmark ({', '.join(BENCHMARKS)}) "
+                                 "nor hf:NAME")])
+    return load_file(path, skip_bad=skip_bad, require_output=require_output)
+
+
+def load_hub_dataset(spec: str, *, split: str = "train", skip_bad: bool = False) -> LoadResult:
+    """Load a `datasets` hub dataset with instruction/input/output or messages columns."""
+    name, _, sp = spec.partition(":")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split=sp or split)
+    except Exception as e:  # offline, unknown name, ...
+        raise DataError([Problem(f"hf:{name}", None, None, f"could not be loaded from the hub ({type(e).__name__}: {e})")]) from None
+    examples, problems = [], []
+    for i, row in enumerate(ds, start=1):
+        ex, probs = parse_row(dict(row), f"hf:{name}", i)
+        problems.extend(probs)
+        if ex is not None:
+            examples.append(ex)
+    if problems and not skip_bad:
+        raise DataError(problems)
+    return LoadResult(examples, problems, f"hf:{name}")

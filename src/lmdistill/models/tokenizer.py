@@ -1,0 +1,67 @@
+"""A byte-level BPE tokenizer trained locally on the bundled Dolly train text.
+
+Saved as a Hugging Face folder (``tokenizer.json`` + config) that ``AutoTokenizer.from_pretrained``
+loads; it has pad, eos and bos tokens and a chat template, like a hub tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PAD, EOS, BOS = "<|pad|>", "<|endoftext|>", "<|startoftext|>"
+USER, ASSISTANT, SYSTEM, END = "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"
+SPECIAL_TOKENS = [PAD, EOS, BOS, USER, ASSISTANT, SYSTEM, END]
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def training_texts(limit: int | None = None) -> list[str]:
+    from lmdistill.data.registry import resolve
+
+    texts = []
+    with open(resolve("dolly", "train"), encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if limit is not None and i >= limit:
+                break
+            row = json.loads(line)
+            texts.append("\n".join(row[k] for k in ("instruction", "input", "output") if row.get(k)))
+    return texts
+
+
+def train_tokenizer(vocab_size: int = 4096, *, limit: int | None = None):
+    """Train the byte-level BPE on Dolly train and wrap it as a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(training_texts(limit), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=BOS,
+                                   unk_token=None, additional_special_tokens=[USER, ASSISTANT, SYSTEM, END])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"
+    fast.model_max_length = 1024
+    return fast
+
+
+_CACHE: dict[tuple, object] = {}
+
+
+def build_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 4096):
+    """The shared tokenizer (trained once per process), optionally saved to ``out_dir``."""
+    key = (vocab_size,)
+    if key not in _CACHE:
+        _CACHE[key] = train_tokenizer(vocab_size)
+    tok = _CACHE[key]
+    if out_dir is not None:
+        tok.save_pretrained(str(out_dir))
+    return tok

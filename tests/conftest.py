@@ -1,0 +1,31 @@
+"""Shared fixtures: real HF-format tiny models built once per test session (per xdist worker)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from lmdistill.models import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tokenizer):
+    """Folders of HF models: ``teacher`` (micro, seed 1), ``student`` (micro, seed 2),
+    ``padded_student`` (micro with the embedding padded to 4160 rows)."""
+    from lmdistill.models import build_model
+
+    root = tmp_path_factory.mktemp("models")
+    dirs = {"teacher": root / "teacher", "student": root / "student", "padded_student": root / "padded"}
+    build_model("micro", dirs["teacher"], tokenizer=tokenizer, seed=1)
+    build_model("micro", dirs["student"], tokenizer=tokenizer, seed=2)
+    build_model("micro", dirs["padded_student"], tokenizer=tokenizer, seed=3, pad_vocab_to=len(tokenizer) + 64)
+    return {k: str(v) for k, v in dirs.items()}
