@@ -1,0 +1,72 @@
+"""The training objective of one micro-batch, composed from recipe keys.
+
+``L = sft_weight * SFT(gold) + seq_sft_weight * SFT(sequences) + kd_weight * D(student, teacher | sequences)
++ span_weight * Span(sequences)``
+
+``D`` is the recipe's ``loss``: a token-level divergence from ``lmdistill.losses`` (``fkl``, ``jsd``, ``skl``,
+...), MGSR's ``dac_kl`` module, or MiniLLM's ``pg_rkl`` policy gradient. Each term is returned as
+``(masked mean, token count)`` so the trainer can weight it by tokens across micro-batches and processes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmdistill.train.minillm import policy_gradient_rkl
+
+
+def forward_logits(model, batch: dict) -> torch.Tensor:
+    """Logits at every position; position ids follow the attention mask, so padding never shifts them."""
+    attn = batch["attention_mask"]
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=batch["input_ids"], attention_mask=attn, position_ids=pos).logits
+
+
+def shifted(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets and mask aligned with logits positions 0..T-2 (position t predicts token t+1)."""
+    return batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].float()
+
+
+def compute_terms(cfg, student, teacher, gold: dict, seq: dict, *, same: bool, dac=None, span_ids=None,
+                  rollout: dict | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Terms of the objective as ``name -> (mean over its tokens, number of tokens)``.
+
+    ``same`` says the sequences are the gold batch itself (one student forward serves both terms).
+    """
+    from lmdistill.losses import get_loss, sft_loss
+
+    terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    need_seq = cfg.kd_weight > 0 or cfg.span_weight > 0 or cfg.seq_sft_weight > 0
+    need_teacher = cfg.kd_weight > 0 or cfg.span_weight > 0
+    gold_logits = None
+    if cfg.sft_weight > 0 or (need_seq and same):
+        gold_logits = forward_logits(student, gold)
+    if cfg.sft_weight > 0:
+        labels, mask = shifted(gold)
+        terms["sft"] = (sft_loss(gold_logits[:, :-1], labels, mask), mask.sum())
+    if not need_seq:
+        return terms
+    s_logits = gold_logits if same else forward_logits(student, seq)
+    targets, mask = shifted(seq)
+    count = mask.sum()
+    if cfg.seq_sft_weight > 0:
+        terms["seq_sft"] = (sft_loss(s_logits[:, :-1], targets, mask), count)
+    if not need_teacher:
+        return terms
+    with torch.no_grad():
+        t_logits = forward_logits(teacher, seq).to(s_logits.dtype)
+    s, t = s_logits[:, :-1], t_logits[:, :-1]
+    if cfg.kd_weight > 0:
+        if cfg.loss == "dac_kl":
+            value = dac(s, t, mask, temperature=cfg.temperature)
+        elif cfg.loss == "pg_rkl":
+            value = policy_gradient_rkl(s, t, targets, mask, alpha=cfg.teacher_mix_alpha, clip=cfg.pg_clip,
+                                        length_norm=cfg.pg_length_norm, temperature=cfg.temperature)
+        else:
+            value = get_loss(cfg.loss, **cfg.loss_params)(s, t, mask, temperature=cfg.temperature)
+        terms["kd"] = (value, count)
+    if cfg.span_weight > 0:
+        from lmdistill.losses.span_correlation import span_correlation_loss
+
+        terms["span"] = (span_correlation_loss(s, t, span_ids[:, 1:], mask, temperature=cfg.temperature), count)
+    return terms

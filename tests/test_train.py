@@ -1,0 +1,197 @@
+"""The trainer: every recipe trains on the micro models, exact resume after kill -9, two processes, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmdistill.cli import main
+from lmdistill.errors import ConfigError
+from lmdistill.train import TrainingError, load_config, train
+
+RECIPES = ["sft", "kd", "seqkd", "imitkd", "gkd", "distillm", "minillm", "mgsr", "switch"]
+
+
+@pytest.fixture(scope="module")
+def dirs(model_dirs, tmp_path_factory):
+    """The micro student, and a teacher SFT-trained on Dolly by our trainer (a random teacher teaches nothing)."""
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = load_config("sft", [f"student={model_dirs['teacher']}", f"output_dir={out}", "max_train_examples=64",
+                              "max_steps=40", "lr=1e-2", "batch_size=8", "micro_batch_size=8", "valid_data=",
+                              "progress=false", "max_length=96", "max_prompt_length=80", "save_steps=1000",
+                              "eval_steps=1000", "device=cpu"])
+    return {**model_dirs, "teacher": train(cfg)["final"]}
+
+
+def base_overrides(model_dirs, out, **extra):
+    o = {"student": model_dirs["student"], "teacher": model_dirs["teacher"], "output_dir": str(out),
+         "max_train_examples": 8, "batch_size": 4, "micro_batch_size": 2, "max_new_tokens": 12,
+         "valid_data": "", "save_steps": 1000, "eval_steps": 1000, "progress": False, "max_length": 96,
+         "max_prompt_length": 80, "device": "cpu"}
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def teacher_distance(student_dir, teacher_dir, tokenizer):
+    """Forward KL(teacher || student) and SFT loss on a fixed gold batch."""
+    from lmdistill.data import collate_for_training, load_examples, tokenize_examples
+    from lmdistill.losses import forward_kl, sft_loss
+    from lmdistill.models import load_model
+    from lmdistill.train.objective import forward_logits, shifted
+
+    rows, _ = tokenize_examples(load_examples("dolly:train").examples[:16], tokenizer, max_prompt_length=80,
+                                max_length=96)
+    b = collate_for_training(rows, tokenizer.pad_token_id)
+    s, t = load_model(student_dir), load_model(teacher_dir)
+    labels, mask = shifted(b)
+    with torch.no_grad():
+        sl, tl = forward_logits(s, b)[:, :-1], forward_logits(t, b)[:, :-1]
+        return float(forward_kl(sl, tl, mask)), float(sft_loss(sl, labels, mask))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_trains_and_exports(recipe, dirs, tokenizer, tmp_path):
+    cfg = load_config(recipe, base_overrides(dirs, tmp_path, max_steps=6, lr=5e-3, warmup_steps=0))
+    before = teacher_distance(dirs["student"], dirs["teacher"], tokenizer)
+    result = train(cfg)
+    after = teacher_distance(result["final"], dirs["teacher"], tokenizer)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert all(r["loss"] == r["loss"] for r in rows)
+    if recipe in ("sft", "seqkd"):
+        assert after[1] < before[1], (recipe, before, after)      # cross-entropy on gold goes down
+    else:
+        assert after[0] < before[0], (recipe, before, after)      # closer to the teacher
+    if recipe in ("switch",):
+        assert "gen/teacher_fraction" in rows[-1] or any(k.startswith("gen/") for k in rows[-1])
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert (Path(result["final"]) / "config.json").exists()
+
+
+def test_loss_goes_down_on_fixed_batch(dirs, tmp_path):
+    cfg = load_config("kd", base_overrides(dirs, tmp_path, max_steps=8, lr=1e-2, batch_size=4,
+                                           max_train_examples=4, micro_batch_size=4))
+    train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # every step sees the same 4 examples: the objective must fall
+    assert rows[-1]["loss"] < rows[0]["loss"] * 0.9
+
+
+def weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def run_cli(args, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "lmdistill", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.parametrize("recipe", ["gkd", "distillm"])
+def test_kill9_and_resume_is_bit_exact(recipe, dirs, tmp_path):
+    common = base_overrides(dirs, tmp_path / "x", max_steps=8, save_steps=2, keep_checkpoints=2)
+    full = tmp_path / "full"
+    p = run_cli(["train", recipe, *common, f"output_dir={full}"])
+    assert p.wait(timeout=300) == 0, p.stdout.read()
+    # same run, killed with SIGKILL after its second checkpoint, then resumed
+    part = tmp_path / "part"
+    p = run_cli(["train", recipe, *common, f"output_dir={part}"])
+    deadline = time.time() + 300
+    while not (part / "checkpoints" / "step-0000004" / "DONE").exists():
+        assert time.time() < deadline and p.poll() is None, "run ended before the kill"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (part / "final").exists()
+    p = run_cli(["train", recipe, *common, f"output_dir={part}", "--resume"])
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, out
+    a, b = weights(full / "final"), weights(part / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))        # no duplicated or lost metric lines
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(dirs, tmp_path):
+    common = base_overrides(dirs, tmp_path, max_steps=4, batch_size=4, micro_batch_size=2)
+    one = tmp_path / "one"
+    p = run_cli(["train", "kd", *common, f"output_dir={one}"])
+    assert p.wait(timeout=300) == 0, p.stdout.read()
+    two = tmp_path / "two"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "-m", "lmdistill", "train", "kd", *common, f"output_dir={two}", "micro_batch_size=1"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert json.loads((two / "config.json").read_text())["world_size"] == 2
+    a, b = weights(one / "final"), weights(two / "final")
+    # same global batch and token-weighted objective: equal up to float summation order
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_config_errors(model_dirs, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"unknown key 'max_step'; did you mean 'max_steps'\?"):
+        load_config("kd", [f"student={model_dirs['student']}", f"teacher={model_dirs['teacher']}", "max_step=3"])
+    with pytest.raises(ConfigError, match=r"key 'max_steps' must be int, got str 'ten'"):
+        load_config("kd", [f"student={model_dirs['student']}", f"teacher={model_dirs['teacher']}", "max_steps=ten"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: kd\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'learning_rate'"):
+        load_config(bad, [f"student={model_dirs['student']}"])
+    with pytest.raises(ConfigError, match="teacher: is required"):
+        load_config("kd", [f"student={model_dirs['student']}"])
+    with pytest.raises(ConfigError, match="loss_params"):
+        load_config("gkd", [f"student={model_dirs['student']}", f"teacher={model_dirs['teacher']}",
+                            "loss_params.beta=2.0"])
+    # the CLI prints one line and exits 2, before any model loads
+    assert main(["train", "kd", "student=x", "teacher=y", "lr=fast"]) == 2
+    assert "key 'lr' must be float" in capsys.readouterr().err
+
+
+def test_tokenizer_mismatch_is_refused(model_dirs, tmp_path, tokenizer):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(model_dirs["teacher"], other)
+    tj = json.loads((other / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    a = next(t for t, i in vocab.items() if i == 300)
+    b = next(t for t, i in vocab.items() if i == 301)
+    vocab[a], vocab[b] = 301, 300          # same tokens, two ids swapped
+    (other / "tokenizer.json").write_text(json.dumps(tj))
+    cfg = load_config("kd", base_overrides(model_dirs, tmp_path / "o", teacher=str(other), max_steps=1))
+    with pytest.raises(ConfigError, match=rf"differ at id 300: student {a!r}, teacher {b!r}"):
+        train(cfg)
+
+
+def test_nan_steps_are_skipped_then_stop(model_dirs, tmp_path, monkeypatch):
+    import lmdistill.train.trainer as T
+
+    real = T.compute_terms
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        terms = real(*a, **k)
+        if calls["n"] > 4:     # two micro-batches a step: steps 1-2 are good, then NaN forever
+            return {n: (v * float("nan"), c) for n, (v, c) in terms.items()}
+        return terms
+
+    monkeypatch.setattr(T, "compute_terms", poisoned)
+    cfg = load_config("kd", base_overrides(model_dirs, tmp_path, max_steps=50, save_steps=2))
+    with pytest.raises(TrainingError, match=r"10 non-finite losses in a row .* last good checkpoint: .*step-0000002"):
+        train(cfg)
+    ckpt = tmp_path / "checkpoints" / "step-0000002"
+    state = torch.load(ckpt / "student.pt")
+    assert all(torch.isfinite(v).all() for v in state.values())
