@@ -50,7 +50,7 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_curves(metrics_path: Path, out_png: Path, runs: dict[str, Path] | None = None) -> Path:
+def plot_curves(metrics_path: Path | None, out_png: Path, runs: dict[str, Path] | None = None) -> Path:
     """Loss (and validation loss / ROUGE-L when logged) against step; several runs share the axes."""
     import matplotlib
 
@@ -61,6 +61,8 @@ def plot_curves(metrics_path: Path, out_png: Path, runs: dict[str, Path] | None 
     keys = [("loss", "training loss"), ("val/loss", "validation loss"), ("val/rougeL", "validation ROUGE-L")]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
     for label, path in runs.items():
+        if not Path(path).exists():
+            continue
         rows = read_metrics(path)
         for ax, (key, title) in zip(axes, keys):
             pts = [(r["step"], r[key]) for r in rows if key in r and r[key] == r[key]]

@@ -58,7 +58,7 @@ def compute_terms(cfg, student, teacher, gold: dict, seq: dict, *, same: bool, d
     s, t = s_logits[:, :-1], t_logits[:, :-1]
     if cfg.kd_weight > 0:
         if cfg.loss == "dac_kl":
-            value = dac(s, t, mask, temperature=cfg.temperature)
+            value = dac(s, t, mask)
         elif cfg.loss == "pg_rkl":
             value = policy_gradient_rkl(s, t, targets, mask, alpha=cfg.teacher_mix_alpha, clip=cfg.pg_clip,
                                         length_norm=cfg.pg_length_norm, temperature=cfg.temperature)

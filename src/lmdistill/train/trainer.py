@@ -107,7 +107,7 @@ class Run:
         if cfg.loss == "dac_kl":
             from lmdistill.losses.dac_kl import DACKL
 
-            self.dac = DACKL(**cfg.dac_kl).to(device)
+            self.dac = DACKL(**{"temperature": cfg.temperature, **cfg.dac_kl}).to(device)
         params = [p for p in student.parameters() if p.requires_grad]
         if self.dac is not None:
             params += list(self.dac.parameters())
