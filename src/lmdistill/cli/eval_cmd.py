@@ -1,0 +1,58 @@
+"""``lmdistill eval``: the five-benchmark ROUGE-L evaluation (MiniLLM protocol)."""
+
+from __future__ import annotations
+
+from lmdistill.errors import ConfigError
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--{what} must be comma-separated integers, got {text!r}") from None
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="ROUGE-L on Dolly, Self-Instruct, Vicuna, S-NI and UnNI (MiniLLM protocol)",
+        description="Sample with temperature 1.0, top-p 1.0, top-k 0, at most 256 new tokens, prompts over 256 "
+                    "tokens dropped (counted per benchmark), seeds 10,20,30,40,50; ROUGE-L (rouge_score, stemmer, "
+                    "max over references, x100); mean ± std over seeds. Writes results.json/.csv/.md/.png and "
+                    "predictions/<model>/<benchmark>/seed<k>.jsonl; a rerun reuses finished seeds.")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="local folder, hub id, LoRA adapter folder, or openai:MODEL_NAME@BASE_URL; "
+                        "NAME=MODEL sets the display name")
+    p.add_argument("--benchmarks", default="dolly,selfinst,vicuna,sni,unni",
+                   help="comma-separated bundled benchmarks (name or name:split)")
+    p.add_argument("--seeds", default="10,20,30,40,50", help="comma-separated sampling seeds")
+    p.add_argument("--out", default="eval", help="output folder (default: eval)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
+    p.add_argument("--limit", type=int, default=None,
+                   help="only the first N examples of each benchmark (quick checks; not the protocol)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding, one seed (not the protocol)")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="samples per prompt and seed; an example scores the mean over them (not the protocol)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-prompt-length", type=int, default=256, help="longer prompts are dropped and counted")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
+    p.add_argument("--api-key-env", default=None,
+                   help="environment variable holding the API key of openai: models (default: OPENAI_API_KEY)")
+    p.add_argument("--overwrite", action="store_true", help="regenerate seeds even when finished files exist")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from lmdistill.evaluate.report import markdown_table
+    from lmdistill.evaluate.run import evaluate_models
+
+    benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    results = evaluate_models(
+        args.models, benchmarks, _int_list(args.seeds, "seeds"), args.out, batch_size=args.batch_size,
+        limit=args.limit, greedy=args.greedy, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+        max_prompt_length=args.max_prompt_length, device=args.device, dtype=args.dtype,
+        api_key_env=args.api_key_env, overwrite=args.overwrite, progress=not args.no_progress)
+    print(markdown_table(results))
+    print(f"results written to {args.out}/results.json, results.csv, results.md, results.png")
+    return 0

@@ -1,0 +1,244 @@
+"""The models under evaluation: parsing ``MODEL`` arguments and producing predictions.
+
+A ``MODEL`` is a local folder, a hub id, a LoRA adapter folder (merged on load) or an
+OpenAI-compatible endpoint ``openai:MODEL_NAME@BASE_URL``; ``name=MODEL`` sets the display name.
+
+Local models get the Alpaca prompt text of the protocol and the length filter (prompts over
+``max_prompt_length`` tokens of the model's own tokenizer are dropped). API models are prompted
+through their server's chat template instead: the instruction (plus input) is sent as one user
+message, and no token filter is applied (their tokenizer is unknown here), so their numbers are
+not strictly comparable with the papers.
+
+Determinism. Every generated row gets its own sampling-noise key, ``key_from(seed, example_id)``
+(``key_from(seed, example_id, j)`` for the j-th extra sample), passed to the sequence engine as
+``row_keys``. The engine's noise is a pure function of that key, the step and the token, so a
+prediction depends only on the model, the seed and the example: not on the batch size, the
+batch's other rows, ``--limit``, or which models and benchmarks run beside it. Left padding inside
+a batch can change floating-point rounding of the logits, so on rare near-ties an example could
+still sample differently under another batch layout. API requests send ``derive_seed(seed,
+example_id, j)`` as the request seed (honoured when the server supports seeds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from lmdistill.data import Example, FilterReport, tokenize_examples
+from lmdistill.data.templates import chat_messages
+from lmdistill.errors import ConfigError
+
+API_PREFIX = "openai:"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+def derive_seed(seed: int, *keys: str) -> int:
+    """A stable 63-bit seed from ``seed`` and string keys (the same on every machine and run)."""
+    text = "\x1f".join([str(seed), *keys])
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") >> 1
+
+
+def sample_key(seed: int, example_id: str, sample: int = 0) -> int:
+    """The engine's 32-bit noise key of one generated row (sample 0 keeps the plain key)."""
+    from lmdistill.generation import key_from
+
+    return key_from(seed, example_id) if sample == 0 else key_from(seed, example_id, sample)
+
+
+def safe_name(name: str) -> str:
+    """A display name made safe as one folder name."""
+    out = re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("._")
+    return out or "model"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str
+
+    @property
+    def is_api(self) -> bool:
+        return self.source.startswith(API_PREFIX)
+
+    @property
+    def dirname(self) -> str:
+        return safe_name(self.name)
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """``[name=]source``; the default name is the folder's base name, the hub id or the API model name."""
+    text = text.strip()
+    if not text:
+        raise ConfigError("empty MODEL argument")
+    name = None
+    if "=" in text and not Path(text).exists():
+        left, right = text.split("=", 1)
+        if _NAME_RE.match(left) and right:
+            name, text = left, right
+    if text.startswith(API_PREFIX):
+        api_name, sep, base_url = text[len(API_PREFIX):].rpartition("@")
+        if not sep or not api_name or not base_url:
+            raise ConfigError(f"{text}: an API model is written openai:MODEL_NAME@BASE_URL "
+                              "(e.g. openai:gpt-4o-mini@https://api.openai.com/v1)")
+        default = api_name
+    elif Path(text).exists():
+        default = Path(text).resolve().name
+    else:
+        default = text
+    return ModelSpec(name or default, text)
+
+
+def parse_model_specs(models: Sequence[str | ModelSpec]) -> list[ModelSpec]:
+    """Parse ``[name=]source`` strings (``ModelSpec`` pass through); names must be distinct."""
+    specs = [m if isinstance(m, ModelSpec) else parse_model_spec(m) for m in models]
+    seen: dict[str, str] = {}
+    for s in specs:
+        if s.dirname in seen:
+            raise ConfigError(f"two models share the name {s.name!r} ({seen[s.dirname]} and {s.source}); "
+                              "name them with NAME=MODEL")
+        seen[s.dirname] = s.source
+    return specs
+
+
+@dataclass
+class Item:
+    """One example ready to generate from."""
+
+    example: Example
+    prompt_ids: list[int] | None = None  # local models
+    messages: list[dict] | None = None  # API models
+
+
+@dataclass
+class SamplingSettings:
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+    num_samples: int = 1
+
+
+@dataclass
+class Prediction:
+    outputs: list[str]  # num_samples stripped texts
+    tokens: list[int] | None = None  # generated tokens per sample (local models)
+    stopped: list[bool] | None = None  # whether each sample ended with EOS (local models)
+
+
+class LocalPredictor:
+    """A Hugging Face causal LM (folder, hub id or LoRA adapter) sampled by ``lmdistill.generation``."""
+
+    kind = "local"
+
+    def __init__(self, spec: ModelSpec, *, device: str | None = None, dtype: str = "float32"):
+        from lmdistill.models import load_tokenizer
+        from lmdistill.models.load import resolve_device
+
+        self.spec, self.device, self.dtype = spec, resolve_device(device), dtype
+        self.tokenizer = load_tokenizer(_tokenizer_source(spec.source))
+        self._model = None
+
+    def close(self) -> None:
+        self._model = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            from lmdistill.models import load_model
+
+            self._model = load_model(self.spec.source, dtype=self.dtype, device=str(self.device))
+        return self._model
+
+    def prepare(self, examples: list[Example], max_prompt_length: int) -> tuple[list[Item], FilterReport]:
+        toks, reports = tokenize_examples(examples, self.tokenizer, template="alpaca",
+                                          max_prompt_length=max_prompt_length, with_response=False)
+        return [Item(t.example, prompt_ids=t.prompt_ids) for t in toks], reports[0]
+
+    def predict(self, batch: list[Item], seed: int, sampling: SamplingSettings) -> list[Prediction]:
+        from lmdistill.generation import SamplingConfig, generate
+
+        k = sampling.num_samples
+        prompts = [it.prompt_ids for it in batch for _ in range(k)]
+        keys = [sample_key(seed, it.example.id, j) for it in batch for j in range(k)]
+        config = SamplingConfig(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                                top_k=sampling.top_k, top_p=sampling.top_p, seed=seed, do_sample=not sampling.greedy)
+        tok = self.tokenizer
+        out = generate(self.model, prompts, policy="student", config=config,
+                       pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, row_keys=keys)
+        preds = []
+        for i in range(len(batch)):
+            rows = out.responses[i * k:(i + 1) * k]
+            stopped = [bool(r) and r[-1] == tok.eos_token_id for r in rows]
+            texts = [tok.decode(r[:-1] if s else r, skip_special_tokens=True).strip() for r, s in zip(rows, stopped)]
+            preds.append(Prediction(texts, tokens=[len(r) for r in rows], stopped=stopped))
+        return preds
+
+
+def _tokenizer_source(source: str) -> str:
+    """The tokenizer of a LoRA adapter folder without its own tokenizer is the base model's."""
+    import json
+
+    cfg = Path(source) / "adapter_config.json"
+    if cfg.exists() and not (Path(source) / "tokenizer_config.json").exists():
+        return json.loads(cfg.read_text())["base_model_name_or_path"]
+    return source
+
+
+class ApiPredictor:
+    """An OpenAI-compatible chat endpoint through ``lmdistill.quantify.clients.make_client``.
+
+    API models are prompted through their chat template (the instruction, plus the input, as one
+    user message), not the Alpaca text of the protocol, and no prompt-length filter is applied.
+    With ``cache_path`` every answered request is appended to a crash-safe response cache, so a
+    seed interrupted half-way does not pay again for the requests it already made.
+    """
+
+    kind = "api"
+
+    def __init__(self, spec: ModelSpec, *, api_key_env: str | None = None, cache_path: str | Path | None = None):
+        from lmdistill.quantify.clients import make_client
+
+        self.spec = spec
+        kw = {"api_key_env": api_key_env} if api_key_env else {}
+        self.client = make_client(spec.source, cache_path=cache_path, **kw)
+
+    def prepare(self, examples: list[Example], max_prompt_length: int) -> tuple[list[Item], FilterReport]:
+        items = [Item(ex, messages=chat_messages(ex)) for ex in examples]
+        return items, FilterReport("prompt-length filter", len(items), [], "not applied to API models")
+
+    def predict(self, batch: list[Item], seed: int, sampling: SamplingSettings) -> list[Prediction]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        k = sampling.num_samples
+        temperature = 0.0 if sampling.greedy else sampling.temperature
+
+        def ask(job: tuple[Item, int]) -> str:
+            item, j = job
+            text = self.client.chat(item.messages, temperature=temperature, max_tokens=sampling.max_new_tokens,
+                                    top_p=sampling.top_p, seed=derive_seed(seed, item.example.id, str(j)) % (2 ** 31))
+            return (text or "").strip()
+
+        jobs = [(it, j) for it in batch for j in range(k)]
+        workers = max(1, min(getattr(self.client, "concurrency", 1), len(jobs)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            texts = list(pool.map(ask, jobs))
+        return [Prediction(texts[i * k:(i + 1) * k]) for i in range(len(batch))]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def make_predictor(spec: ModelSpec, *, device: str | None = None, dtype: str = "float32",
+                   api_key_env: str | None = None, cache_path: str | Path | None = None):
+    """The predictor of ``spec``; ``cache_path`` is the response cache of API models (ignored otherwise)."""
+    if spec.is_api:
+        return ApiPredictor(spec, api_key_env=api_key_env, cache_path=cache_path)
+    return LocalPredictor(spec, device=device, dtype=dtype)
+
+
+__all__ = ["ApiPredictor", "Item", "LocalPredictor", "ModelSpec", "Prediction", "SamplingSettings",
+           "derive_seed", "make_predictor", "sample_key", "parse_model_spec", "parse_model_specs", "safe_name"]

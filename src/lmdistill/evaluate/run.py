@@ -1,0 +1,243 @@
+"""The five-benchmark ROUGE-L evaluation (MiniLLM protocol) of one or more models.
+
+``evaluate_models`` generates with every seed for every model and benchmark, scores each
+prediction with ROUGE-L, and writes into ``out_dir``:
+
+- ``predictions/<model>/<benchmark>/seed<k>.jsonl`` (+ ``.meta.json``), reused by a rerun;
+- ``results.json`` (per model, benchmark and seed, the mean, the std, the counts and all settings),
+  ``results.csv``, ``results.md`` (rows models, columns benchmarks and average) and ``results.png``.
+
+Protocol defaults (METHODS.md): Alpaca template, temperature 1.0, top-p 1.0, top-k 0, prompts over
+256 tokens dropped and counted, at most 256 new tokens, stop at EOS, strip the text; ROUGE-L
+F-measure x100 with the stemmer, max over references, mean over examples; seeds 10..50, mean ± std
+(sample std, ddof=1; 0 for one seed) over seeds. The average column is the mean over benchmarks,
+taken per seed, then mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from lmdistill.data import EVAL_BENCHMARKS, Example, load_examples
+from lmdistill.data.registry import BENCHMARKS
+from lmdistill.errors import ConfigError
+from lmdistill.evaluate.metrics import rouge_l
+from lmdistill.evaluate.predictors import (Item, ModelSpec, Prediction, SamplingSettings, make_predictor,
+                                           parse_model_specs, safe_name)
+from lmdistill.evaluate.report import AVERAGE, write_reports
+from lmdistill.evaluate.store import load_finished, save_seed, seed_paths
+
+PROTOCOL_SEEDS = (10, 20, 30, 40, 50)
+
+
+@dataclass
+class EvalSettings:
+    """Everything that shapes a result; recorded in results.json."""
+
+    benchmarks: list[str] = field(default_factory=lambda: list(EVAL_BENCHMARKS))
+    seeds: list[int] = field(default_factory=lambda: list(PROTOCOL_SEEDS))
+    batch_size: int = 16
+    limit: int | None = None
+    greedy: bool = False
+    num_samples: int = 1
+    max_new_tokens: int = 256
+    max_prompt_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    template: str = "alpaca"
+    device: str | None = None
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        if not self.benchmarks:
+            raise ConfigError("no benchmark given")
+        for b in self.benchmarks:
+            name, _, split = b.partition(":")
+            if name not in BENCHMARKS:
+                raise ConfigError(f"unknown benchmark {b!r}; choose from {', '.join(BENCHMARKS)}")
+            if split and split not in BENCHMARKS[name].splits:
+                raise ConfigError(f"benchmark {name} has no split {split!r}; splits: {', '.join(BENCHMARKS[name].splits)}")
+        if len(set(self.benchmarks)) != len(self.benchmarks):
+            raise ConfigError(f"a benchmark is listed twice: {', '.join(self.benchmarks)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds must be a non-empty list of distinct integers, got {self.seeds}")
+        for key in ("batch_size", "num_samples", "max_new_tokens", "max_prompt_length"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be at least 1, got {self.limit}")
+
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                                top_k=self.top_k, greedy=self.greedy, num_samples=self.num_samples)
+
+    def fingerprint(self, spec: ModelSpec, bench: str) -> dict:
+        """The settings a finished seed file must share to be reused (batch size, device, dtype excluded)."""
+        source = str(Path(spec.source).resolve()) if not spec.is_api and Path(spec.source).exists() else spec.source
+        return {"source": source, "benchmark": bench, "limit": self.limit, "greedy": self.greedy,
+                "num_samples": self.num_samples, "max_new_tokens": self.max_new_tokens,
+                "max_prompt_length": self.max_prompt_length, "temperature": self.temperature,
+                "top_p": self.top_p, "top_k": self.top_k, "template": "chat" if spec.is_api else self.template}
+
+
+def _mean_std(xs: Sequence[float]) -> tuple[float | None, float | None]:
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _prediction_row(item: Item, pred: Prediction, refs: list[str]) -> dict:
+    scores = [rouge_l(text, refs) for text in pred.outputs]
+    row = {"id": item.example.id, "output": pred.outputs[0], "rougeL": statistics.fmean(scores)}
+    many = len(pred.outputs) > 1
+    if many:
+        row["outputs"] = pred.outputs
+        row["rougeL_samples"] = scores
+    if pred.tokens is not None:
+        row["tokens"] = pred.tokens if many else pred.tokens[0]
+        row["stopped"] = pred.stopped if many else pred.stopped[0]
+    return row
+
+
+def _seed_summary(rows: list[dict]) -> dict:
+    summary = {"rougeL": statistics.fmean(r["rougeL"] for r in rows) if rows else None, "n": len(rows)}
+    if rows and "rougeL_samples" in rows[0]:
+        summary["best_of_k"] = statistics.fmean(max(r["rougeL_samples"]) for r in rows)
+    return summary
+
+
+def _load_benchmark(bench: str, limit: int | None) -> list[Example]:
+    examples = load_examples(bench).examples
+    return examples[:limit] if limit is not None else examples
+
+
+def evaluate_benchmark(predictor, spec: ModelSpec, bench: str, examples: list[Example], settings: EvalSettings,
+                       out_dir: Path, *, overwrite: bool = False, progress: bool = True) -> dict:
+    """Generate (or reuse) every seed of one model on one benchmark; return its results entry."""
+    from tqdm.auto import tqdm
+
+    items, report = predictor.prepare(examples, settings.max_prompt_length)
+    ids = [it.example.id for it in items]
+    fingerprint = settings.fingerprint(spec, bench)
+    bench_dir = safe_name(bench.replace(":", "-"))
+    per_seed: dict[int, dict] = {}
+    pending = []
+    for seed in settings.seeds:
+        pred_path, meta_path = seed_paths(out_dir, spec.dirname, bench_dir, seed)
+        rows = None if overwrite else load_finished(pred_path, meta_path, fingerprint, ids)
+        if rows is None:
+            pending.append(seed)
+        else:
+            per_seed[seed] = _seed_summary(rows)
+    desc = f"{spec.name} / {bench}"
+    if not pending and progress:
+        tqdm.write(f"{desc}: reused finished seeds {', '.join(map(str, settings.seeds))}", file=sys.stderr)
+    sampling = settings.sampling()
+    with tqdm(total=len(items) * len(pending), desc=desc, unit="ex", disable=not progress or not pending,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        for seed in pending:
+            bar.set_postfix_str(f"seed {seed}")
+            rows = []
+            for start in range(0, len(items), settings.batch_size):
+                batch = items[start:start + settings.batch_size]
+                for item, pred in zip(batch, predictor.predict(batch, seed, sampling)):
+                    rows.append(_prediction_row(item, pred, item.example.references))
+                bar.update(len(batch))
+            summary = _seed_summary(rows)
+            pred_path, meta_path = seed_paths(out_dir, spec.dirname, bench_dir, seed)
+            save_seed(pred_path, meta_path, rows, fingerprint,
+                      {**summary, "seed": seed, "batch_size": settings.batch_size, "dtype": settings.dtype,
+                       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            per_seed[seed] = summary
+    scores = [per_seed[s]["rougeL"] for s in settings.seeds if per_seed[s]["rougeL"] is not None]
+    mean, std = _mean_std(scores)
+    entry = {"seeds": {str(s): per_seed[s]["rougeL"] for s in settings.seeds}, "mean": mean, "std": std,
+             "n": len(items), "dropped": report.removed, "dropped_ids": list(report.removed_ids),
+             "total": len(examples), "filter": report.reason}
+    if settings.num_samples > 1:
+        entry["best_of_k"] = {str(s): per_seed[s].get("best_of_k") for s in settings.seeds}
+    return entry
+
+
+def average_entry(bench_entries: dict[str, dict], seeds: Sequence[int]) -> dict:
+    """Mean over benchmarks per seed, then mean ± std over seeds."""
+    per_seed: dict[str, float | None] = {}
+    for s in seeds:
+        vals = [e["seeds"].get(str(s)) for e in bench_entries.values()]
+        per_seed[str(s)] = statistics.fmean(vals) if vals and all(v is not None for v in vals) else None
+    mean, std = _mean_std([v for v in per_seed.values() if v is not None])
+    return {"seeds": per_seed, "mean": mean, "std": std}
+
+
+def _release(predictor) -> None:
+    predictor.close()
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def evaluate_models(models: Sequence[str | ModelSpec], benchmarks: Sequence[str] = EVAL_BENCHMARKS,
+                    seeds: Sequence[int] = PROTOCOL_SEEDS, out_dir: str | Path = "eval", *,
+                    batch_size: int = 16, limit: int | None = None, greedy: bool = False, num_samples: int = 1,
+                    max_new_tokens: int = 256, max_prompt_length: int = 256, device: str | None = None,
+                    dtype: str = "float32", api_key_env: str | None = None, overwrite: bool = False,
+                    progress: bool = True) -> dict:
+    """Evaluate ``models`` (``[name=]source`` strings or ``ModelSpec``) and write the result files.
+
+    Returns the results dict also written to ``out_dir/results.json``. With ``greedy`` only the
+    first seed is run (greedy decoding ignores the seed). Finished seeds in ``out_dir`` are reused
+    unless ``overwrite``.
+    """
+    seeds = list(seeds)
+    if greedy and len(seeds) > 1:
+        seeds = seeds[:1]
+    settings = EvalSettings(benchmarks=list(benchmarks), seeds=seeds, batch_size=batch_size, limit=limit,
+                            greedy=greedy, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                            max_prompt_length=max_prompt_length, device=device, dtype=dtype)
+    settings.validate()
+    specs = parse_model_specs(models)
+    if not specs:
+        raise ConfigError("no model given")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = {b: _load_benchmark(b, limit) for b in settings.benchmarks}
+    from lmdistill import __version__
+
+    results: dict = {"settings": {**asdict(settings), "protocol": _protocol_note(settings),
+                                  "std": "sample standard deviation over seeds (ddof=1)",
+                                  "lmdistill_version": __version__},
+                     "benchmarks": list(settings.benchmarks),
+                     "benchmark_notes": {b: BENCHMARKS[b.partition(":")[0]].note for b in settings.benchmarks},
+                     "models": {}}
+    for spec in specs:
+        cache = None if overwrite else out / "predictions" / spec.dirname / "api_requests.jsonl"
+        predictor = make_predictor(spec, device=device, dtype=dtype, api_key_env=api_key_env, cache_path=cache)
+        try:
+            entries = {b: evaluate_benchmark(predictor, spec, b, data[b], settings, out, overwrite=overwrite,
+                                             progress=progress) for b in settings.benchmarks}
+        finally:
+            _release(predictor)
+        results["models"][spec.name] = {"source": spec.source, "kind": predictor.kind,
+                                        "prompt": "chat template (user message)" if spec.is_api else "alpaca",
+                                        "benchmarks": entries, AVERAGE: average_entry(entries, settings.seeds)}
+        write_reports(results, out)
+    return results
+
+
+def _protocol_note(s: EvalSettings) -> str:
+    paper = (not s.greedy and s.num_samples == 1 and s.limit is None and s.max_new_tokens == 256
+             and s.max_prompt_length == 256 and (s.temperature, s.top_p, s.top_k) == (1.0, 1.0, 0)
+             and list(s.seeds) == list(PROTOCOL_SEEDS))
+    return "MiniLLM paper protocol" if paper else "differs from the MiniLLM paper protocol"
