@@ -131,16 +131,19 @@ def verdicts(results: dict, baseline: str = "sft") -> list[str]:
     return lines
 
 
-def run_demo(preset: str = "full", out: str | Path = "runs/demo") -> Path:
+def run_demo(preset: str | Preset = "full", out: str | Path = "runs/demo", name: str | None = None) -> Path:
     from lmdistill.evaluate.report import markdown_table
     from lmdistill.evaluate.run import evaluate_models
     from lmdistill.train.metrics_log import plot_curves
 
-    if preset not in PRESETS:
+    if isinstance(preset, Preset):
+        p, preset = preset, name or "custom"
+    elif preset in PRESETS:
+        p = PRESETS[preset]
+    else:
         from lmdistill.errors import ConfigError
 
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    p = PRESETS[preset]
     out = Path(out) / preset
     t0 = time.time()
     times = {}

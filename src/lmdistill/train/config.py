@@ -15,6 +15,7 @@ import yaml
 
 from lmdistill.errors import ConfigError
 
+RECIPES_DIR = Path(__file__).resolve().parents[3] / "recipes"
 POLICIES = ("gold", "student", "teacher", "mixed", "switch", "scrg", "replay", "teacher_mix")
 LOSSES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "symkl", "dac_kl", "none", "pg_rkl")
 
@@ -190,12 +191,13 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
     values: dict = {}
     if recipe is not None:
         path = Path(recipe)
-        if not path.exists():
-            builtin = Path(__file__).resolve().parents[3] / "recipes" / f"{recipe}.yaml"
-            if builtin.exists():
+        if not path.is_file():
+            builtin = RECIPES_DIR / f"{recipe}.yaml"
+            if builtin.is_file() and path.suffix != ".yaml":
                 path = builtin
             else:
-                raise ConfigError(f"{recipe}: no such recipe file")
+                names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+                raise ConfigError(f"{recipe}: no such recipe file or built-in recipe ({names})")
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

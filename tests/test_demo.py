@@ -1,0 +1,45 @@
+"""The demo pipeline end to end on the micro models: teacher cache, every method, evaluation, report."""
+
+import dataclasses
+import json
+
+from lmdistill.demo import METHODS, PRESETS, Preset, run_demo, verdicts
+
+MICRO = dataclasses.replace(PRESETS["quick"], teacher_size="micro", student_size="micro", teacher_steps=3,
+                            student_steps=2, eval_limit=3, eval_max_new_tokens=8, max_new_tokens=8, seeds=(10, 20),
+                            train_examples=64, batch_size=4, max_length=96, max_prompt_length=80)
+
+
+def test_demo_pipeline_on_micro_models(tmp_path, capsys):
+    report = run_demo(MICRO, tmp_path, name="micro")
+    text = report.read_text()
+    for m in ("teacher", *METHODS):
+        assert f"| {m} |" in text
+    out = tmp_path / "micro"
+    assert (out / "training_curves.png").stat().st_size > 1000
+    assert (out / "eval" / "results.png").stat().st_size > 1000
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert set(results["models"]) == {"teacher", *METHODS}
+    meta = json.loads((out / "demo.json").read_text())
+    assert meta["total_s"] > 0 and set(meta["students"]) == set(METHODS)
+    # every method started from the same initial student
+    for m in METHODS:
+        cfg = json.loads((out / "methods" / m / "config.json").read_text())
+        assert cfg["student"] == str(out / "student-init") and cfg["seed"] == 42
+    assert "report:" in capsys.readouterr().out
+    # a second run reuses the cached teacher and the finished students
+    run_demo(MICRO, tmp_path, name="micro")
+    printed = capsys.readouterr().out
+    assert "reusing cached teacher" in printed and "reusing sft" in printed
+
+
+def test_verdicts_follow_the_numbers():
+    def entry(mean, std):
+        return {"average": {"mean": mean, "std": std, "seeds": {"10": 0, "20": 0, "30": 0}}}
+
+    results = {"models": {"teacher": entry(30, 1), "sft": entry(10, 0.5), "kd": entry(14, 0.5),
+                          "gkd": entry(10.3, 0.5), "seqkd": entry(5, 0.5)}}
+    lines = "\n".join(verdicts(results))
+    assert "`kd` **beats SFT**" in lines
+    assert "`gkd` does **not** beat SFT" in lines
+    assert "`seqkd` is **worse than SFT**" in lines
