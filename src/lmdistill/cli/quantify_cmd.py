@@ -1,0 +1,162 @@
+"""``lmdistill quantify ice|rse|whitebox|agreement|report``: how distilled is a model?"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _client_args(p) -> None:
+    g = p.add_argument_group("model access")
+    g.add_argument("--cache", default=None, help="response cache JSONL (default: OUT/cache.jsonl); reruns resume from it")
+    g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    g.add_argument("--concurrency", type=int, default=4, help="requests in flight per API model")
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request before it is retried")
+    g.add_argument("--retries", type=int, default=6, help="retries on 429, 5xx and timeouts")
+    g.add_argument("--base-delay", type=float, default=1.0, help="first back-off delay in seconds (doubles each retry)")
+    g.add_argument("--device", default=None, help="device for local models (default: cuda if available)")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("quantify", help="measure distillation: ICE, RSE, white-box degree",
+                       description="Model specs: openai:MODEL@BASE_URL (any OpenAI-compatible server; key from "
+                                   "--api-key-env) or a local Hugging Face folder / hub id.")
+    q = p.add_subparsers(dest="quantify_command", metavar="TEST", required=True)
+
+    ice = q.add_parser("ice", help="identity consistency evaluation (jailbreak-fuzzed identity questions)")
+    ice.add_argument("--target", required=True, help="the model under test")
+    ice.add_argument("--fact", required=True, help="the target's true identity, e.g. 'I am Qwen, developed by Alibaba Cloud'")
+    ice.add_argument("--helper", required=True, help="model that mutates the jailbreak templates")
+    ice.add_argument("--judge", default="rule", help="'rule' (no model) or a judge model spec")
+    ice.add_argument("--budget", type=int, default=1000, help="target queries (each mutant costs one per question)")
+    ice.add_argument("--languages", default="en,zh", help="question languages: en, zh or en,zh")
+    ice.add_argument("--seed", type=int, default=0)
+    ice.add_argument("--max-tokens", type=int, default=256, help="answer length limit for the target")
+    ice.add_argument("--helper-temperature", type=float, default=0.7)
+    ice.add_argument("--out", required=True)
+    _client_args(ice)
+    ice.set_defaults(func=cmd_ice)
+
+    rse = q.add_parser("rse", help="response similarity to a reference model (LLM judge and judge-free)")
+    rse.add_argument("--target", required=True)
+    rse.add_argument("--reference", required=True)
+    rse.add_argument("--judge", default=None, help="judge model spec; omit for judge-free similarity only")
+    rse.add_argument("--prompts", nargs="+", default=["arena-hard"], help="arena-hard and/or JSONL/TXT files (one set each)")
+    rse.add_argument("--limit", type=int, default=None, help="first N prompts of each set")
+    rse.add_argument("--embedding-model", default=None, help="local model folder for embedding cosine")
+    rse.add_argument("--max-tokens", type=int, default=512)
+    rse.add_argument("--max-reasks", type=int, default=2, help="re-asks of the judge after a malformed reply")
+    rse.add_argument("--out", required=True)
+    _client_args(rse)
+    rse.set_defaults(func=cmd_rse)
+
+    wb = q.add_parser("whitebox", help="teacher-student token-level KL and top-1 agreement (local models)")
+    wb.add_argument("--teacher", required=True)
+    wb.add_argument("--student", required=True)
+    wb.add_argument("--prompts", default="arena-hard", help="arena-hard or a JSONL/TXT file")
+    wb.add_argument("--limit", type=int, default=50)
+    wb.add_argument("--max-new-tokens", type=int, default=128)
+    wb.add_argument("--use-references", action="store_true",
+                    help="teacher-force on the file's output/reference field instead of the teacher's greedy answer")
+    wb.add_argument("--device", default=None)
+    wb.add_argument("--out", required=True)
+    wb.add_argument("--no-progress", action="store_true")
+    wb.set_defaults(func=cmd_whitebox)
+
+    ag = q.add_parser("agreement", help="agreement of an identity judge with the labelled examples")
+    ag.add_argument("--judge", default="rule", help="'rule' or a judge model spec")
+    ag.add_argument("--labels", default=None, help="JSONL with response, fact, loose, strict (default: the shipped set)")
+    ag.add_argument("--out", default=None, help="write the full result (with disagreements) as JSON here")
+    ag.add_argument("--cache", default=None)
+    ag.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    ag.set_defaults(func=cmd_agreement)
+
+    rep = q.add_parser("report", help="one report (markdown, JSON, charts) from several run folders")
+    rep.add_argument("dirs", nargs="+")
+    rep.add_argument("--out", required=True)
+    rep.set_defaults(func=cmd_report)
+
+
+def _open(args, out: Path):
+    from lmdistill.quantify.cache import ResponseCache
+
+    cache = ResponseCache(args.cache or out / "cache.jsonl")
+    kw = dict(api_key_env=args.api_key_env, timeout=args.timeout, max_retries=args.retries,
+              base_delay=args.base_delay, concurrency=args.concurrency, device=args.device, cache=cache)
+    return cache, kw
+
+
+def cmd_ice(args) -> int:
+    from lmdistill.quantify.clients import make_client
+    from lmdistill.quantify.ice import IceConfig, run_ice, write_ice
+    from lmdistill.quantify.judges import make_judge
+
+    out = Path(args.out)
+    cache, kw = _open(args, out)
+    target = make_client(args.target, **kw)
+    helper = make_client(args.helper, **kw)
+    judge = make_judge(args.judge, **kw)
+    config = IceConfig(fact=args.fact, budget=args.budget, seed=args.seed, max_tokens=args.max_tokens,
+                       languages=tuple(x.strip() for x in args.languages.split(",") if x.strip()),
+                       helper_temperature=args.helper_temperature)
+    result = run_ice(target, helper, judge, config, progress=not args.no_progress)
+    summary = write_ice(result, out)
+    cache.close()
+    print(json.dumps({"scores": summary["scores"], "per_language": summary["per_language"], "out": str(out)}, indent=2))
+    return 0
+
+
+def cmd_rse(args) -> int:
+    from lmdistill.quantify.clients import make_client
+    from lmdistill.quantify.rse import load_prompt_set, run_rse, write_rse
+    from lmdistill.quantify.similarity import Embedder
+
+    out = Path(args.out)
+    sets = dict(load_prompt_set(spec, args.limit) for spec in args.prompts)
+    cache, kw = _open(args, out)
+    target = make_client(args.target, **kw)
+    reference = make_client(args.reference, **kw)
+    judge = make_client(args.judge, **kw) if args.judge else None
+    embedder = Embedder(args.embedding_model, device=args.device) if args.embedding_model else None
+    result = run_rse(target, reference, sets, judge=judge, embedder=embedder, max_tokens=args.max_tokens,
+                     max_reasks=args.max_reasks, progress=not args.no_progress)
+    summary = write_rse(result, out)
+    cache.close()
+    print(json.dumps({"similarity": summary["similarity"]["mean_of_sets"],
+                      "judge": (summary["judge_scores"] or {}).get("mean_of_sets"), "out": str(out)}, indent=2))
+    return 0
+
+
+def cmd_whitebox(args) -> int:
+    from lmdistill.quantify.whitebox import load_whitebox_items, run_whitebox, write_whitebox
+
+    items = load_whitebox_items(args.prompts, args.limit)
+    result = run_whitebox(args.teacher, args.student, items, max_new_tokens=args.max_new_tokens,
+                          use_references=args.use_references, device=args.device, progress=not args.no_progress)
+    summary = write_whitebox(result, args.out)
+    print(json.dumps({k: summary[k] for k in ("prompts", "tokens", "kl_mean", "top1_agreement")}, indent=2))
+    return 0
+
+
+def cmd_agreement(args) -> int:
+    from lmdistill.io import write_json
+    from lmdistill.quantify.cache import ResponseCache
+    from lmdistill.quantify.judges import judge_agreement, labelled_examples, make_judge
+
+    cache = ResponseCache(args.cache) if args.cache else None
+    judge = make_judge(args.judge, cache=cache, api_key_env=args.api_key_env)
+    result = judge_agreement(judge, labelled_examples(args.labels))
+    if args.out:
+        write_json(args.out, result)
+    print(json.dumps({k: v for k, v in result.items() if k != "disagreements"}, indent=2))
+    print(f"{len(result['disagreements'])} disagreement(s)" + (f"; details in {args.out}" if args.out else ""))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from lmdistill.quantify.report import combined_report
+
+    summary = combined_report(args.dirs, args.out)
+    print(f"wrote {Path(args.out) / 'report.md'} ({', '.join(summary['charts']) or 'no charts'})")
+    return 0

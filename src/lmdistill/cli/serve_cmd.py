@@ -1,0 +1,50 @@
+"""``lmdistill serve MODEL``: an OpenAI-compatible chat server for a local model."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve a local model with an OpenAI-compatible API (/v1/chat/completions)")
+    p.add_argument("model", help="local model folder or hub id")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set LMDISTILL_API_KEY)")
+    p.add_argument("--model-name", default=None, help="name clients must send as 'model' (default: the folder name)")
+    p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
+    p.add_argument("--truncate-prompt", action="store_true",
+                   help="keep the last tokens of an over-long prompt instead of answering 400")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    from lmdistill.errors import ConfigError
+    from lmdistill.models import load_model_and_tokenizer
+    from lmdistill.serve.app import create_app
+    from lmdistill.serve.server import serve_forever
+
+    if args.max_tokens_limit < 1:
+        raise ConfigError("--max-tokens-limit must be at least 1")
+    api_key = args.api_key or os.environ.get("LMDISTILL_API_KEY")
+    try:
+        public = not ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        public = args.host != "localhost"
+    if public and not api_key:
+        print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use the model",
+              file=sys.stderr)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    name = args.model_name or Path(args.model.rstrip("/")).name
+    app = create_app(model, tokenizer, model_name=name, api_key=api_key, max_tokens_limit=args.max_tokens_limit,
+                     default_max_tokens=min(256, args.max_tokens_limit), truncate_prompt=args.truncate_prompt)
+    print(f"serving {name} on http://{args.host}:{args.port}/v1 (client spec: openai:{name}@http://{args.host}:{args.port}/v1)",
+          file=sys.stderr)
+    serve_forever(app, host=args.host, port=args.port)
+    return 0
