@@ -68,5 +68,5 @@ def compute_terms(cfg, student, teacher, gold: dict, seq: dict, *, same: bool, d
     if cfg.span_weight > 0:
         from lmdistill.losses.span_correlation import span_correlation_loss
 
-        terms["span"] = (span_correlation_loss(s, t, span_ids[:, 1:], mask, temperature=cfg.temperature), count)
+        terms["span"] = (span_correlation_loss(s, t, span_ids, mask, temperature=cfg.temperature), count)
     return terms

@@ -27,17 +27,16 @@ def sampling_config(cfg, seed: int):
 
     return SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.gen_temperature, top_k=cfg.gen_top_k,
                           top_p=cfg.gen_top_p, seed=seed, do_sample=True, mix_lambda=cfg.mix_lambda, tau0=cfg.tau0,
-                          lam=cfg.lam, n_corrections=cfg.n_corrections)
+                          lam=cfg.lam, n_corrections=cfg.n_corrections, mix_alpha=cfg.teacher_mix_alpha)
 
 
 def generate_rows(policy: str, rows: list[TokenizedExample], student, teacher, tokenizer, cfg, seed: int):
     """Run the engine on the prompts of ``rows``; return new rows with generated responses and stats."""
     from lmdistill.generation import generate
 
-    extra = {"alpha": cfg.teacher_mix_alpha} if policy == "teacher_mix" else {}
     out = generate(student, [r.prompt_ids for r in rows], policy=policy, teacher=teacher,
                    gold=[r.response_ids for r in rows], config=sampling_config(cfg, seed),
-                   pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, **extra)
+                   pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
     new_rows = []
     for r, resp in zip(rows, out.responses):
         resp = list(resp) or [tokenizer.eos_token_id]   # an empty sample still trains on EOS

@@ -140,9 +140,12 @@ class Run:
     def span_ids(self, rows) -> torch.Tensor | None:
         if self.cfg.span_weight <= 0:
             return None
-        from lmdistill.losses.span_correlation import span_ids_for_rows
+        from lmdistill.losses.span_correlation import batch_span_ids
 
-        return span_ids_for_rows(rows, self.tokenizer, self.cfg.span_prior).to(self.acc.device)
+        # logits position len(prompt) - 1 + i predicts response token i; the objective drops the last position
+        width = max(len(r.input_ids) for r in rows)
+        return batch_span_ids([r.response_ids for r in rows], self.tokenizer, width - 1,
+                              [len(r.prompt_ids) - 1 for r in rows], self.cfg.span_prior).to(self.acc.device)
 
     def all_sum(self, x: torch.Tensor) -> torch.Tensor:
         return self.acc.reduce(x.detach().clone(), reduction="sum") if self.world > 1 else x.detach()

@@ -1,0 +1,183 @@
+"""Benchmark the sequence engine on the tiny models (random weights, full-length generation).
+
+    .venv/bin/python bench/generation.py [--batch 8] [--new-tokens 128 256] [--repeats 3] [--out FILE.md]
+
+Rows (all sampling at temperature 1, batch ``--batch``, every row runs the full length):
+- ``switch``: our SWITCH loop (student + teacher, one cached step each per token, tau0 chosen so both
+  models contribute tokens).
+- ``naive switch``: the same decisions, but both models re-run over the whole prefix at every step (no cache).
+- ``floor``: one HF ``model.generate`` of the student plus one of the teacher, same length.
+- ``scrg``: student sampling, one teacher forward, one correction, suffix re-generation.
+- ``student``: our student policy; ``HF student generate``: ``model.generate`` of the student.
+Times are the minimum over ``--repeats`` interleaved runs (the naive one runs once).
+``scrg design floor`` = our student x (1 + (N - earliest j) / N) + the teacher's scoring forward: a batch
+re-generates from its earliest correction, one batched step per position, so that is what SCRG must cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lmdistill.generation import SamplingConfig, generate
+from lmdistill.generation.engine import pad_left
+from lmdistill.generation.noise import NoiseSource, keys_from_seed
+from lmdistill.generation.runner import CachedLM
+from lmdistill.generation.sampling import pick
+from lmdistill.losses import per_token_divergence
+
+
+def load_models(root: Path):
+    from lmdistill.models import build_model, build_tokenizer, load_model
+
+    tok = build_tokenizer()
+    build_model("tiny-student", root / "student", tokenizer=tok, seed=0)
+    build_model("tiny-teacher", root / "teacher", tokenizer=tok, seed=1)
+    return load_model(str(root / "student")), load_model(str(root / "teacher")), tok
+
+
+def bench_prompts(tok, batch: int, max_len: int = 48) -> list[list[int]]:
+    from lmdistill.data import load_examples
+
+    out = []
+    for ex in load_examples("dolly").examples:
+        ids = tok(ex.instruction, add_special_tokens=False)["input_ids"]
+        if 8 <= len(ids) <= max_len:
+            out.append(ids)
+        if len(out) == batch:
+            return out
+    raise RuntimeError("not enough short prompts")
+
+
+def naive_switch(student, teacher, prompts, config: SamplingConfig, pad_id: int) -> torch.Tensor:
+    """SWITCH without caches: both models run over prompt + everything so far at every step."""
+    ids, mask = pad_left(prompts, pad_id)
+    noise = NoiseSource(keys_from_seed(len(prompts), config.seed), student.config.vocab_size)
+    for t in range(config.max_new_tokens):
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        q = student(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
+        p = teacher(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
+        d = per_token_divergence("jsd", q, p, beta=0.5)
+        g = noise.gumbel(t)
+        nxt = torch.where(d > config.threshold(t), pick(p, config, g), pick(q, config, g))
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return ids
+
+
+def hf_generate(model, prompts, n: int, pad_id: int, seed: int):
+    ids, mask = pad_left(prompts, pad_id)
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                         max_new_tokens=n, min_new_tokens=n, pad_token_id=pad_id)
+    assert out.shape[1] == ids.shape[1] + n
+    return out
+
+
+def timed(fn, repeats: int) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tau0", type=float, default=None, help="switch threshold (default: about half teacher tokens)")
+    ap.add_argument("--no-naive", action="store_true", help="skip the (slow) naive switch")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="also write the markdown table to this file")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        student, teacher, tok = load_models(Path(tmp))
+    prompts = bench_prompts(tok, args.batch)
+    pad = tok.pad_token_id
+    kw = dict(pad_id=pad, eos_id=None)  # no EOS: every row generates the full length
+
+    tau0 = args.tau0
+    if tau0 is None:  # median JSD of a short student-only probe: both models then contribute tokens
+        probe = generate(student, prompts, "switch", teacher=teacher, config=SamplingConfig(
+            max_new_tokens=32, seed=0, tau0=math.inf), **kw)
+        values = sorted(v for s in probe.stats for v in s["jsd"])
+        tau0 = values[len(values) // 2]
+
+    rows = []
+    for n in args.new_tokens:
+        cfg = SamplingConfig(max_new_tokens=n, seed=0, tau0=tau0, lam=0.0, n_corrections=1)
+        sw_out = generate(student, prompts, "switch", teacher=teacher, config=cfg, **kw)  # also warms up
+        sc_out = generate(student, prompts, "scrg", teacher=teacher, config=cfg, **kw)
+        scored = sc_out.input_ids[:, sc_out.prompt_width:]
+        ids, mask = pad_left(prompts, pad)
+        variants = {
+            "switch": lambda: generate(student, prompts, "switch", teacher=teacher, config=cfg, **kw),
+            "hf_s": lambda: hf_generate(student, prompts, n, pad, 0),
+            "hf_t": lambda: hf_generate(teacher, prompts, n, pad, 0),
+            "student": lambda: generate(student, prompts, "student", config=cfg, **kw),
+            "scrg": lambda: generate(student, prompts, "scrg", teacher=teacher, config=cfg, **kw),
+            # SCRG's teacher scoring forward over prompt + response, alone
+            "score": lambda: CachedLM(teacher, ids, mask, n).score(scored),
+        }
+        best = {k: math.inf for k in variants}
+        for _ in range(args.repeats):  # interleaved, so a change in machine load hits every variant alike
+            for k, fn in variants.items():
+                best[k] = min(best[k], timed(fn, 1))
+        t_switch, t_hf_s, t_hf_t, t_student, t_scrg, t_score = (best[k] for k in variants)
+        t_naive = None
+        if not args.no_naive:
+            t_naive = timed(lambda: naive_switch(student, teacher, prompts, cfg, pad), 1)
+        floor = t_hf_s + t_hf_t
+        frac = sum(s["teacher_fraction"] for s in sw_out.stats) / len(sw_out.stats)
+        regen = sum(s["regenerated_tokens"] for s in sc_out.stats) / len(sc_out.stats)
+        first_j = min(s["correction_positions"][0] for s in sc_out.stats if s["correction_positions"])
+        rows.append(dict(n=n, switch=t_switch, naive=t_naive, floor=floor, hf_s=t_hf_s, hf_t=t_hf_t,
+                         student=t_student, scrg=t_scrg, frac=frac, regen=regen, first_j=first_j, score=t_score,
+                         scrg_floor=t_student * (2 - first_j / n) + t_score))
+        print(f"n={n}: done", file=sys.stderr)
+
+    lines = [
+        f"Tiny models (tiny-student 1.3M, tiny-teacher 5.8M, random weights), batch {args.batch}, prompts "
+        f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, full-length sampling (no EOS), CPU "
+        f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+        f"torch {torch.__version__}; "
+        f"switch tau0={tau0:.4g}, lam=0.",
+        "",
+        "| new tokens | switch (s) | floor: HF student+teacher generate (s) | switch / floor | naive switch (s) "
+        "| naive / switch | scrg (s) | HF student generate (s) | scrg / HF student | our student (s) "
+        "| scrg / our student | teacher-token share | scrg mean regenerated | scrg earliest j "
+        "| teacher scoring forward (s) | scrg design floor (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        naive = f"{r['naive']:.2f}" if r["naive"] is not None else "-"
+        speed = f"{r['naive'] / r['switch']:.1f}x" if r["naive"] is not None else "-"
+        lines.append(
+            f"| {r['n']} | {r['switch']:.3f} | {r['floor']:.3f} | {r['switch'] / r['floor']:.2f}x | {naive} | {speed} "
+            f"| {r['scrg']:.3f} | {r['hf_s']:.3f} | {r['scrg'] / r['hf_s']:.2f}x | {r['student']:.3f} "
+            f"| {r['scrg'] / r['student']:.2f}x | {r['frac']:.0%} | {r['regen']:.0f} | {r['first_j']} "
+            f"| {r['score']:.3f} | {r['scrg_floor']:.3f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        cmd = "python bench/generation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        Path(args.out).write_text(f"# Generation benchmark\n\nCommand: `{cmd.strip()}`\n\n{table}\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""``lmdistill generate``: offline generation with any policy to a resumable JSONL file.
+
+One JSON line per example: ``id``, ``prompt``, ``response`` (text), ``response_ids``, ``sources``
+(0 student, 1 teacher/gold, 2 corrected), ``stats``. Each line is fsynced as it is written.
+
+Resuming: rerun with the same ``--out`` and settings; ids already in the file are skipped. Every
+example draws its noise from ``(seed, id)`` and batches are always the same consecutive chunks of
+the example list, so a resumed run (after Ctrl-C or kill -9) writes exactly the bytes an
+uninterrupted run would. The settings are stored beside the output (``FILE.jsonl.meta.json``);
+resuming with different settings is refused rather than mixing two runs in one file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from lmdistill.errors import ConfigError
+
+
+def register(sub) -> None:
+    from lmdistill.generation import POLICIES
+
+    p = sub.add_parser("generate", help="generate responses with a policy (" + ", ".join(POLICIES) + ")",
+                       description="Generate one response per example to a JSONL file; rerun to resume.")
+    p.add_argument("--policy", required=True, choices=list(POLICIES))
+    p.add_argument("--student", required=True, help="student model folder or hub id (its tokenizer is used)")
+    p.add_argument("--teacher", default=None,
+                   help="teacher model (needed by teacher, switch, scrg, teacher_mix; by mixed for rows without gold)")
+    p.add_argument("--data", required=True,
+                   help="bundled benchmark (dolly, dolly:train, ...) or a JSONL/JSON file/folder")
+    p.add_argument("--split", default=None)
+    p.add_argument("--out", required=True, help="output .jsonl (appended to; existing ids are skipped)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples (before the prompt filter)")
+    p.add_argument("--tau0", type=float, default=0.2, help="switch: JSD threshold at step 0 (inf = never switch)")
+    p.add_argument("--lam", type=float, default=0.1, help="switch: threshold decay, tau_t = tau0 * exp(-lam * t)")
+    p.add_argument("--mix-lambda", type=float, default=0.5, help="mixed: probability of the student's sample")
+    p.add_argument("--n-corrections", type=int, default=1, help="scrg: correction rounds")
+    p.add_argument("--mix-alpha", type=float, default=0.2, help="teacher_mix (MiniLLM): teacher share of the mixture")
+    p.add_argument("--template", default="alpaca", choices=["alpaca", "chat"])
+    p.add_argument("--max-prompt-length", type=int, default=256, help="longer prompts are dropped (MiniLLM filter)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=cmd_generate)
+
+
+def _settings(args) -> dict:
+    keys = ("policy", "student", "teacher", "data", "split", "seed", "max_new_tokens", "temperature", "top_k", "top_p",
+            "batch_size", "limit", "tau0", "lam", "mix_lambda", "n_corrections", "mix_alpha", "template",
+            "max_prompt_length", "dtype")
+    s = {k: getattr(args, k) for k in keys}
+    s["tau0"] = repr(float(s["tau0"]))  # inf is not JSON
+    return s
+
+
+def _check_resume(out: Path, meta: Path, settings: dict) -> None:
+    if not meta.exists():
+        if out.exists() and out.stat().st_size > 0:
+            raise ConfigError(f"{out} exists but has no {meta.name}: it was not written by `lmdistill generate`; "
+                              "choose another --out")
+        return
+    old = json.loads(meta.read_text(encoding="utf-8"))
+    diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
+        raise ConfigError(f"{out} was generated with other settings ({shown}); use a new --out or the same flags")
+
+
+def _done_ids(out: Path) -> set[str]:
+    from lmdistill.io import read_jsonl, truncate_torn_tail
+
+    if not out.exists():
+        return set()
+    truncate_torn_tail(out)
+    return {str(row["id"]) for row in read_jsonl(out)}
+
+
+def _round(x):
+    if isinstance(x, float):
+        return x if not math.isfinite(x) else round(x, 6)
+    if isinstance(x, list):
+        return [_round(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _round(v) for k, v in x.items()}
+    return x
+
+
+def cmd_generate(args) -> int:
+    from tqdm import tqdm
+
+    from lmdistill.data import load_examples, tokenize_examples
+    from lmdistill.generation import NEEDS_TEACHER, SamplingConfig, generate, key_from
+    from lmdistill.io import JsonlAppender, write_json
+    from lmdistill.models import load_model, load_tokenizer
+
+    if args.policy in NEEDS_TEACHER and not args.teacher:
+        raise ConfigError(f"--policy {args.policy} needs --teacher")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    if args.max_prompt_length < 1:
+        raise ConfigError(f"--max-prompt-length must be >= 1, got {args.max_prompt_length}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a .jsonl file path")
+    meta = out.with_name(out.name + ".meta.json")
+    settings = _settings(args)
+    _check_resume(out, meta, settings)
+    base = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                seed=args.seed, do_sample=args.temperature > 0, mix_lambda=args.mix_lambda, tau0=args.tau0,
+                lam=args.lam, n_corrections=args.n_corrections, mix_alpha=args.mix_alpha)
+    SamplingConfig(**base)  # reject bad values before loading anything
+
+    examples = load_examples(args.data, split=args.split, require_output=False).examples
+    if args.limit is not None:
+        examples = examples[:args.limit]
+    tok = load_tokenizer(args.student)
+    rows, reports = tokenize_examples(examples, tok, template=args.template, max_prompt_length=args.max_prompt_length,
+                                      max_length=args.max_prompt_length + args.max_new_tokens)
+    for r in reports:
+        if r.removed:
+            print(f"note: {r}", file=sys.stderr)
+    student = load_model(args.student, dtype=args.dtype, device=args.device)
+    needs_teacher = args.policy in NEEDS_TEACHER or (args.policy == "mixed" and args.mix_lambda < 1
+                                                     and any(not x.example.output.strip() for x in rows))
+    if needs_teacher and not args.teacher:
+        raise ConfigError("--policy mixed needs --teacher for examples without a gold output")
+    teacher = load_model(args.teacher, dtype=args.dtype, device=args.device) if args.teacher else None
+    vocabs = [m.get_output_embeddings().weight.shape[0] for m in (student, teacher) if m is not None]
+    config = SamplingConfig(**base, vocab_size=len(tok) if len(tok) <= min(vocabs) else None)
+
+    if not meta.exists():
+        write_json(meta, settings)
+    done = _done_ids(out)
+    bar = tqdm(total=len(rows), initial=sum(1 for r in rows if r.id in done), unit="ex",
+               desc=f"generate {args.policy}", file=sys.stderr)
+    with JsonlAppender(out) as sink:
+        for start in range(0, len(rows), args.batch_size):
+            chunk = rows[start:start + args.batch_size]  # fixed chunks: a resumed batch is computed as before
+            if all(r.id in done for r in chunk):
+                continue
+            gold = [r.response_ids if r.example.output.strip() else None for r in chunk]
+            result = generate(student, [r.prompt_ids for r in chunk], args.policy, teacher=teacher, gold=gold,
+                              config=config, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                              row_keys=[key_from(args.seed, r.id) for r in chunk])
+            for i, r in enumerate(chunk):
+                if r.id in done:
+                    continue
+                ids = result.responses[i]
+                sink.append({
+                    "id": r.id,
+                    "prompt": tok.decode(r.prompt_ids),
+                    "response": tok.decode(ids, skip_special_tokens=True),
+                    "response_ids": ids,
+                    "sources": result.sources[i, :len(ids)].tolist(),
+                    "stats": _round(result.stats[i]),
+                })
+                done.add(r.id)
+                bar.update(1)
+    bar.close()
+    print(f"wrote {out} ({len(done)} of {len(rows)} examples)", file=sys.stderr)
+    return 0

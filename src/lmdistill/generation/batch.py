@@ -1,0 +1,62 @@
+"""What every policy receives: the left-padded prompts, the settings, the noise, and what it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lmdistill.generation.config import SamplingConfig
+from lmdistill.generation.noise import NoiseSource
+from lmdistill.generation.runner import CachedLM
+
+STUDENT, TEACHER, CORRECTED, PADDING = 0, 1, 2, -1
+
+
+@dataclass
+class Batch:
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor  # [B, P]
+    config: SamplingConfig
+    pad_id: int
+    eos_id: int | None
+    vocab: int  # tokens are drawn among ids < vocab
+    noise: NoiseSource
+    device: torch.device
+    gold: list[list[int] | None] | None = None
+
+    @property
+    def size(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.config.max_new_tokens
+
+    def runner(self, model) -> CachedLM:
+        return CachedLM(model, self.prompt_ids, self.prompt_mask, self.max_new_tokens)
+
+    def subset(self, rows: list[int]) -> "Batch":
+        """The same batch restricted to ``rows`` (re-padded to their own width); noise keys follow the rows."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.prompt_ids.device)
+        mask = self.prompt_mask[idx]
+        width = int(mask.sum(1).max())
+        gold = [self.gold[r] for r in rows] if self.gold is not None else None
+        return Batch(self.prompt_ids[idx][:, -width:], mask[:, -width:], self.config, self.pad_id, self.eos_id,
+                     self.vocab, self.noise.select(rows), self.device, gold)
+
+
+@dataclass
+class Decoded:
+    """A policy's result: response tokens (pad after the end), lengths (EOS included), sources, stats."""
+
+    tokens: torch.Tensor  # [B, N]
+    lengths: torch.Tensor  # [B]
+    sources: torch.Tensor  # [B, N] STUDENT / TEACHER / CORRECTED, PADDING after the end
+    stats: list[dict] = field(default_factory=list)
+
+
+def source_tags(lengths: torch.Tensor, width: int, tag: int) -> torch.Tensor:
+    """``tag`` on the first ``lengths[b]`` positions of each row, PADDING after."""
+    pos = torch.arange(width, device=lengths.device)[None, :]
+    return torch.where(pos < lengths[:, None], torch.full_like(pos, tag), torch.full_like(pos, PADDING))

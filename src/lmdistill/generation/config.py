@@ -1,0 +1,84 @@
+"""Sampling settings shared by every generation policy."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from lmdistill.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are drawn, and the knobs of the policies that need them.
+
+    - ``temperature``, ``top_k`` (0 = off), ``top_p`` (1.0 = off): applied in that order (as HF does).
+      ``do_sample=False`` or ``temperature=0`` is greedy decoding.
+    - ``seed``: the same seed gives the same output. ``None`` draws fresh randomness.
+    - ``mix_lambda``: ``mixed`` takes the student's sample for a sequence with this probability.
+    - ``tau0``, ``lam``: ``switch`` uses the teacher's token when JSD(p_t, q_t) > tau0 * exp(-lam * t).
+      ``tau0 = inf`` never switches (pure student), ``tau0 < 0`` always does (pure teacher).
+    - ``n_corrections``: rounds of correction + re-generation for ``scrg``.
+    - ``mix_alpha``: ``teacher_mix`` (MiniLLM) samples from ``mix_alpha * p + (1 - mix_alpha) * q``.
+    - ``vocab_size``: sample only among the first ``vocab_size`` ids (default: the smallest vocabulary
+      of the models in use; teacher and student may differ by padding rows).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    do_sample: bool = True
+    mix_lambda: float = 0.5
+    tau0: float = 0.2
+    lam: float = 0.1
+    n_corrections: int = 1
+    mix_alpha: float = 0.2
+    vocab_size: int | None = None
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(f"SamplingConfig: {msg}")
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise bad(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad(f"seed must be an integer or None, got {self.seed!r}")
+        if not (isinstance(self.mix_lambda, (int, float)) and 0 <= self.mix_lambda <= 1):
+            raise bad(f"mix_lambda must be in [0, 1], got {self.mix_lambda!r}")
+        if not isinstance(self.tau0, (int, float)) or math.isnan(self.tau0):
+            raise bad(f"tau0 must be a number (inf allowed), got {self.tau0!r}")
+        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
+            raise bad(f"lam must be a finite number >= 0, got {self.lam!r}")
+        if not isinstance(self.n_corrections, int) or self.n_corrections < 0:
+            raise bad(f"n_corrections must be an integer >= 0, got {self.n_corrections!r}")
+        if not (isinstance(self.mix_alpha, (int, float)) and 0 <= self.mix_alpha <= 1):
+            raise bad(f"mix_alpha must be in [0, 1], got {self.mix_alpha!r}")
+        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
+            raise bad(f"vocab_size must be a positive integer or None, got {self.vocab_size!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+    @property
+    def divergence_temperature(self) -> float:
+        """Temperature of the distributions SWITCH and SCRG compare: the sampling one (1 when greedy)."""
+        return 1.0 if self.greedy else float(self.temperature)
+
+    def threshold(self, step: int) -> float:
+        """SWITCH's tau_t = tau0 * exp(-lam * t); infinite tau0 stays infinite (never 0 * inf)."""
+        if math.isinf(self.tau0):
+            return self.tau0
+        return self.tau0 * math.exp(-self.lam * step)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,56 @@
+"""``switch``: SWITCH (arXiv 2410.19503), the student writes and the teacher steps in.
+
+At response step t both models give next-token logits over the shared vocabulary. When
+``JSD(p_t, q_t) > tau_t = tau0 * exp(-lam * t)`` the token is sampled from the teacher, otherwise
+from the student; both caches then advance on the chosen token (one cached step per model per token).
+
+Our choices (METHODS.md leaves them open): the JSD is the symmetric one (beta = 0.5, in nats, between
+0 and ln 2) of ``softmax(logits / T)`` at the sampling temperature T (T = 1 when greedy), computed by
+``lmdistill.losses.per_token_divergence("jsd", ...)``; the student's and the teacher's candidate tokens
+are drawn with the same noise, so ``tau0 = inf`` reproduces ``student`` and ``tau0 < 0`` ``teacher``
+token for token. ``stats["jsd"]`` is the per-step trace and ``stats["teacher_fraction"]`` the share of
+teacher tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmdistill.generation.batch import PADDING, STUDENT, TEACHER, Batch, Decoded
+from lmdistill.generation.sampling import pick
+from lmdistill.losses import per_token_divergence
+
+
+def run(student, teacher, batch: Batch) -> Decoded:
+    cfg, n, v, dev = batch.config, batch.max_new_tokens, batch.vocab, batch.device
+    s_lm, t_lm = batch.runner(student), batch.runner(teacher)
+    q, p = s_lm.prefill(), t_lm.prefill()
+    b = q.shape[0]
+    temp = cfg.divergence_temperature
+    tokens = torch.full((b, n), batch.pad_id, dtype=torch.long, device=dev)
+    sources = torch.full((b, n), PADDING, dtype=torch.long, device=dev)
+    trace = torch.zeros((b, n), dtype=torch.float32, device=dev)
+    lengths = torch.full((b,), n, dtype=torch.long, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    pad = torch.full((b,), batch.pad_id, dtype=torch.long, device=dev)
+    tags = torch.tensor([STUDENT, TEACHER], dtype=torch.long, device=dev)
+    for t in range(n):
+        q, p = q[:, :v], p[:, :v].to(dev)
+        d = per_token_divergence("jsd", q, p, temperature=temp, beta=0.5)
+        use_teacher = d > cfg.threshold(t)
+        noise = None if cfg.greedy else batch.noise.gumbel(t)
+        nxt = torch.where(use_teacher, pick(p, cfg, noise), pick(q, cfg, noise))
+        nxt = torch.where(done, pad, nxt)
+        tokens[:, t] = nxt
+        sources[:, t] = torch.where(done, PADDING, tags[use_teacher.long()])
+        trace[:, t] = d
+        if batch.eos_id is not None:
+            ended = ~done & (nxt == batch.eos_id)
+            lengths = torch.where(ended, torch.full_like(lengths, t + 1), lengths)
+            done = done | ended
+        if t == n - 1 or (batch.eos_id is not None and bool(done.all())):
+            break
+        q, p = s_lm.step(nxt), t_lm.step(nxt)
+    stats = [{"jsd": row[:k], "teacher_tokens": sum(1 for x in src[:k] if x == TEACHER)}
+             for row, src, k in zip(trace.tolist(), sources.tolist(), lengths.tolist())]
+    return Decoded(tokens, lengths, sources, stats)
