@@ -9,10 +9,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each
-    import torch
+import torch  # noqa: E402
 
-    torch.set_num_threads(1)
+torch.set_num_threads(1)  # tiny models: more threads only contend (two xdist workers on two cores)
 
 
 @pytest.fixture(scope="session")

@@ -40,4 +40,4 @@ def test_seed_derivations_are_stable_and_distinct():
     assert len({derive_seed(s, i, "0") for s in (10, 20) for i in ("a", "b")}) == 4
     assert 0 <= derive_seed(10, "x") < 2 ** 63
     assert sample_key(10, "a") != sample_key(20, "a") != sample_key(10, "a", 1)
-    assert sample_key(10, "a") == sample_key(10, "a", 0) < 2 ** 32
+    assert sample_key(10, "a") == sample_key(10, "a", 0) < 2 ** 64

@@ -42,7 +42,7 @@ def derive_seed(seed: int, *keys: str) -> int:
 
 
 def sample_key(seed: int, example_id: str, sample: int = 0) -> int:
-    """The engine's 32-bit noise key of one generated row (sample 0 keeps the plain key)."""
+    """The engine's 64-bit noise key of one generated row (sample 0 keeps the plain key)."""
     from lmdistill.generation import key_from
 
     return key_from(seed, example_id) if sample == 0 else key_from(seed, example_id, sample)
