@@ -25,9 +25,11 @@ test-all: install
 demo: install
 	$(BIN)/lmdistill demo --preset full --out runs/demo
 
+# Benchmarks print their tables; bench/README.md records the measured ones with their commands.
 bench: install
 	$(BIN)/python bench/losses.py
-	$(BIN)/python bench/generation.py
+	$(BIN)/python bench/generation.py --threads 1 --repeats 5
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
