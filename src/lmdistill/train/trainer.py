@@ -8,13 +8,13 @@ processes optimise the same objective. Non-finite losses skip the step; checkpoi
 
 from __future__ import annotations
 
-import json
-import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from lmdistill.data.collate import collate_for_training
 from lmdistill.errors import ConfigError, LmdistillError
 from lmdistill.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmdistill.train.config import TrainConfig
@@ -160,8 +160,7 @@ class Run:
         for m, rows in enumerate(micros):
             seqs = build_sequences(rows, cfg=cfg, step=step, micro=m, rank=self.rank, student=self.unwrapped(),
                                    teacher=self.teacher, tokenizer=self.tokenizer, replay=self.replay)
-            gold = build_sequences(rows, cfg=_gold(cfg), step=step, micro=m, rank=self.rank, student=None,
-                                   teacher=None, tokenizer=self.tokenizer).batch
+            gold = collate_for_training(rows, self.tokenizer.pad_token_id)
             same = seqs.rows is rows
             prepared.append((gold, seqs, same))
             gen_stats.append(seqs.stats)
@@ -176,7 +175,7 @@ class Run:
         for m, (gold, seqs, same) in enumerate(prepared):
             gold = {k: v.to(acc.device) for k, v in gold.items()}
             seq = {k: v.to(acc.device) for k, v in seqs.batch.items()}
-            ctx = acc.no_sync(self.student) if m < len(prepared) - 1 else _nullcontext()
+            ctx = acc.no_sync(self.student) if m < len(prepared) - 1 else nullcontext()
             with ctx, acc.autocast():
                 terms = compute_terms(cfg, self.student, self.teacher, gold, seq, same=same, dac=self.dac,
                                       span_ids=self.span_ids(seqs.rows))
@@ -229,11 +228,10 @@ class Run:
 
         model = self.unwrapped()
         model.eval()
+        from lmdistill.losses import sft_loss
+
         total, count = 0.0, 0.0
         for i in range(0, len(rows), cfg.micro_batch_size):
-            from lmdistill.data.collate import collate_for_training
-            from lmdistill.losses import sft_loss
-
             b = {k: v.to(self.acc.device) for k, v in
                  collate_for_training(rows[i:i + cfg.micro_batch_size], self.tokenizer.pad_token_id).items()}
             labels, mask = shifted(b)
@@ -277,21 +275,6 @@ class Run:
             self.state["replay"] = self.replay.state()
         return save_checkpoint(self.ckpt_root, step, self.modules(), self.optimizer, self.scheduler, self.state,
                                keep=self.cfg.keep_checkpoints, rank=self.rank, world=self.world)
-
-
-def _gold(cfg: TrainConfig):
-    class G:
-        policy = "gold"
-        seed = cfg.seed
-    return G
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def train(cfg: TrainConfig, resume: bool | str = False) -> dict:

@@ -1,0 +1,179 @@
+"""Benchmark: generalized JSD (beta=0.5) loss + backward from the student's hidden states.
+
+Every variant runs in its own subprocess and reports its peak resident memory (``ru_maxrss`` of
+the child, which includes the inputs: hidden states and both LM heads) and its time per
+forward+backward step (median over ``--iters`` after one warm-up step).  All variants get the same
+seeded inputs: student hidden ``[B, T, H]`` and head ``[V, H]`` (both trained), teacher hidden and
+head (frozen).  The variants:
+
+* ``ours-chunked``: ``chunked_divergence("jsd", h, W, teacher_hidden=..., teacher_head_weight=...)``
+* ``ours-chunked-tlogits``: the same, given the full teacher logits (as a cached-logits trainer would)
+* ``ours-direct``: ``jsd(h @ W.T, teacher_logits)``
+* ``trl``: TRL's ``GKDTrainer.generalized_jsd_loss(h @ W.T, teacher_logits, labels)``
+* ``liger``: Liger-Kernel's ``chunked_loss.LigerFusedLinearJSDLoss`` (pure PyTorch, torch.compile'd),
+  with weight_hard_loss=0 so it computes the same JSD
+
+Usage:
+    python bench/losses.py                # vocab 32000, 128256, 152064; 2 x 1024 tokens; hidden 896
+    python bench/losses.py --quick        # smoke run: vocab 8000, 2 x 128 tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = ["trl", "ours-chunked", "ours-chunked-tlogits", "ours-direct", "liger"]
+
+
+def _inputs(args):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    b, t, h, v = args.batch, args.seq, args.hidden, args.vocab
+    hs = torch.randn(b, t, h, generator=g).requires_grad_(True)
+    ws = (torch.randn(v, h, generator=g) * 0.05).requires_grad_(True)
+    ht = torch.randn(b, t, h, generator=g)
+    wt = torch.randn(v, h, generator=g) * 0.05
+    labels = torch.randint(0, v, (b, t), generator=g)
+    return hs, ws, ht, wt, labels
+
+
+def _step_fn(variant, args):
+    import torch
+
+    hs, ws, ht, wt, labels = _inputs(args)
+    beta = 0.5
+    if variant == "trl":
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        from trl.experimental.gkd.gkd_trainer import GKDTrainer
+
+        def step():
+            with torch.no_grad():
+                t_logits = ht @ wt.T
+            return GKDTrainer.generalized_jsd_loss(hs @ ws.T, t_logits, labels=labels, beta=beta)
+    elif variant == "ours-direct":
+        from lmdistill.losses import jsd
+
+        def step():
+            with torch.no_grad():
+                t_logits = ht @ wt.T
+            return jsd(hs @ ws.T, t_logits, beta=beta)
+    elif variant == "ours-chunked":
+        from lmdistill.losses import chunked_divergence
+
+        def step():
+            return chunked_divergence("jsd", hs, ws, teacher_hidden=ht, teacher_head_weight=wt, beta=beta,
+                                      chunk_size=args.chunk_size)
+    elif variant == "ours-chunked-tlogits":
+        from lmdistill.losses import chunked_divergence
+
+        def step():
+            with torch.no_grad():
+                t_logits = ht @ wt.T
+            return chunked_divergence("jsd", hs, ws, t_logits, beta=beta, chunk_size=args.chunk_size)
+    elif variant == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, compiled=True)
+        h_flat, t_flat, lab = hs.reshape(-1, args.hidden), ht.reshape(-1, args.hidden), labels.reshape(-1)
+
+        def step():
+            return fn(h_flat, ws, t_flat, wt, lab)
+    else:
+        raise SystemExit(f"unknown variant {variant}")
+    return step, (hs, ws)
+
+
+def child(args):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    step, params = _step_fn(args.child, args)
+    base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports + inputs, before any step
+    if args.child == "liger":  # its first call runs torch.compile; never time that
+        args.warmup = max(args.warmup, 1)
+    times, value = [], None
+    for i in range(args.iters + args.warmup):
+        for p in params:
+            p.grad = None
+        t0 = time.perf_counter()
+        loss = step()
+        loss.backward()
+        dt = time.perf_counter() - t0
+        value = float(loss)
+        if i >= args.warmup:
+            times.append(dt)
+    gnorm = float(sum(float(p.grad.double().pow(2).sum()) for p in params) ** 0.5)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"time_s": statistics.median(times), "rss_mb": rss_mb, "net_mb": rss_mb - base_mb,
+                      "loss": value, "grad_norm": gnorm}))
+
+
+def run_variant(variant, vocab, args):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--vocab", str(vocab),
+           "--batch", str(args.batch), "--seq", str(args.seq), "--hidden", str(args.hidden),
+           "--iters", str(args.iters), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    if args.chunk_size:
+        cmd += ["--chunk-size", str(args.chunk_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [l for l in (proc.stderr or proc.stdout).strip().splitlines() if l.strip()]
+        return {"error": lines[-1][:160] if lines else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: vocab 8000, 2 x 128 tokens, 1 iteration")
+    ap.add_argument("--vocabs", type=int, nargs="+", default=[32000, 128256, 152064])
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--hidden", type=int, default=896)
+    ap.add_argument("--iters", type=int, default=1, help="timed steps per variant (median is reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--threads", type=int, default=torch_threads_default())
+    ap.add_argument("--chunk-size", type=int, default=None)
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child(args)
+    if args.quick:
+        args.vocabs, args.seq = [8000], 128
+
+    print(f"# JSD(beta=0.5) loss + backward, {args.batch} x {args.seq} tokens, hidden {args.hidden}, "
+          f"{args.threads} threads, {platform.processor() or platform.machine()}, python {platform.python_version()}")
+    print()
+    print("| vocab | variant | time / step (s) | peak RSS (MiB) | RSS growth in step (MiB) | time vs TRL "
+          "| peak RSS vs TRL | growth vs TRL | loss | grad norm | status |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for vocab in args.vocabs:
+        results = {v: run_variant(v, vocab, args) for v in args.variants}
+        ref = results.get("trl", {})
+        for v in args.variants:
+            r = results[v]
+            if "error" in r:
+                print(f"| {vocab} | {v} | - | - | - | - | - | - | - | - | did not run: {r['error']} |", flush=True)
+                continue
+            tr = f"{r['time_s'] / ref['time_s']:.2f}x" if "time_s" in ref else "-"
+            mr = f"{r['rss_mb'] / ref['rss_mb']:.2f}x" if "rss_mb" in ref else "-"
+            nr = f"{r['net_mb'] / ref['net_mb']:.2f}x" if ref.get("net_mb") else "-"
+            print(f"| {vocab} | {v} | {r['time_s']:.2f} | {r['rss_mb']:.0f} | {r['net_mb']:.0f} | {tr} | {mr} | {nr} "
+                  f"| {r['loss']:.6f} | {r['grad_norm']:.6g} | ok |", flush=True)
+
+
+def torch_threads_default():
+    return int(os.environ.get("BENCH_THREADS", min(os.cpu_count() or 1, 2)))
+
+
+if __name__ == "__main__":
+    main()

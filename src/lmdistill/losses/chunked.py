@@ -1,0 +1,193 @@
+"""Chunked divergence from hidden states: never more than one chunk of vocab-sized tensors alive.
+
+Materialising ``[batch, seq, vocab]`` float32 logits and log-probabilities for both models is
+what runs knowledge distillation out of memory at 128k-152k vocabularies.  This path takes the
+student's final hidden states ``[B, T, H]`` and LM-head weight ``[V, H]`` (and either the
+teacher's logits or its hidden states and head) and walks over the trained tokens in chunks of
+``chunk_size`` rows.  For each chunk it computes the student logits ``h_c W^T``, the divergence
+and its gradient w.r.t. the chunk's logits ``g_c`` (closed forms, :mod:`.chunk_kernels`); it then folds
+``g_c`` into ``dL/dh_c = g_c W`` and ``dL/dW += g_c^T h_c`` and drops the chunk.  The gradients are
+therefore computed during the forward pass (as Liger-Kernel's fused linear losses do) and the
+backward pass only scales them by the incoming gradient, so neither pass holds more than one
+chunk of ``[chunk, V]`` tensors.
+
+Values and gradients equal the direct path ``loss(h @ W.T, teacher_logits, mask)`` up to floating
+point summation order.  The teacher receives no gradient (its inputs are treated as constants).
+The function is differentiable once (no double backward).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmdistill.errors import ConfigError
+from lmdistill.losses.chunk_kernels import compiled_value_and_grad, value_and_grad
+from lmdistill.losses.divergences import check_divergence_params, check_temperature, compute_dtype
+from lmdistill.losses.functional import IGNORE_INDEX
+from lmdistill.losses.masking import as_bool_mask, graph_zero
+from lmdistill.losses.vocab import LossInputError, shared_vocab
+
+#: With ``chunk_size=None`` a chunk holds about this many vocab entries (rows = budget // V).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def auto_chunk_size(vocab: int) -> int:
+    """Rows per chunk so that one ``[chunk, vocab]`` float32 tensor is about 64 MiB."""
+    return max(8, min(4096, CHUNK_ELEMENTS // max(vocab, 1)))
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Mean loss over N rows; gradients w.r.t. hidden [N,H] and weight [V,H] built chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_rows, teacher_hidden, teacher_weight, labels,
+                name, temperature, params, chunk_size, kernel):
+        n = hidden.shape[0]
+        need_h = ctx.needs_input_grad[0]
+        need_w = ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype != torch.float64 else weight.dtype,
+                             device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        cdtype = compute_dtype(hidden.dtype)
+        scale = 1.0 / n
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            h = hidden[start:stop]
+            if name == "sft":
+                target = labels[start:stop]
+                scratch = False
+            elif teacher_rows is not None:
+                target, scratch = teacher_rows(start, stop), False
+            else:
+                target, scratch = teacher_hidden[start:stop] @ teacher_weight.T, True
+            logits = (h @ weight.T).to(cdtype)
+            loss, g = kernel(name, logits, target, temperature, params, target_is_scratch=scratch)
+            if need_h or need_w:
+                g = g.mul_(scale).to(weight.dtype)
+                if need_h:
+                    grad_h[start:stop] = g @ weight
+                if need_w:
+                    grad_w.addmm_(g.T.to(grad_w.dtype), h.to(grad_w.dtype))
+            total += loss.to(torch.float64)
+            del logits, loss, target, g
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+        out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        return (total * scale).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        unit = bool(grad_out == 1)  # the usual case (loss.backward()): no [V, H] copy
+        gh = gw = None
+        if grad_h is not None:
+            gh = grad_h if unit else grad_h * grad_out.to(grad_h.dtype)
+        if grad_w is not None:
+            gw = (grad_w if unit else grad_w * grad_out.to(grad_w.dtype)).to(ctx.weight_dtype)
+        return gh, gw, None, None, None, None, None, None, None, None, None
+
+
+def chunked_divergence(name: str, student_hidden: torch.Tensor, student_head_weight: torch.Tensor,
+                       teacher_logits: torch.Tensor | None = None, *, teacher_hidden: torch.Tensor | None = None,
+                       teacher_head_weight: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                       temperature: float = 1.0, chunk_size: int | None = None, labels: torch.Tensor | None = None,
+                       vocab_size: int | None = None, compile: bool = False, **params) -> torch.Tensor:
+    """Masked token mean of divergence ``name`` between ``h W^T`` (student) and the teacher, in chunks.
+
+    Args:
+        name: ``fkl, rkl, jsd, tvd, skl, srkl, symkl`` (formulas in :mod:`lmdistill.losses.divergences`)
+            or ``sft`` (mean of -log q(label); give ``labels``, no teacher).
+        student_hidden: ``[B, T, H]`` final hidden states of the student (after the final norm).
+        student_head_weight: ``[V_s, H]`` LM-head weight (logits = hidden @ weight.T, no bias).
+        teacher_logits: ``[B, T, V_t]`` teacher logits, or ``None`` when ``teacher_hidden`` and
+            ``teacher_head_weight`` (``[B, T, H_t]``, ``[V_t, H_t]``) are given instead, in which
+            case teacher logits are computed per chunk and never held in full.
+        mask: ``[B, T]`` 0/1, aligned with logits positions (1 = trained).
+        temperature: both distributions are softmax(logits / T).
+        chunk_size: token rows per chunk; ``None`` picks about 2**24 vocab entries per chunk.
+        labels: ``[B, T]`` target ids for ``sft`` (-100 ignored).
+        vocab_size: optional tokenizer length, to judge vocabulary padding (see ``vocab.py``).
+        compile: run the per-chunk kernel through ``torch.compile`` (fewer passes over each chunk;
+            the first call compiles).
+        **params: ``beta`` (jsd), ``alpha`` (skl, srkl), ``lam`` (symkl).
+
+    Returns:
+        Scalar: the mean over trained positions (0 when there are none).
+    """
+    t = check_temperature(temperature)
+    if name == "sft":
+        if params:
+            raise ConfigError(f"loss 'sft' takes no parameters, got {', '.join(sorted(params))}")
+        full: dict = {}
+    else:
+        full = check_divergence_params(name, params)
+    if student_hidden.dim() < 2 or student_head_weight.dim() != 2:
+        raise LossInputError("student_hidden must be [..., H] and student_head_weight [V, H]")
+    hdim = student_hidden.shape[-1]
+    if student_head_weight.shape[1] != hdim:
+        raise LossInputError(f"student_head_weight {tuple(student_head_weight.shape)} does not match hidden size {hdim}")
+    lead = student_hidden.shape[:-1]
+    v_s = student_head_weight.shape[0]
+    weight = student_head_weight
+    bmask = as_bool_mask(mask, lead, student_hidden.device)
+
+    labels_rows = teacher_rows = t_hidden = t_weight = None
+    if name == "sft":
+        if labels is None or teacher_logits is not None or teacher_hidden is not None:
+            raise LossInputError("sft takes labels= and no teacher inputs")
+        labels = torch.as_tensor(labels, device=student_hidden.device)
+        if labels.shape != lead or labels.is_floating_point():
+            raise LossInputError(f"labels must be integer ids of shape {tuple(lead)}, got {tuple(labels.shape)}")
+        keep = labels != IGNORE_INDEX
+        bmask = keep if bmask is None else bmask & keep
+    else:
+        if labels is not None:
+            raise LossInputError("labels= is only for name='sft'")
+        if (teacher_logits is None) == (teacher_hidden is None):
+            raise LossInputError("give either teacher_logits or teacher_hidden with teacher_head_weight")
+        if teacher_logits is not None:
+            if teacher_logits.shape[:-1] != lead:
+                raise LossInputError(f"teacher logits {tuple(teacher_logits.shape)} and student hidden "
+                                     f"{tuple(student_hidden.shape)} differ outside the last dimension")
+            v_t = teacher_logits.shape[-1]
+        else:
+            if teacher_head_weight is None or teacher_head_weight.dim() != 2:
+                raise LossInputError("teacher_hidden needs teacher_head_weight [V_t, H_t]")
+            if teacher_hidden.shape[:-1] != lead or teacher_hidden.shape[-1] != teacher_head_weight.shape[1]:
+                raise LossInputError(f"teacher hidden {tuple(teacher_hidden.shape)} / head "
+                                     f"{tuple(teacher_head_weight.shape)} do not match student positions {tuple(lead)}")
+            v_t = teacher_head_weight.shape[0]
+        v = shared_vocab(v_s, v_t, vocab_size=vocab_size)
+        if v != v_s:
+            weight = student_head_weight[:v]
+
+    flat_h = student_hidden.reshape(-1, hdim)
+    idx = None if bmask is None else bmask.reshape(-1).nonzero().squeeze(-1)
+    hidden = flat_h if idx is None else flat_h.index_select(0, idx)
+    if hidden.shape[0] == 0:
+        return graph_zero(student_hidden) + graph_zero(student_head_weight)
+    if name == "sft":
+        lab = labels.reshape(-1)
+        labels_rows = lab if idx is None else lab.index_select(0, idx)
+        if int(labels_rows.min()) < 0 or int(labels_rows.max()) >= v_s:
+            raise LossInputError(f"labels must be in [0, {v_s}) or -100")
+    elif teacher_logits is not None:
+        t_flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+        v_cut = v
+
+        def teacher_rows(start: int, stop: int) -> torch.Tensor:
+            rows = t_flat[start:stop] if idx is None else t_flat.index_select(0, idx[start:stop])
+            return rows[:, :v_cut]
+    else:
+        th = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+        t_hidden = th if idx is None else th.index_select(0, idx)
+        t_weight = teacher_head_weight.detach()[:v]
+
+    vocab = weight.shape[0]
+    rows = chunk_size if chunk_size is not None else auto_chunk_size(vocab)
+    if not isinstance(rows, int) or rows < 1:
+        raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    kernel = compiled_value_and_grad() if compile else value_and_grad
+    return _ChunkedLoss.apply(hidden, weight, teacher_rows, t_hidden, t_weight, labels_rows,
+                              name, t, full, rows, kernel)
