@@ -15,17 +15,6 @@ import pytest
 from lmdistill.cli import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; more threads only contend on a shared machine."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def args_for(model_dirs, out, policy="switch", *extra):
     return ["generate", "--policy", policy, "--student", model_dirs["student"], "--teacher", model_dirs["teacher"],
             "--data", "dolly", "--out", str(out), "--max-new-tokens", "8", "--batch-size", "3", "--seed", "3",

@@ -16,17 +16,6 @@ from lmdistill.generation.sampling import filter_logits, pick
 from lmdistill.losses import per_token_divergence
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; more threads only contend on a shared machine."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def models(model_dirs):
     from lmdistill.models import load_model

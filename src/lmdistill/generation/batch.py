@@ -60,3 +60,14 @@ def source_tags(lengths: torch.Tensor, width: int, tag: int) -> torch.Tensor:
     """``tag`` on the first ``lengths[b]`` positions of each row, PADDING after."""
     pos = torch.arange(width, device=lengths.device)[None, :]
     return torch.where(pos < lengths[:, None], torch.full_like(pos, tag), torch.full_like(pos, PADDING))
+
+
+def mark_eos(nxt: torch.Tensor, t: int, done: torch.Tensor, lengths: torch.Tensor, eos_id: int | None,
+             live: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (among ``live``) that emitted EOS at step ``t`` end there: length ``t + 1``, marked done."""
+    if eos_id is None:
+        return done, lengths
+    ended = ~done & (nxt == eos_id)
+    if live is not None:
+        ended = ended & live
+    return done | ended, torch.where(ended, torch.full_like(lengths, t + 1), lengths)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lmdistill.generation.batch import Batch
+from lmdistill.generation.batch import Batch, mark_eos
 from lmdistill.generation.runner import CachedLM
 from lmdistill.generation.sampling import pick
 
@@ -43,10 +43,7 @@ def sample_loop(lm: CachedLM, logits: torch.Tensor, batch: Batch, *, stream: int
             nxt = torch.where(~live | (t < free_from), out[:, t], nxt)
         nxt = torch.where(done, pad, nxt)
         out[:, t] = nxt
-        if batch.eos_id is not None:
-            ended = live & ~done & (nxt == batch.eos_id)
-            lengths = torch.where(ended, torch.full_like(lengths, t + 1), lengths)
-            done = done | ended
+        done, lengths = mark_eos(nxt, t, done, lengths, batch.eos_id, live)
         if t == n - 1 or (batch.eos_id is not None and bool((done | ~live).all())):  # the one sync per step
             break
         logits = lm.step(nxt)

@@ -138,16 +138,6 @@ def _judge_all(judge, texts: list[str], fact: str) -> list:
 
 def write_ice(result: dict, out_dir: str | Path) -> dict:
     """``ice.json`` (scores, config, steps), ``ice_queries.jsonl``, ``ice.md`` and ``ice.png``."""
-    from lmdistill.io import write_json, write_jsonl
-    from lmdistill.quantify.report import ice_chart, ice_markdown
+    from lmdistill.quantify.report import ice_chart, ice_markdown, write_summary
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {k: v for k, v in result.items() if k != "queries"}
-    write_json(out / "ice.json", summary)
-    write_jsonl(out / "ice_queries.jsonl", result["queries"])
-    from lmdistill.io import write_text
-
-    write_text(out / "ice.md", ice_markdown([summary]))
-    ice_chart([summary], out / "ice.png")
-    return summary
+    return write_summary(result, out_dir, "ice", "queries", ice_markdown, ice_chart)

@@ -204,3 +204,19 @@ def combined_report(dirs: list[str | Path], out_dir: str | Path) -> dict:
                "charts": charts}
     write_json(out / "report.json", summary)
     return summary
+
+
+def write_summary(result: dict, out_dir, name: str, rows_key: str, markdown, chart) -> dict:
+    """``NAME.json`` (the result without its rows), ``NAME_<rows_key>.jsonl``, ``NAME.md`` and ``NAME.png``."""
+    from pathlib import Path
+
+    from lmdistill.io import write_json, write_jsonl, write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {k: v for k, v in result.items() if k != rows_key}
+    write_json(out / f"{name}.json", summary)
+    write_jsonl(out / f"{name}_{rows_key}.jsonl", result[rows_key])
+    write_text(out / f"{name}.md", markdown([summary]))
+    chart([summary], out / f"{name}.png")
+    return summary

@@ -220,14 +220,6 @@ def run_rse(target, reference, prompt_sets: dict[str, list[dict]], *, judge=None
 
 def write_rse(result: dict, out_dir: str | Path) -> dict:
     """``rse.json`` (summary), ``rse_items.jsonl`` (every pair with its scores), ``rse.md``, ``rse.png``."""
-    from lmdistill.io import write_json, write_jsonl, write_text
-    from lmdistill.quantify.report import rse_chart, rse_markdown
+    from lmdistill.quantify.report import rse_chart, rse_markdown, write_summary
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {k: v for k, v in result.items() if k != "items"}
-    write_json(out / "rse.json", summary)
-    write_jsonl(out / "rse_items.jsonl", result["items"])
-    write_text(out / "rse.md", rse_markdown([summary]))
-    rse_chart([summary], out / "rse.png")
-    return summary
+    return write_summary(result, out_dir, "rse", "items", rse_markdown, rse_chart)

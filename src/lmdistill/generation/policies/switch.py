@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from lmdistill.generation.batch import PADDING, STUDENT, TEACHER, Batch, Decoded
+from lmdistill.generation.batch import PADDING, STUDENT, TEACHER, Batch, Decoded, mark_eos
 from lmdistill.generation.sampling import pick
 from lmdistill.losses import per_token_divergence
 
@@ -44,10 +44,7 @@ def run(student, teacher, batch: Batch) -> Decoded:
         tokens[:, t] = nxt
         sources[:, t] = torch.where(done, PADDING, tags[use_teacher.long()])
         trace[:, t] = d
-        if batch.eos_id is not None:
-            ended = ~done & (nxt == batch.eos_id)
-            lengths = torch.where(ended, torch.full_like(lengths, t + 1), lengths)
-            done = done | ended
+        done, lengths = mark_eos(nxt, t, done, lengths, batch.eos_id)
         if t == n - 1 or (batch.eos_id is not None and bool(done.all())):
             break
         q, p = s_lm.step(nxt), t_lm.step(nxt)

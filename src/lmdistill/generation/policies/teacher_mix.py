@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from lmdistill.generation.batch import STUDENT, Batch, Decoded, source_tags
+from lmdistill.generation.batch import STUDENT, Batch, Decoded, mark_eos, source_tags
 from lmdistill.generation.sampling import pick
 
 
@@ -40,10 +40,7 @@ def run(student, teacher, batch: Batch) -> Decoded:
         nxt = pick(mix, cfg, None if cfg.greedy else batch.noise.gumbel(t), scaled=True)
         nxt = torch.where(done, torch.full_like(nxt, batch.pad_id), nxt)
         tokens[:, t] = nxt
-        if batch.eos_id is not None:
-            ended = ~done & (nxt == batch.eos_id)
-            lengths = torch.where(ended, torch.full_like(lengths, t + 1), lengths)
-            done = done | ended
+        done, lengths = mark_eos(nxt, t, done, lengths, batch.eos_id)
         if t == n - 1 or (batch.eos_id is not None and bool(done.all())):
             break
         q, p = s_lm.step(nxt), t_lm.step(nxt)
