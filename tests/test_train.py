@@ -83,6 +83,20 @@ def test_loss_goes_down_on_fixed_batch(dirs, tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"] * 0.9
 
 
+@pytest.mark.parametrize("recipe", ["kd", "seqkd"])
+def test_chunked_loss_trains_like_the_direct_path(recipe, dirs, tmp_path):
+    finals = {}
+    for chunked in (False, True):
+        cfg = load_config(recipe, base_overrides(dirs, tmp_path / str(chunked), max_steps=3, lr=5e-3,
+                                                 chunked_loss=chunked))
+        finals[chunked] = weights(train(cfg)["final"])
+    a, b = finals[False], finals[True]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="chunked_loss: works with the divergences"):
+        load_config("mgsr", base_overrides(dirs, tmp_path, chunked_loss=True))
+
+
 def weights(path):
     from safetensors.torch import load_file
 

@@ -41,6 +41,7 @@ class TrainConfig:
     loss: str = "none"                      # distillation divergence on those sequences
     loss_params: dict = field(default_factory=dict)
     temperature: float = 1.0                # distillation temperature
+    chunked_loss: bool = False              # token-chunked fused LM-head + loss: for 100k+ vocabularies
     sft_weight: float = 1.0                 # weight of cross-entropy on the gold response
     kd_weight: float = 0.0                  # weight of the divergence on the policy's sequences
     seq_sft_weight: float = 0.0             # cross-entropy on the policy's sequences (SeqKD)
@@ -114,6 +115,9 @@ class TrainConfig:
             raise ConfigError("lr_schedule: must be one of cosine, linear, constant")
         if self.mixed_precision not in ("auto", "no", "bf16"):
             raise ConfigError("mixed_precision: must be one of auto, no, bf16")
+        if self.chunked_loss and (self.loss in ("dac_kl", "pg_rkl") or self.span_weight > 0):
+            raise ConfigError("chunked_loss: works with the divergences (fkl, rkl, jsd, tvd, skl, srkl, symkl) and sft; "
+                              f"not with loss={self.loss} or span_weight > 0")
         if self.loss not in ("none", "dac_kl", "pg_rkl"):
             from lmdistill.losses import get_loss
 

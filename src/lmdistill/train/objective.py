@@ -22,6 +22,58 @@ def forward_logits(model, batch: dict) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=attn, position_ids=pos).logits
 
 
+def forward_hidden(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final (normed) hidden states ``[B, T, H]`` and the LM-head weight ``[V, H]``, without the ``[B, T, V]`` logits.
+
+    The model (DDP wrapper included, so gradients still synchronise) runs with ``logits_to_keep=1``; a forward
+    hook on its decoder catches ``last_hidden_state``. Works for every HF causal LM with ``get_decoder()``.
+    """
+    inner = model.module if hasattr(model, "module") else model
+    if hasattr(inner, "get_base_model"):  # peft
+        inner = inner.get_base_model()
+    caught = {}
+
+    def hook(_module, _inputs, output):
+        caught["h"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    handle = inner.get_decoder().register_forward_hook(hook)
+    try:
+        attn = batch["attention_mask"]
+        model(input_ids=batch["input_ids"], attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+              logits_to_keep=1)
+    finally:
+        handle.remove()
+    return caught["h"], inner.get_output_embeddings().weight
+
+
+def chunked_terms(cfg, student, teacher, gold: dict, seq: dict, *, same: bool) -> dict:
+    """The same terms as ``compute_terms`` through ``lmdistill.losses.chunked_divergence``: no more than one chunk
+    of vocabulary-sized tensors is alive at a time (real 128k-152k vocabularies)."""
+    from lmdistill.losses import chunked_divergence
+
+    terms = {}
+    gold_h = None
+    if cfg.sft_weight > 0 or same:
+        gold_h, w = forward_hidden(student, gold)
+    if cfg.sft_weight > 0:
+        labels, mask = shifted(gold)
+        terms["sft"] = (chunked_divergence("sft", gold_h[:, :-1], w, labels=labels, mask=mask), mask.sum())
+    if cfg.kd_weight <= 0 and cfg.seq_sft_weight <= 0:
+        return terms
+    s_h, w = (gold_h, w) if same else forward_hidden(student, seq)
+    targets, mask = shifted(seq)
+    count = mask.sum()
+    if cfg.seq_sft_weight > 0:
+        terms["seq_sft"] = (chunked_divergence("sft", s_h[:, :-1], w, labels=targets, mask=mask), count)
+    if cfg.kd_weight > 0:
+        with torch.no_grad():
+            t_h, t_w = forward_hidden(teacher, seq)
+        terms["kd"] = (chunked_divergence(cfg.loss, s_h[:, :-1], w, teacher_hidden=t_h[:, :-1].to(s_h.dtype),
+                                          teacher_head_weight=t_w.to(w.dtype), mask=mask,
+                                          temperature=cfg.temperature, **cfg.loss_params), count)
+    return terms
+
+
 def shifted(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Targets and mask aligned with logits positions 0..T-2 (position t predicts token t+1)."""
     return batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].float()
@@ -35,6 +87,8 @@ def compute_terms(cfg, student, teacher, gold: dict, seq: dict, *, same: bool, d
     """
     from lmdistill.losses import get_loss, sft_loss
 
+    if cfg.chunked_loss:
+        return chunked_terms(cfg, student, teacher, gold, seq, same=same)
     terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     need_seq = cfg.kd_weight > 0 or cfg.span_weight > 0 or cfg.seq_sft_weight > 0
     need_teacher = cfg.kd_weight > 0 or cfg.span_weight > 0
