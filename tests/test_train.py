@@ -97,6 +97,35 @@ def test_chunked_loss_trains_like_the_direct_path(recipe, dirs, tmp_path):
         load_config("mgsr", base_overrides(dirs, tmp_path, chunked_loss=True))
 
 
+@pytest.mark.parametrize("recipe", ["kd", "gkd", "seqkd", "distillm", "switch"])
+def test_trained_positions_only_equal_full_logits(recipe, dirs, tokenizer, monkeypatch):
+    """The fast path (LM head on trained positions only) gives the same terms and gradients as full logits."""
+    import lmdistill.train.objective as O
+    from lmdistill.data import collate_for_training, load_examples, tokenize_examples
+    from lmdistill.models import load_model
+
+    cfg = load_config(recipe, base_overrides(dirs, "/tmp/unused", sft_weight=0.5, seq_sft_weight=0.3))
+    rows, _ = tokenize_examples(load_examples("dolly:train").examples[:6], tokenizer, max_prompt_length=80,
+                                max_length=96)
+    gold = collate_for_training(rows, tokenizer.pad_token_id)
+    seq = collate_for_training(rows[::-1], tokenizer.pad_token_id)
+    student, teacher = load_model(dirs["student"], trainable=True), load_model(dirs["teacher"])
+    results = []
+    for whole in (True, False):
+        monkeypatch.setattr(O, "logit_postprocessing", lambda m, whole=whole: whole)
+        student.zero_grad()
+        terms = O.compute_terms(cfg, student, teacher, gold, seq, same=False)
+        sum(v for v, _ in terms.values()).backward()
+        results.append(({k: float(v.detach()) for k, (v, _) in terms.items()},
+                        [p.grad.clone() for p in student.parameters()]))
+    (full, g_full), (fast, g_fast) = results
+    assert full.keys() == fast.keys() and len(full) >= 2
+    for k in full:
+        assert fast[k] == pytest.approx(full[k], rel=1e-5, abs=1e-7)
+    for a, b in zip(g_full, g_fast):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 def weights(path):
     from safetensors.torch import load_file
 

@@ -42,13 +42,13 @@ class Preset:
 
 
 PRESETS = {
-    "quick": Preset(teacher_steps=60, teacher_lr=3e-3, student_steps=12, student_lr=2e-3, batch_size=8, max_length=128,
-                    max_prompt_length=96, max_new_tokens=24, benchmarks=("dolly",), eval_limit=40,
+    "quick": Preset(teacher_steps=60, teacher_lr=3e-3, student_steps=12, student_lr=2e-3, batch_size=8, max_length=96,
+                    max_prompt_length=64, max_new_tokens=16, benchmarks=("dolly",), eval_limit=40,
                     eval_max_new_tokens=48, train_examples=2000),
-    "full": Preset(teacher_steps=600, teacher_lr=2e-3, student_steps=120, student_lr=1e-3, batch_size=16,
-                   max_length=192, max_prompt_length=128, max_new_tokens=48,
+    "full": Preset(teacher_steps=400, teacher_lr=3e-3, student_steps=120, student_lr=2e-3, batch_size=16,
+                   max_length=160, max_prompt_length=96, max_new_tokens=32,
                    benchmarks=("dolly", "selfinst", "vicuna", "sni", "unni"), eval_limit=100,
-                   eval_max_new_tokens=96),
+                   eval_max_new_tokens=128),
 }
 
 

@@ -46,31 +46,41 @@ class FilterReport:
         return f"{self.name}: kept {self.kept}, removed {self.removed} ({self.reason})"
 
 
+def _encode(texts: list[str], tokenizer) -> list[list[int]]:
+    """Token ids of many texts in one call (fast tokenizers encode the batch in parallel, in Rust)."""
+    if not texts:
+        return []
+    return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _assemble(ex: Example, prompt_ids: list[int], response_ids: list[int] | None, tokenizer,
+              max_length: int) -> TokenizedExample:
+    if response_ids is None:
+        return TokenizedExample(ex.id, prompt_ids, [], ex)
+    room = max(max_length - len(prompt_ids) - 1, 0)
+    return TokenizedExample(ex.id, prompt_ids, response_ids[:room] + [tokenizer.eos_token_id], ex)
+
+
 def tokenize_example(ex: Example, tokenizer, *, template: str = "alpaca", max_length: int = 512,
                      with_response: bool = True) -> TokenizedExample:
-    prompt = format_prompt(ex, template, tokenizer)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if template == "chat" and tokenizer.bos_token_id is not None and prompt.startswith(tokenizer.bos_token or "\0"):
-        pass  # chat templates carry their own BOS in the text
-    response_ids: list[int] = []
-    if with_response:
-        response_ids = tokenizer(ex.output, add_special_tokens=False)["input_ids"]
-        room = max(max_length - len(prompt_ids) - 1, 0)
-        response_ids = response_ids[:room] + [tokenizer.eos_token_id]
-    return TokenizedExample(ex.id, prompt_ids, response_ids, ex)
+    """Prompt ids (the rendered template) and response ids (the output cut to fit ``max_length``, then EOS)."""
+    prompt_ids = _encode([format_prompt(ex, template, tokenizer)], tokenizer)[0]
+    response_ids = _encode([ex.output], tokenizer)[0] if with_response else None
+    return _assemble(ex, prompt_ids, response_ids, tokenizer, max_length)
 
 
 def tokenize_examples(examples: list[Example], tokenizer, *, template: str = "alpaca",
                       max_prompt_length: int = 256, max_length: int = 512,
                       with_response: bool = True) -> tuple[list[TokenizedExample], list[FilterReport]]:
     """Tokenize and apply the prompt-length filter; returns the rows and one report per filter."""
+    prompts = _encode([format_prompt(ex, template, tokenizer) for ex in examples], tokenizer)
+    responses = _encode([ex.output for ex in examples], tokenizer) if with_response else [None] * len(examples)
     out, too_long = [], []
-    for ex in examples:
-        tok = tokenize_example(ex, tokenizer, template=template, max_length=max_length, with_response=with_response)
-        if len(tok.prompt_ids) > max_prompt_length:
+    for ex, prompt_ids, response_ids in zip(examples, prompts, responses):
+        if len(prompt_ids) > max_prompt_length:
             too_long.append(ex.id)
             continue
-        out.append(tok)
+        out.append(_assemble(ex, prompt_ids, response_ids, tokenizer, max_length))
     report = FilterReport("prompt-length filter", len(out), too_long,
                           f"prompt longer than {max_prompt_length} tokens")
     return out, [report]

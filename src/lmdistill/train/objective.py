@@ -79,45 +79,71 @@ def shifted(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].float()
 
 
-def compute_terms(cfg, student, teacher, gold: dict, seq: dict, *, same: bool, dac=None, span_ids=None,
-                  rollout: dict | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def logit_postprocessing(model) -> bool:
+    """True when the model changes its logits after the LM head (soft-capping, scaling): then only a full forward
+    gives the right logits."""
+    inner = model.module if hasattr(model, "module") else model
+    cfg = getattr(inner, "config", None)
+    return bool(getattr(cfg, "final_logit_softcapping", None)) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0)
+
+
+def selected_logits(model, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+    """Logits ``[N, V]`` at the N trained positions only (mask over positions 0..T-2): the LM head never runs on
+    prompt or padding positions. Same values as ``forward_logits(model, batch)[:, :-1][mask]``."""
+    inner = model.module if hasattr(model, "module") else model
+    h, _ = forward_hidden(model, batch)
+    return inner.get_output_embeddings()(h[:, :-1][mask.bool()])
+
+
+def compute_terms(cfg, student, teacher, gold: dict, seq: dict, *, same: bool, dac=None, span_ids=None
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Terms of the objective as ``name -> (mean over its tokens, number of tokens)``.
 
-    ``same`` says the sequences are the gold batch itself (one student forward serves both terms).
+    ``same`` says the sequences are the gold batch itself (one student forward serves both terms). Losses that
+    need whole sequences (MiniLLM's returns, MGSR's span pairs) get full ``[B, T, V]`` logits; the others get
+    logits at trained positions only, which skips the LM head on prompt and padding positions.
     """
     from lmdistill.losses import get_loss, sft_loss
 
     if cfg.chunked_loss:
         return chunked_terms(cfg, student, teacher, gold, seq, same=same)
+    whole = cfg.loss == "pg_rkl" or cfg.span_weight > 0 or logit_postprocessing(student)
+
+    def logits(model, batch, mask):
+        return forward_logits(model, batch)[:, :-1] if whole else selected_logits(model, batch, mask)
+
+    def flat(x, mask):
+        return x if whole else x[mask.bool()]
+
     terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     need_seq = cfg.kd_weight > 0 or cfg.span_weight > 0 or cfg.seq_sft_weight > 0
     need_teacher = cfg.kd_weight > 0 or cfg.span_weight > 0
+    labels, gmask = shifted(gold)
     gold_logits = None
     if cfg.sft_weight > 0 or (need_seq and same):
-        gold_logits = forward_logits(student, gold)
+        gold_logits = logits(student, gold, gmask)
     if cfg.sft_weight > 0:
-        labels, mask = shifted(gold)
-        terms["sft"] = (sft_loss(gold_logits[:, :-1], labels, mask), mask.sum())
+        terms["sft"] = (sft_loss(gold_logits, flat(labels, gmask), gmask if whole else None), gmask.sum())
     if not need_seq:
         return terms
-    s_logits = gold_logits if same else forward_logits(student, seq)
     targets, mask = shifted(seq)
+    s = gold_logits if same else logits(student, seq, mask)
     count = mask.sum()
+    m = mask if whole else None
     if cfg.seq_sft_weight > 0:
-        terms["seq_sft"] = (sft_loss(s_logits[:, :-1], targets, mask), count)
+        terms["seq_sft"] = (sft_loss(s, flat(targets, mask), m), count)
     if not need_teacher:
         return terms
     with torch.no_grad():
-        t_logits = forward_logits(teacher, seq).to(s_logits.dtype)
-    s, t = s_logits[:, :-1], t_logits[:, :-1]
+        t = logits(teacher, seq, mask).to(s.dtype)
     if cfg.kd_weight > 0:
         if cfg.loss == "dac_kl":
-            value = dac(s, t, mask)
+            value = dac(s, t, m)
         elif cfg.loss == "pg_rkl":
             value = policy_gradient_rkl(s, t, targets, mask, alpha=cfg.teacher_mix_alpha, clip=cfg.pg_clip,
                                         length_norm=cfg.pg_length_norm, temperature=cfg.temperature)
         else:
-            value = get_loss(cfg.loss, **cfg.loss_params)(s, t, mask, temperature=cfg.temperature)
+            value = get_loss(cfg.loss, **cfg.loss_params)(s, t, m, temperature=cfg.temperature)
         terms["kd"] = (value, count)
     if cfg.span_weight > 0:
         from lmdistill.losses.span_correlation import span_correlation_loss
