@@ -1,7 +1,7 @@
 """Training throughput of on-policy GKD: ``lmdistill train gkd`` against TRL's ``GKDTrainer`` (issue 5).
 
     .venv/bin/python bench/train.py [--steps 24] [--warmup 3] [--repeats 5] [--batch 8] [--threads 1] [--quick]
-                                    [--out FILE.md] [--trl-full-gold] [--only ours|trl] [--profile PREFIX]
+                                    [--out FILE.md] [--trl-cut-gold] [--only ours|trl] [--profile PREFIX]
 
 Results and the exact commands: ``bench/results_train.md``.
 
@@ -13,9 +13,9 @@ float32 on CPU, ``--warmup + --steps`` optimiser steps. Each trainer runs in its
 
 Both trainers see the *same rows in the same order*: the TRL worker tokenizes Dolly with our tokenizer, template
 and length filter and lays out the dataset in our trainer's step order (``global_batch_indices``), passing
-``input_ids`` + ``completion_mask`` to TRL's ``DataCollatorForChatML`` and a sequential sampler. Our ``mixed``
-policy cuts gold responses to ``max_new_tokens``; by default the TRL dataset's gold responses are cut the same
-way so both train on the same sequences (``--trl-full-gold`` keeps TRL's full gold responses).
+``input_ids`` + ``completion_mask`` to TRL's ``DataCollatorForChatML`` and a sequential sampler. Both train the
+full gold responses on off-policy rows (``--trl-cut-gold`` cuts TRL's to ``--new-tokens``, for comparison with
+older runs).
 
 Throughput = trained response tokens / wall seconds from the end of the last warm-up step to the end of the last
 step (model loading, dataset preparation and warm-up excluded; per-step overhead such as logging included).
@@ -186,7 +186,7 @@ def trl_dataset(args, tokenizer):
     for step in range(total):
         for i in global_batch_indices(step, args.batch, len(rows), SEED):
             r = rows[i]
-            resp = r.response_ids if args.trl_full_gold else r.response_ids[:args.new_tokens]
+            resp = r.response_ids[:args.new_tokens] if args.trl_cut_gold else r.response_ids
             ids.append(r.prompt_ids + resp)
             masks.append([0] * len(r.prompt_ids) + [1] * len(resp))
     # ``prompt`` is only read by the collator when no ``completion_mask`` is given; it must exist
@@ -256,8 +256,8 @@ def run_worker(name: str, args, result: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--root", str(args.root), "--result", str(result),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
            "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
-    if args.trl_full_gold:
-        cmd.append("--trl-full-gold")
+    if args.trl_cut_gold:
+        cmd.append("--trl-cut-gold")
     if args.profile:
         cmd += ["--profile", args.profile]
     load_before = os.getloadavg()[0]
@@ -323,7 +323,7 @@ def table(ours_runs: list[dict], trl_runs: list[dict], args) -> str:
     lines.append(f"torch threads seen in both workers: {sorted(threads)}; warm-up steps: {args.warmup}; "
                  f"batch {args.batch}; {args.new_tokens} new tokens; "
                  "TRL gold responses: "
-                 + ("full." if args.trl_full_gold else f"cut to {args.new_tokens} tokens like ours."))
+                 + (f"cut to {args.new_tokens} tokens." if args.trl_cut_gold else "full, like ours."))
     return "\n".join(lines)
 
 
@@ -336,7 +336,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads in both workers")
     p.add_argument("--repeats", type=int, default=1, help="interleaved runs per trainer; the table shows the median")
     p.add_argument("--quick", action="store_true", help="4 measured steps after 1 warm-up step")
-    p.add_argument("--trl-full-gold", action="store_true", help="TRL trains on full gold responses (not cut)")
+    p.add_argument("--trl-cut-gold", action="store_true",
+                   help="cut TRL's gold responses to --new-tokens (ours always trains on full gold responses)")
     p.add_argument("--only", choices=("ours", "trl"), help="run one trainer only (print its summary)")
     p.add_argument("--profile", metavar="PREFIX", help="cProfile each worker into PREFIX.ours.prof / PREFIX.trl.prof")
     p.add_argument("--out", help="also write the table to this markdown file")

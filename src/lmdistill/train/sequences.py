@@ -38,7 +38,9 @@ def generate_rows(policy: str, rows: list[TokenizedExample], student, teacher, t
                    gold=[r.response_ids for r in rows], config=sampling_config(cfg, seed),
                    pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
     new_rows = []
-    for r, resp in zip(rows, out.responses):
+    for r, resp, st in zip(rows, out.responses, out.stats):
+        if st.get("origin") == "gold":   # off-policy rows train on the whole gold response, not its first N tokens
+            resp = r.response_ids
         resp = list(resp) or [tokenizer.eos_token_id]   # an empty sample still trains on EOS
         new_rows.append(TokenizedExample(r.id, r.prompt_ids, resp, r.example))
     return new_rows, summarise_stats(out.stats)
