@@ -74,6 +74,28 @@ def test_every_recipe_trains_and_exports(recipe, dirs, tokenizer, tmp_path):
     assert (Path(result["final"]) / "config.json").exists()
 
 
+def test_validation_selects_best_and_lora_exports_merged(dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config("kd", base_overrides(dirs, tmp_path, max_steps=4, eval_steps=2, valid_data="dolly:valid",
+                                           eval_limit=4, eval_max_new_tokens=8, lora=True, lora_r=4, lr=1e-2))
+    result = train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in rows if "val/rougeL" in r]
+    assert [r["step"] for r in vals] == [2, 4]
+    assert all(0 <= r["val/rougeL"] <= 100 and r["val/loss"] > 0 for r in vals)
+    best = max(vals, key=lambda r: r["val/rougeL"])
+    assert result["best_step"] == best["step"] and result["best_rougeL"] == pytest.approx(best["val/rougeL"])
+    for name in ("final", "best"):
+        folder = tmp_path / name
+        assert not (folder / "adapter_config.json").exists()       # LoRA merged on export
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert not any("lora" in k for k in model.state_dict())
+    base = weights(dirs["student"])
+    final = weights(tmp_path / "final")
+    assert any(not torch.equal(base[k], final[k]) for k in base if "proj" in k)   # the adapters changed the weights
+
+
 def test_loss_goes_down_on_fixed_batch(dirs, tmp_path):
     cfg = load_config("kd", base_overrides(dirs, tmp_path, max_steps=8, lr=1e-2, batch_size=4,
                                            max_train_examples=4, micro_batch_size=4))
