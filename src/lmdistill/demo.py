@@ -45,7 +45,7 @@ PRESETS = {
     "quick": Preset(teacher_steps=60, teacher_lr=3e-3, student_steps=12, student_lr=2e-3, batch_size=8, max_length=96,
                     max_prompt_length=64, max_new_tokens=16, benchmarks=("dolly",), eval_limit=40,
                     eval_max_new_tokens=48, train_examples=2000),
-    "full": Preset(teacher_steps=400, teacher_lr=3e-3, student_steps=120, student_lr=2e-3, batch_size=16,
+    "full": Preset(teacher_steps=1000, teacher_lr=3e-3, student_steps=120, student_lr=2e-3, batch_size=16,
                    max_length=160, max_prompt_length=96, max_new_tokens=32,
                    benchmarks=("dolly", "selfinst", "vicuna", "sni", "unni"), eval_limit=100,
                    eval_max_new_tokens=128),
@@ -60,7 +60,7 @@ def _common(p: Preset, out: Path, steps: int, lr: float) -> list[str]:
     return [f"output_dir={out}", f"max_steps={steps}", f"lr={lr}", f"batch_size={p.batch_size}",
             f"micro_batch_size={p.batch_size}", f"max_length={p.max_length}",
             f"max_prompt_length={p.max_prompt_length}", f"max_train_examples={p.train_examples}",
-            f"save_steps={steps}", f"eval_steps={steps}", "eval_limit=16", "eval_max_new_tokens=32",
+            f"save_steps={steps}", f"eval_steps={max(1, steps // 4)}", "eval_limit=16", "eval_max_new_tokens=32",
             f"warmup_steps={max(1, steps // 20)}", "progress=true", "seed=42"]
 
 

@@ -58,7 +58,8 @@ def plot_curves(metrics_path: Path | None, out_png: Path, runs: dict[str, Path] 
     import matplotlib.pyplot as plt
 
     runs = runs or {"": metrics_path}
-    keys = [("loss", "training loss"), ("val/loss", "validation loss"), ("val/rougeL", "validation ROUGE-L")]
+    keys = [("loss", "training objective (method-specific scale)"), ("val/loss", "validation loss (SFT on valid)"),
+            ("val/rougeL", "validation ROUGE-L")]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
     for label, path in runs.items():
         if not Path(path).exists():
