@@ -148,20 +148,13 @@ def _coerce(key: str, value, where: str):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-    elif want is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    elif want in (int, float):
+        accepted = (int,) if want is int else (int, float)   # an int key never takes 2.5
+        if isinstance(value, accepted) and not isinstance(value, bool):
+            return want(value)
         if isinstance(value, str):
             try:
-                return int(value)
-            except ValueError:
-                pass
-    elif want is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
+                return want(value)
             except ValueError:
                 pass
     elif want is str:
