@@ -3,7 +3,7 @@
 import dataclasses
 import json
 
-from lmdistill.demo import METHODS, PRESETS, Preset, run_demo, verdicts
+from lmdistill.demo import METHODS, PRESETS, run_demo, teacher_vs_sft, verdicts
 
 MICRO = dataclasses.replace(PRESETS["quick"], teacher_size="micro", student_size="micro", teacher_steps=3,
                             student_steps=2, eval_limit=3, eval_max_new_tokens=8, max_new_tokens=8, seeds=(10, 20),
@@ -34,12 +34,15 @@ def test_demo_pipeline_on_micro_models(tmp_path, capsys):
 
 
 def test_verdicts_follow_the_numbers():
-    def entry(mean, std):
-        return {"average": {"mean": mean, "std": std, "seeds": {"10": 0, "20": 0, "30": 0}}}
+    def entry(mean, std, dolly=None):
+        e = {"mean": mean, "std": std, "seeds": {"10": 0, "20": 0, "30": 0}}
+        return {"average": e, "benchmarks": {"dolly": dolly or e}}
 
-    results = {"models": {"teacher": entry(30, 1), "sft": entry(10, 0.5), "kd": entry(14, 0.5),
-                          "gkd": entry(10.3, 0.5), "seqkd": entry(5, 0.5)}}
+    results = {"benchmarks": ["dolly"],
+               "models": {"teacher": entry(30, 1, dolly=entry(5, 0.1)["average"]), "sft": entry(10, 0.5),
+                          "kd": entry(14, 0.5), "gkd": entry(10.3, 0.5), "seqkd": entry(5, 0.5)}}
     lines = "\n".join(verdicts(results))
     assert "`kd` **beats SFT**" in lines
     assert "`gkd` does **not** beat SFT" in lines
     assert "`seqkd` is **worse than SFT**" in lines
+    assert "dolly -5.00 (behind), average +20.00 (ahead)" in teacher_vs_sft(results)[0]

@@ -103,32 +103,54 @@ def distill_all(p: Preset, teacher: Path, out: Path) -> dict[str, Path]:
     return finals
 
 
+def _compare(a: dict, b: dict) -> tuple[float, float]:
+    """Difference of means a - b and twice its standard error over seeds (Welch)."""
+    def n(e):
+        return max(1, sum(v is not None for v in e["seeds"].values()))
+
+    diff = a["mean"] - b["mean"]
+    se = math.sqrt((a["std"] or 0) ** 2 / n(a) + (b["std"] or 0) ** 2 / n(b))
+    return diff, 2 * se
+
+
 def verdicts(results: dict, baseline: str = "sft") -> list[str]:
     """Which methods beat ``baseline`` on the average: difference of means larger than twice its standard error
     over seeds (Welch); otherwise 'no clear difference' or 'worse'."""
-    lines = []
     from lmdistill.evaluate.run import AVERAGE
 
     models = results["models"]
     base = models[baseline][AVERAGE]
-
-    def n(e):
-        return max(1, sum(v is not None for v in e["seeds"].values()))
-
+    lines = []
     for name, entry in models.items():
         if name in (baseline, "teacher"):
             continue
-        avg = entry[AVERAGE]
-        diff = avg["mean"] - base["mean"]
-        se = math.sqrt((avg["std"] or 0) ** 2 / n(avg) + (base["std"] or 0) ** 2 / n(base))
-        if diff > 2 * se and diff > 0:
-            verdict = f"**beats SFT** by {diff:+.2f} ROUGE-L (2 x standard error = {2 * se:.2f})"
-        elif diff < -2 * se:
-            verdict = f"is **worse than SFT** by {diff:+.2f} (2 x standard error = {2 * se:.2f})"
+        diff, two_se = _compare(entry[AVERAGE], base)
+        if diff > two_se and diff > 0:
+            verdict = f"**beats SFT** by {diff:+.2f} ROUGE-L (2 x standard error = {two_se:.2f})"
+        elif diff < -two_se:
+            verdict = f"is **worse than SFT** by {diff:+.2f} (2 x standard error = {two_se:.2f})"
         else:
-            verdict = f"does **not** beat SFT at this scale ({diff:+.2f}, within 2 x standard error = {2 * se:.2f})"
+            verdict = f"does **not** beat SFT at this scale ({diff:+.2f}, within 2 x standard error = {two_se:.2f})"
         lines.append(f"- `{name}` {verdict}")
     return lines
+
+
+def teacher_vs_sft(results: dict) -> list[str]:
+    """Per benchmark and on average: is the teacher ahead of the SFT student by more than 2 standard errors?"""
+    from lmdistill.evaluate.run import AVERAGE
+
+    t, s = results["models"]["teacher"], results["models"]["sft"]
+    parts = []
+    for bench in [*results["benchmarks"], AVERAGE]:
+        a = t[AVERAGE] if bench == AVERAGE else t["benchmarks"][bench]
+        b = s[AVERAGE] if bench == AVERAGE else s["benchmarks"][bench]
+        if a["mean"] is None or b["mean"] is None:
+            continue
+        diff, two_se = _compare(a, b)
+        word = "ahead" if diff > two_se else "behind" if diff < -two_se else "level"
+        parts.append(f"{'average' if bench == AVERAGE else bench} {diff:+.2f} ({word})")
+    return ["- Teacher minus SFT student, per benchmark (ahead/behind = beyond 2 standard errors): "
+            + ", ".join(parts) + "."]
 
 
 def run_demo(preset: str | Preset = "full", out: str | Path = "runs/demo", name: str | None = None) -> Path:
@@ -174,8 +196,9 @@ def run_demo(preset: str | Preset = "full", out: str | Path = "runs/demo", name:
              "## What the numbers say", ""]
     if sft_avg:
         gap = teacher_avg["mean"] - sft_avg["mean"]
-        lines.append(f"- The teacher scores {teacher_avg['mean']:.2f} against the SFT student's {sft_avg['mean']:.2f} "
-                     f"({gap:+.2f}).")
+        lines.append(f"- The teacher scores {teacher_avg['mean']:.2f} on average against the SFT student's "
+                     f"{sft_avg['mean']:.2f} ({gap:+.2f}).")
+        lines += teacher_vs_sft(results)
         lines += verdicts(results)
     lines += ["", "## Pictures", "", f"![training curves]({curves.name})", "",
               f"![benchmark](eval/results.png)", "",
