@@ -26,9 +26,9 @@ demo: install
 	$(BIN)/lmdistill demo --preset full --out runs/demo
 
 # Benchmarks print their tables; bench/README.md records the measured ones with their commands.
-# The baselines (TRL, Liger) are installed without their dependencies: Liger would pull triton, useless on CPU.
+# Liger is installed without its dependencies: it would pull triton, useless on CPU. (TRL comes with dev.)
 bench: install
-	$(BIN)/pip install -q --no-deps 'trl>=1.16' 'liger-kernel>=0.8'
+	$(BIN)/pip install -q --no-deps 'liger-kernel>=0.8'
 	$(BIN)/python bench/losses.py
 	$(BIN)/python bench/generation.py --threads 1 --repeats 5
 	$(BIN)/python bench/train.py
