@@ -168,7 +168,7 @@ def test_changed_settings_are_refused(run, capsys):
 def test_greedy_and_several_samples(tmp_path, model_dirs):
     kw = dict(limit=2, max_new_tokens=6, progress=False)
     a = evaluate_models([model_dirs["student"]], ["dolly"], [10, 20], tmp_path / "a", greedy=True, **kw)
-    b = evaluate_models([model_dirs["student"]], ["dolly"], [99], tmp_path / "b", greedy=True, **kw)
+    evaluate_models([model_dirs["student"]], ["dolly"], [99], tmp_path / "b", greedy=True, **kw)
     assert a["settings"]["seeds"] == [10] and a["settings"]["greedy"]
     ga = read_rows(tmp_path / "a/predictions/student/dolly/seed10.jsonl")
     gb = read_rows(tmp_path / "b/predictions/student/dolly/seed99.jsonl")

@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lmdistill.io import write_json, write_text
@@ -201,7 +201,7 @@ def run_demo(preset: str | Preset = "full", out: str | Path = "runs/demo", name:
         lines += teacher_vs_sft(results)
         lines += verdicts(results)
     lines += ["", "## Pictures", "", f"![training curves]({curves.name})", "",
-              f"![benchmark](eval/results.png)", "",
+              "![benchmark](eval/results.png)", "",
               "## Time", "", f"teacher {times['teacher']:.0f} s, students {times['students']:.0f} s, "
               f"evaluation {times['eval']:.0f} s, total {total:.0f} s."]
     report = out / "report.md"

@@ -7,7 +7,10 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+if TYPE_CHECKING:
+    from lmdistill.errors import Problem
 
 
 @contextmanager
@@ -104,6 +107,29 @@ def truncate_torn_tail(path: str | os.PathLike) -> int:
             f.flush()
             os.fsync(f.fileno())
     return len(data) - keep
+
+
+def iter_jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any, "Problem | None"]]:
+    """``(1-based line, decoded JSON or None, Problem or None)`` for each non-blank line of a user's JSONL file.
+
+    Undecodable bytes and malformed JSON become a ``Problem`` naming the file and line, never an exception, so
+    callers can report every bad line at once (or skip them and say which).
+    """
+    from lmdistill.errors import Problem
+
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, None, Problem(str(path), lineno, None, f"is not valid UTF-8 (byte {e.start})")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield lineno, json.loads(text), None
+            except json.JSONDecodeError as e:
+                yield lineno, None, Problem(str(path), lineno, None, f"is not valid JSON ({e.msg} at column {e.colno})")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

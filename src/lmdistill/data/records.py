@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from lmdistill.errors import DataError, Problem
+from lmdistill.io import iter_jsonl_rows
 
 ROLES = ("system", "user", "assistant")
 
@@ -125,22 +126,6 @@ def parse_row(obj: Any, path: str, line: int, *, require_output: bool = True) ->
                    references=references, source=source), []
 
 
-def _iter_jsonl(path: Path) -> Iterable[tuple[int, Any, Problem | None]]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield lineno, None, Problem(str(path), lineno, None, f"is not valid UTF-8 (byte {e.start})")
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield lineno, json.loads(text), None
-            except json.JSONDecodeError as e:
-                yield lineno, None, Problem(str(path), lineno, None, f"is not valid JSON ({e.msg} at column {e.colno})")
-
-
 def _iter_json(path: Path) -> Iterable[tuple[int, Any, Problem | None]]:
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
@@ -164,7 +149,7 @@ def load_file(path: str | Path, *, skip_bad: bool = False, require_output: bool 
     path = Path(path)
     if not path.exists():
         raise DataError([Problem(str(path), None, None, "does not exist")])
-    rows = _iter_json(path) if path.suffix == ".json" else _iter_jsonl(path)
+    rows = _iter_json(path) if path.suffix == ".json" else iter_jsonl_rows(path)
     examples: list[Example] = []
     problems: list[Problem] = []
     seen: dict[str, int] = {}

@@ -7,12 +7,12 @@ list of strings under ``references`` or one string under ``output`` (both: the u
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmdistill.errors import DataError, LmdistillError, Problem
 from lmdistill.evaluate.metrics import rouge_l
+from lmdistill.io import iter_jsonl_rows
 
 SHOW_IDS = 10
 
@@ -22,25 +22,13 @@ class IdMismatchError(LmdistillError):
 
 
 def _iter_json_rows(path: Path):
-    """Yield ``(line, obj, problem)`` for each non-blank line of a JSONL file."""
+    """Yield ``(line, obj, problem)`` for each non-blank line of a JSONL file whose rows must be objects."""
     if not path.is_file():
         raise DataError([Problem(str(path), None, None, "does not exist" if not path.exists() else "is not a file")])
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                yield lineno, None, Problem(str(path), lineno, None, f"is not valid UTF-8 (byte {e.start})")
-                continue
-            except json.JSONDecodeError as e:
-                yield lineno, None, Problem(str(path), lineno, None, f"is not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(obj, dict):
-                yield lineno, None, Problem(str(path), lineno, None, f"row must be a JSON object, got {type(obj).__name__}")
-                continue
-            yield lineno, obj, None
+    for lineno, obj, problem in iter_jsonl_rows(path):
+        if problem is None and not isinstance(obj, dict):
+            problem = Problem(str(path), lineno, None, f"row must be a JSON object, got {type(obj).__name__}")
+        yield lineno, (None if problem else obj), problem
 
 
 def _row_id(obj: dict, path: Path, lineno: int, problems: list[Problem]) -> str | None:

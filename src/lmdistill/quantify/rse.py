@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from lmdistill.errors import ConfigError
+from lmdistill.io import iter_jsonl_rows
 from lmdistill.quantify.clients import ClientError, RequestRejected
 from lmdistill.quantify.report import ASPECTS
 from lmdistill.quantify.similarity import similarity
@@ -124,22 +125,18 @@ def load_prompt_set(spec: str, limit: int | None = None) -> tuple[str, list[dict
         if not path.is_file():
             raise ConfigError(f"--prompts {spec}: not 'arena-hard' and no such file")
         name = path.stem
-        lines = path.read_text(encoding="utf-8").splitlines()
         items = []
         if path.suffix in (".jsonl", ".json"):
-            for i, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    raise ConfigError(f"{path}:{i}: not valid JSON") from None
+            for i, row, problem in iter_jsonl_rows(path):
+                if problem is not None:
+                    raise ConfigError(str(problem))
                 prompt = _prompt_of(row) if isinstance(row, dict) else None
                 if prompt is None:
                     raise ConfigError(f"{path}:{i}: no prompt (expected a 'prompt', 'instruction', 'question' or "
                                       "'turns' field)")
                 items.append({"id": str(row.get("id", row.get("uid", row.get("question_id", i)))), "prompt": prompt})
         else:
+            lines = path.read_text(encoding="utf-8").splitlines()
             items = [{"id": str(i), "prompt": l} for i, l in enumerate(lines, 1) if l.strip()]
         if not items:
             raise ConfigError(f"{path}: no prompts")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from lmdistill.io import JsonlAppender, atomic_open
+from lmdistill.io import JsonlAppender, atomic_open, read_jsonl, write_jsonl
 
 
 class MetricsLog:
@@ -16,10 +15,7 @@ class MetricsLog:
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "metrics.jsonl"
         if truncate_after and path.exists():   # a resumed run rewrites what came after its checkpoint
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= truncate_after]
-            with atomic_open(path) as f:
-                f.write("".join(line + "\n" for line in keep))
+            write_jsonl(path, [r for r in read_jsonl(path) if r["step"] <= truncate_after])
         elif path.exists() and not truncate_after:
             path.unlink()
         self.jsonl = JsonlAppender(path)
@@ -46,10 +42,6 @@ class MetricsLog:
                 self.tb.close()
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def plot_curves(metrics_path: Path | None, out_png: Path, runs: dict[str, Path] | None = None) -> Path:
     """Loss (and validation loss / ROUGE-L when logged) against step; several runs share the axes."""
     import matplotlib
@@ -64,7 +56,7 @@ def plot_curves(metrics_path: Path | None, out_png: Path, runs: dict[str, Path] 
     for label, path in runs.items():
         if not Path(path).exists():
             continue
-        rows = read_metrics(path)
+        rows = read_jsonl(path)
         for ax, (key, title) in zip(axes, keys):
             pts = [(r["step"], r[key]) for r in rows if key in r and r[key] == r[key]]
             if pts:

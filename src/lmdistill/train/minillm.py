@@ -24,12 +24,10 @@ def policy_gradient_rkl(student_logits, teacher_logits, targets, mask, *, alpha:
                         length_norm: bool = True, temperature: float = 1.0) -> torch.Tensor:
     from lmdistill.losses import per_token_divergence
 
-    logq = torch.log_softmax(student_logits.float() / temperature, -1)
+    v = min(student_logits.shape[-1], teacher_logits.shape[-1])   # vocabularies may differ by padding rows
+    logq_v = torch.log_softmax(student_logits[..., :v].float() / temperature, -1)
     with torch.no_grad():
-        v = min(student_logits.shape[-1], teacher_logits.shape[-1])
-        logp_full = torch.log_softmax(teacher_logits.float() / temperature, -1)
-    v = min(logq.shape[-1], logp_full.shape[-1])
-    logq_v, logp = logq[..., :v], logp_full[..., :v]
+        logp = torch.log_softmax(teacher_logits[..., :v].float() / temperature, -1)
     tgt = targets.clamp(max=v - 1).unsqueeze(-1)
     logq_y = logq_v.gather(-1, tgt).squeeze(-1)
     with torch.no_grad():

@@ -72,7 +72,7 @@ class Run:
         cpu = cfg.device == "cpu" or not torch.cuda.is_available()
         self.acc = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=cpu)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
-        if (cfg.batch_size // cfg.micro_batch_size) % self.world and cfg.batch_size % self.world:
+        if cfg.batch_size % self.world:
             raise ConfigError(f"batch_size ({cfg.batch_size}) must split evenly over {self.world} processes")
         torch.manual_seed(cfg.seed)
 
@@ -160,8 +160,8 @@ class Run:
         for m, rows in enumerate(micros):
             seqs = build_sequences(rows, cfg=cfg, step=step, micro=m, rank=self.rank, student=self.unwrapped(),
                                    teacher=self.teacher, tokenizer=self.tokenizer, replay=self.replay)
-            gold = collate_for_training(rows, self.tokenizer.pad_token_id)
-            same = seqs.rows is rows
+            same = seqs.rows is rows   # the policy kept the gold rows: one collated batch serves both
+            gold = seqs.batch if same else collate_for_training(rows, self.tokenizer.pad_token_id)
             prepared.append((gold, seqs, same))
             gen_stats.append(seqs.stats)
         # global token counts per term, so every micro-batch and process is weighted by its tokens
@@ -199,8 +199,8 @@ class Run:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = float(totals["sft"] if cfg.policy == "gold" or cfg.sft_weight > 0 and cfg.kd_weight == 0
-                       else totals["seq"])
+        # throughput counts the distilled sequences' tokens, or the gold ones when only SFT trains
+        tokens = float(totals["seq"] if cfg.kd_weight or cfg.seq_sft_weight or cfg.span_weight else totals["sft"])
         self.state["tokens_seen"] += tokens
         metrics = {"loss": float(self.all_sum(total_loss)), "lr": self.scheduler.get_last_lr()[0], "tokens": tokens}
         metrics.update({f"loss/{k}": float(self.all_sum(torch.tensor(v))) for k, v in logged.items()
