@@ -49,13 +49,16 @@ def register(sub) -> None:
     p.add_argument("--max-prompt-length", type=int, default=256, help="longer prompts are dropped (MiniLLM filter)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--decoder", default="auto", choices=["auto", "fast", "hf"],
+                   help="fast: Llama-family forward with a preallocated cache; hf: model(...) (any model); "
+                        "auto: fast where supported")
     p.set_defaults(func=cmd_generate)
 
 
 def _settings(args) -> dict:
     keys = ("policy", "student", "teacher", "data", "split", "seed", "max_new_tokens", "temperature", "top_k", "top_p",
             "batch_size", "limit", "tau0", "lam", "mix_lambda", "n_corrections", "mix_alpha", "template",
-            "max_prompt_length", "dtype")
+            "max_prompt_length", "dtype", "decoder")
     s = {k: getattr(args, k) for k in keys}
     s["tau0"] = repr(float(s["tau0"]))  # inf is not JSON
     return s
@@ -117,7 +120,8 @@ def cmd_generate(args) -> int:
     _check_resume(out, meta, settings)
     base = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 seed=args.seed, do_sample=args.temperature > 0, mix_lambda=args.mix_lambda, tau0=args.tau0,
-                lam=args.lam, n_corrections=args.n_corrections, mix_alpha=args.mix_alpha)
+                lam=args.lam, n_corrections=args.n_corrections, mix_alpha=args.mix_alpha,
+                decoder=args.decoder)
     SamplingConfig(**base)  # reject bad values before loading anything
 
     examples = load_examples(args.data, split=args.split, require_output=False).examples

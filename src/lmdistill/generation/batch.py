@@ -34,7 +34,7 @@ class Batch:
         return self.config.max_new_tokens
 
     def runner(self, model) -> CachedLM:
-        return CachedLM(model, self.prompt_ids, self.prompt_mask, self.max_new_tokens)
+        return CachedLM(model, self.prompt_ids, self.prompt_mask, self.max_new_tokens, backend=self.config.decoder)
 
     def subset(self, rows: list[int]) -> "Batch":
         """The same batch restricted to ``rows`` (re-padded to their own width); noise keys follow the rows."""

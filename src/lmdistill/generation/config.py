@@ -22,6 +22,10 @@ class SamplingConfig:
     - ``mix_alpha``: ``teacher_mix`` (MiniLLM) samples from ``mix_alpha * p + (1 - mix_alpha) * q``.
     - ``vocab_size``: sample only among the first ``vocab_size`` ids (default: the smallest vocabulary
       of the models in use; teacher and student may differ by padding rows).
+    - ``decoder``: how models are run step by step. ``fast`` is the Llama-family forward over the
+      model's weights with a preallocated cache (``fast_decoder.py``), ``hf`` is ``model(...)`` with a
+      ``DynamicCache`` (any architecture), ``auto`` (default) takes ``fast`` for every model it supports.
+      Both compute the same logits (to float rounding).
     """
 
     max_new_tokens: int = 256
@@ -36,6 +40,7 @@ class SamplingConfig:
     n_corrections: int = 1
     mix_alpha: float = 0.2
     vocab_size: int | None = None
+    decoder: str = "auto"
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ConfigError:
@@ -64,6 +69,8 @@ class SamplingConfig:
             raise bad(f"mix_alpha must be in [0, 1], got {self.mix_alpha!r}")
         if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
             raise bad(f"vocab_size must be a positive integer or None, got {self.vocab_size!r}")
+        if self.decoder not in ("auto", "fast", "hf"):
+            raise bad(f"decoder must be one of auto, fast, hf, got {self.decoder!r}")
 
     @property
     def greedy(self) -> bool:

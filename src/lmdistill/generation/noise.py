@@ -64,14 +64,15 @@ class NoiseSource:
         """The noise of a subset of rows (same keys, so the same values)."""
         return NoiseSource([self.keys[int(r)] for r in rows], self.vocab, self.device)
 
-    def uniform(self, step: int, stream: int = 0) -> torch.Tensor:
-        """``[B, vocab]`` uniforms in [0, 1) for response step ``step`` of ``stream``."""
-        out = torch.empty((len(self.keys), self.vocab), dtype=torch.float32, device=self.device)
-        for b, key in enumerate(self.keys):
+    def uniform(self, step: int, stream: int = 0, rows: int | None = None) -> torch.Tensor:
+        """``[B, vocab]`` uniforms in [0, 1) for response step ``step`` of ``stream`` (``rows``: the first rows only)."""
+        keys = self.keys if rows is None else self.keys[:rows]
+        out = torch.empty((len(keys), self.vocab), dtype=torch.float32, device=self.device)
+        for b, key in enumerate(keys):
             self._gen.manual_seed(step_seed(key, stream, step))
             out[b].uniform_(generator=self._gen)
         return out
 
-    def gumbel(self, step: int, stream: int = 0) -> torch.Tensor:
+    def gumbel(self, step: int, stream: int = 0, rows: int | None = None) -> torch.Tensor:
         """Gumbel(0, 1) noise; u = 0 maps to -inf (that id is never picked)."""
-        return -torch.log(-torch.log(self.uniform(step, stream)))
+        return self.uniform(step, stream, rows).log_().neg_().log_().neg_()  # -log(-log(u)), in place

@@ -53,6 +53,7 @@ class TrainConfig:
     gen_temperature: float = 1.0
     gen_top_k: int = 0
     gen_top_p: float = 1.0
+    gen_decoder: str = "auto"              # auto | fast | hf (generation/fast_decoder.py)
     mix_lambda: float = 0.5                 # mixed: probability of a student sample
     tau0: float = 0.3                       # switch
     lam: float = 0.1                        # switch
@@ -115,6 +116,8 @@ class TrainConfig:
             raise ConfigError("lr_schedule: must be one of cosine, linear, constant")
         if self.mixed_precision not in ("auto", "no", "bf16"):
             raise ConfigError("mixed_precision: must be one of auto, no, bf16")
+        if self.gen_decoder not in ("auto", "fast", "hf"):
+            raise ConfigError(f"gen_decoder: must be one of auto, fast, hf, got {self.gen_decoder!r}")
         if self.chunked_loss and (self.loss in ("dac_kl", "pg_rkl") or self.span_weight > 0):
             raise ConfigError("chunked_loss: works with the divergences (fkl, rkl, jsd, tvd, skl, srkl, symkl) and sft; "
                               f"not with loss={self.loss} or span_weight > 0")

@@ -27,7 +27,8 @@ def sampling_config(cfg, seed: int):
 
     return SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.gen_temperature, top_k=cfg.gen_top_k,
                           top_p=cfg.gen_top_p, seed=seed, do_sample=True, mix_lambda=cfg.mix_lambda, tau0=cfg.tau0,
-                          lam=cfg.lam, n_corrections=cfg.n_corrections, mix_alpha=cfg.teacher_mix_alpha)
+                          lam=cfg.lam, n_corrections=cfg.n_corrections, mix_alpha=cfg.teacher_mix_alpha,
+                          decoder=cfg.gen_decoder)
 
 
 def generate_rows(policy: str, rows: list[TokenizedExample], student, teacher, tokenizer, cfg, seed: int):
