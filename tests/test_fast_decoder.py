@@ -186,20 +186,29 @@ def test_other_architectures_are_named_in_the_refusal():
         SamplingConfig(decoder="vllm")
 
 
-def test_finished_rows_leave_the_batch_and_tokens_do_not_change(family_model, monkeypatch):
-    """Rows that hit EOS are dropped from the forward pass (the batch is re-ordered); the output is what
+@pytest.mark.parametrize("policy", ["student", "switch", "teacher_mix"])
+def test_finished_rows_leave_the_batch_and_tokens_do_not_change(family_model, family_teacher, policy, monkeypatch):
+    """Rows that hit EOS are dropped from the forward passes (the batch is re-ordered); the output is what
     the HF decoder, which runs every row to the end, produces."""
     name, model = family_model
-    free = generate(model, PROMPTS, "student", config=SamplingConfig(max_new_tokens=12, seed=4), pad_id=0,
-                    eos_id=None).responses
+    kw = dict(teacher=family_teacher if policy != "student" else None, pad_id=0)
+
+    def cfg(**extra):
+        return SamplingConfig(max_new_tokens=12, seed=4, tau0=0.05, lam=0.0, mix_alpha=0.3, **extra)
+
+    free = generate(model, PROMPTS, policy, config=cfg(), eos_id=None, **kw).responses
     eos = next(t for i, t in enumerate(free[1]) if i >= 2 and t not in free[1][:i])  # row 1 stops early
     reorders = []
     original = CachedLM.reorder
     monkeypatch.setattr(CachedLM, "reorder", lambda self, order: (reorders.append(order.tolist()),
                                                                   original(self, order))[1])
-    outs = {d: generate(model, PROMPTS, "student", config=SamplingConfig(max_new_tokens=12, seed=4, decoder=d),
-                        pad_id=0, eos_id=eos) for d in ("fast", "hf")}
+    outs = {d: generate(model, PROMPTS, policy, config=cfg(decoder=d), eos_id=eos, **kw) for d in ("fast", "hf")}
     assert outs["fast"].responses == outs["hf"].responses, name
+    assert torch.equal(outs["fast"].sources, outs["hf"].sources)
+    for a, b in zip(outs["fast"].stats, outs["hf"].stats):
+        assert a.keys() == b.keys()
+        if "jsd" in a:
+            assert a["jsd"] == pytest.approx(b["jsd"], abs=1e-5)
     lengths = [len(r) for r in outs["fast"].responses]
     assert min(lengths) < 12 and max(lengths) == 12, "some rows must finish early, others not"
     assert reorders, "a finished row should have been moved out of the computed rows"

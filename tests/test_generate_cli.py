@@ -51,6 +51,17 @@ def test_output_lines(model_dirs, tokenizer, tmp_path):
         assert r["sources"].count(2) >= 1
 
 
+def test_decoder_flag_fast_and_hf_write_the_same_responses(model_dirs, tmp_path, capsys):
+    outs = {}
+    for decoder in ("fast", "hf"):
+        outs[decoder] = tmp_path / f"{decoder}.jsonl"
+        assert main(args_for(model_dirs, outs[decoder], "scrg", "--limit", "4", "--decoder", decoder)) == 0
+    assert [r["response_ids"] for r in lines(outs["fast"])] == [r["response_ids"] for r in lines(outs["hf"])]
+    # resuming a file with another decoder is refused (the settings differ), not mixed
+    assert main(args_for(model_dirs, outs["fast"], "scrg", "--limit", "4", "--decoder", "hf")) == 2
+    assert "decoder: 'fast' -> 'hf'" in capsys.readouterr().err
+
+
 def test_resume_after_torn_write_gives_identical_file(model_dirs, tmp_path):
     full = tmp_path / "full.jsonl"
     assert main(args_for(model_dirs, full, "student", "--limit", "7")) == 0

@@ -1,12 +1,73 @@
-"""The single-model sampling loop (student, teacher, the suffixes SCRG re-generates)."""
+"""The single-model sampling loop (student, teacher, the suffixes SCRG re-generates), and ``ActiveRows``,
+which lets every loop leave out of the forward pass the rows that need no more logits."""
 
 from __future__ import annotations
 
 import torch
 
 from lmdistill.generation.batch import Batch, mark_eos
+from lmdistill.generation.noise import NoiseSource
 from lmdistill.generation.runner import CachedLM
 from lmdistill.generation.sampling import pick
+
+
+class ActiveRows:
+    """Keeps the rows a loop still computes in the first ``k`` slots of the batch.
+
+    After each step the loop says which rows need next-token logits (``update``); when those are not
+    the first slots, every per-row tensor it passes, the models' caches (``CachedLM.reorder``) and the
+    noise are permuted so they are, and the loop then feeds only ``rows=k`` of them. ``to_caller`` puts
+    a tensor back in the caller's row order and ``restore`` the caches. Where a model cannot skip rows
+    (the HF backend) or ``enabled`` is false, nothing moves and every row is computed.
+    """
+
+    def __init__(self, lms: list[CachedLM], noise: NoiseSource, size: int, enabled: bool = True):
+        self.lms, self.noise, self.size = lms, noise, size
+        self.enabled = enabled and all(lm.can_skip_rows for lm in lms)
+        self.k = size
+        self.order: torch.Tensor | None = None  # order[i]: the caller's row now in slot i
+        self.inverse: torch.Tensor | None = None
+
+    def update(self, needed: torch.Tensor, finished: torch.Tensor, rows: list[torch.Tensor]
+               ) -> tuple[bool, list[torch.Tensor]]:
+        """``(stop, rows)``: stop when ``finished``; else ``rows`` re-ordered if needed. One host sync."""
+        if not self.enabled:
+            return bool(finished), rows
+        in_front = (needed[1:].long() <= needed[:-1].long()).all()
+        stop, self.k, in_front = torch.stack([finished.long(), needed.sum(), in_front.long()]).tolist()
+        if stop or in_front:
+            return bool(stop), rows
+        perm = torch.argsort((~needed).to(torch.int8), stable=True)
+        for lm in self.lms:
+            lm.reorder(perm)
+        self.noise = self.noise.select(perm.tolist())
+        self.order = perm if self.order is None else self.order[perm]
+        self.inverse = torch.argsort(self.order)
+        return False, [x[perm] for x in rows]
+
+    def step(self, lm: CachedLM, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Feed the computed rows' ``tokens``; return ``logits`` with those rows' next-token logits
+        (the other rows keep stale ones, which nothing reads)."""
+        if not self.enabled:
+            return lm.step(tokens)
+        fresh = lm.step(tokens, rows=self.k)
+        if self.k == self.size:
+            return fresh
+        if self.k:
+            logits[:self.k] = fresh
+        return logits
+
+    def to_caller(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.order is None else x[self.inverse]
+
+    def restore(self) -> None:
+        if self.order is not None:
+            for lm in self.lms:
+                lm.reorder(self.inverse)
+
+
+def no_eos(batch: Batch) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.bool, device=batch.device)
 
 
 def sample_loop(lm: CachedLM, logits: torch.Tensor, batch: Batch, *, stream: int = 0, start: int = 0,
@@ -23,11 +84,8 @@ def sample_loop(lm: CachedLM, logits: torch.Tensor, batch: Batch, *, stream: int
 
     Rows that need no next-token logits (finished, frozen, or, with ``forced_cached``, forced over
     tokens the cache already holds from an earlier pass: SCRG's kept prefixes) are left out of the
-    forward pass where the backend allows it (``lm.can_skip_rows``):
-    the batch is kept ordered so that the rows still computed come first (``lm.reorder``), and the
-    result is put back in the caller's order. Tokens are the same either way: each row's noise and
-    logits are its own. Not done while re-generating under ``observe`` (the scorer needs every row's
-    logits there).
+    forward pass (``ActiveRows``). Tokens are the same either way: each row's noise and logits are its
+    own. Not done while re-generating under ``observe`` (the scorer needs every row's logits there).
     """
     n, cfg, vocab = batch.max_new_tokens, batch.config, batch.vocab
     dev = lm.device
@@ -42,44 +100,30 @@ def sample_loop(lm: CachedLM, logits: torch.Tensor, batch: Batch, *, stream: int
     lengths = torch.where(live, torch.full_like(lengths, n), lengths)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     pad = torch.full((b,), batch.pad_id, dtype=torch.long, device=dev)
-    packing = lm.can_skip_rows and not (observe is not None and tokens is not None)
-    noise, order, inverse = batch.noise, None, None  # order[i]: the caller's row now in slot i
-    k = b  # slots [:k] hold fresh logits
+    rows = ActiveRows([lm], batch.noise, b, enabled=not (observe is not None and tokens is not None))
     for t in range(start, n):
+        k = rows.k
         nxt = out[:, t].clone()
         if k:
-            nxt[:k] = pick(logits[:k, :vocab], cfg, None if cfg.greedy else noise.gumbel(t, stream, rows=k))
+            nxt[:k] = pick(logits[:k, :vocab], cfg, None if cfg.greedy else rows.noise.gumbel(t, stream, rows=k))
         if tokens is not None:  # frozen rows and forced positions keep their token
             nxt = torch.where(~live | (t < free_from), out[:, t], nxt)
         nxt = torch.where(done, pad, nxt)
         out[:, t] = nxt
         done, lengths = mark_eos(nxt, t, done, lengths, batch.eos_id, live)
         if observe is not None:
-            observe(t, logits[:, :vocab] if order is None else logits[inverse, :vocab],
-                    out if order is None else out[inverse])
-        if t == n - 1 or (batch.eos_id is not None and bool((done | ~live).all())):  # the one sync per step
+            observe(t, rows.to_caller(logits[:, :vocab]), rows.to_caller(out))
+        if t == n - 1:
             break
-        if not packing:
-            logits = lm.step(nxt)
-            continue
         needed = live & ~done
         if forced_cached:
             needed &= free_from <= t + 1
-        k = int(needed.sum())
-        if not bool(needed[:k].all()):  # move the rows still computed to the front
-            perm = torch.argsort((~needed).to(torch.int8), stable=True)
-            out, free_from, live, lengths, done, logits = (x[perm] for x in (out, free_from, live, lengths, done,
-                                                                             logits))
-            lm.reorder(perm)
-            noise = noise.select(perm.tolist())
-            order = perm if order is None else order[perm]
-            inverse = torch.argsort(order)
-        fresh = lm.step(out[:, t], rows=k)
-        if k == b:
-            logits = fresh
-        elif k:  # the rows left out keep stale logits, which nothing reads
-            logits[:k] = fresh
-    if order is not None:  # back to the caller's order
-        out, lengths = out[inverse], lengths[inverse]
-        lm.reorder(inverse)
+        finished = (done | ~live).all() if batch.eos_id is not None else no_eos(batch)
+        stop, (out, free_from, live, lengths, done, logits) = rows.update(
+            needed, finished, [out, free_from, live, lengths, done, logits])
+        if stop:
+            break
+        logits = rows.step(lm, out[:, t], logits)
+    out, lengths = rows.to_caller(out), rows.to_caller(lengths)
+    rows.restore()
     return out, lengths

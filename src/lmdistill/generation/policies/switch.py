@@ -9,7 +9,7 @@ Our choices (METHODS.md leaves them open): the JSD is the symmetric one (beta = 
 ``lmdistill.losses.per_token_divergence("jsd", ...)``; the student's and the teacher's candidate tokens
 are drawn with the same noise, so ``tau0 = inf`` reproduces ``student`` and ``tau0 < 0`` ``teacher``
 token for token. ``stats["jsd"]`` is the per-step trace and ``stats["teacher_fraction"]`` the share of
-teacher tokens.
+teacher tokens. Rows that finished at EOS leave both models' forward passes (``decode.ActiveRows``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from lmdistill.generation.batch import PADDING, STUDENT, TEACHER, Batch, Decoded, mark_eos
+from lmdistill.generation.decode import ActiveRows, no_eos
 from lmdistill.generation.sampling import pick
 from lmdistill.losses import per_token_divergence
 
@@ -34,20 +35,31 @@ def run(student, teacher, batch: Batch) -> Decoded:
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     pad = torch.full((b,), batch.pad_id, dtype=torch.long, device=dev)
     tags = torch.tensor([STUDENT, TEACHER], dtype=torch.long, device=dev)
+    rows = ActiveRows([s_lm, t_lm], batch.noise, b)  # finished rows leave the forward passes
     for t in range(n):
-        q, p = q[:, :v], p[:, :v].to(dev)
-        d = per_token_divergence("jsd", q, p, temperature=temp, beta=0.5)
+        k = rows.k  # the unfinished rows are slots [:k]
+        qk, pk = q[:k, :v], p[:k, :v].to(dev)
+        d = per_token_divergence("jsd", qk, pk, temperature=temp, beta=0.5)
         use_teacher = d > cfg.threshold(t)
-        noise = None if cfg.greedy else batch.noise.gumbel(t)
-        nxt = torch.where(use_teacher, pick(p, cfg, noise), pick(q, cfg, noise))
+        noise = None if cfg.greedy else rows.noise.gumbel(t, rows=k)
+        nxt = pad.clone()
+        nxt[:k] = torch.where(use_teacher, pick(pk, cfg, noise), pick(qk, cfg, noise))
         nxt = torch.where(done, pad, nxt)
         tokens[:, t] = nxt
-        sources[:, t] = torch.where(done, PADDING, tags[use_teacher.long()])
-        trace[:, t] = d
+        sources[:k, t] = tags[use_teacher.long()]
+        sources[:, t] = torch.where(done, PADDING, sources[:, t])
+        trace[:k, t] = d
         done, lengths = mark_eos(nxt, t, done, lengths, batch.eos_id)
-        if t == n - 1 or (batch.eos_id is not None and bool(done.all())):
+        if t == n - 1:
             break
-        q, p = s_lm.step(nxt), t_lm.step(nxt)
+        finished = done.all() if batch.eos_id is not None else no_eos(batch)
+        stop, (tokens, sources, trace, lengths, done, q, p) = rows.update(
+            ~done, finished, [tokens, sources, trace, lengths, done, q, p])
+        if stop:
+            break
+        q, p = rows.step(s_lm, tokens[:, t], q), rows.step(t_lm, tokens[:, t], p)
+    tokens, sources, trace, lengths = (rows.to_caller(x) for x in (tokens, sources, trace, lengths))
+    rows.restore()
     stats = [{"jsd": row[:k], "teacher_tokens": sum(1 for x in src[:k] if x == TEACHER)}
              for row, src, k in zip(trace.tolist(), sources.tolist(), lengths.tolist())]
     return Decoded(tokens, lengths, sources, stats)

@@ -14,6 +14,7 @@ import math
 import torch
 
 from lmdistill.generation.batch import STUDENT, Batch, Decoded, mark_eos, source_tags
+from lmdistill.generation.decode import ActiveRows, no_eos
 from lmdistill.generation.sampling import pick
 
 
@@ -34,15 +35,25 @@ def run(student, teacher, batch: Batch) -> Decoded:
     tokens = torch.full((b, n), batch.pad_id, dtype=torch.long, device=dev)
     lengths = torch.full((b,), n, dtype=torch.long, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
+    pad = torch.full((b,), batch.pad_id, dtype=torch.long, device=dev)
+    temp = cfg.divergence_temperature  # the mixture of softmax(p / T) and softmax(q / T)
+    rows = ActiveRows([s_lm, t_lm], batch.noise, b)  # finished rows leave the forward passes
     for t in range(n):
-        temp = cfg.divergence_temperature  # the mixture of softmax(p / T) and softmax(q / T)
-        mix = mixture_logits(q[:, :v].float() / temp, p[:, :v].to(dev).float() / temp, cfg.mix_alpha)
-        nxt = pick(mix, cfg, None if cfg.greedy else batch.noise.gumbel(t), scaled=True)
-        nxt = torch.where(done, torch.full_like(nxt, batch.pad_id), nxt)
+        k = rows.k
+        mix = mixture_logits(q[:k, :v].float() / temp, p[:k, :v].to(dev).float() / temp, cfg.mix_alpha)
+        nxt = pad.clone()
+        nxt[:k] = pick(mix, cfg, None if cfg.greedy else rows.noise.gumbel(t, rows=k), scaled=True)
+        nxt = torch.where(done, pad, nxt)
         tokens[:, t] = nxt
         done, lengths = mark_eos(nxt, t, done, lengths, batch.eos_id)
-        if t == n - 1 or (batch.eos_id is not None and bool(done.all())):
+        if t == n - 1:
             break
-        q, p = s_lm.step(nxt), t_lm.step(nxt)
+        finished = done.all() if batch.eos_id is not None else no_eos(batch)
+        stop, (tokens, lengths, done, q, p) = rows.update(~done, finished, [tokens, lengths, done, q, p])
+        if stop:
+            break
+        q, p = rows.step(s_lm, tokens[:, t], q), rows.step(t_lm, tokens[:, t], p)
+    tokens, lengths = rows.to_caller(tokens), rows.to_caller(lengths)
+    rows.restore()
     stats = [{"mix_alpha": cfg.mix_alpha} for _ in range(b)]
     return Decoded(tokens, lengths, source_tags(lengths, n, STUDENT), stats)
