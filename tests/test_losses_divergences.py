@@ -190,8 +190,14 @@ def test_parameter_endpoints(seed):
     assert skew_reverse_kl(s, t, alpha=1.0).item() == 0.0
     torch.testing.assert_close(symmetric_kl(s, t, lam=0.0), fkl)
     torch.testing.assert_close(symmetric_kl(s, t, lam=1.0), rkl)
-    # skew KL approaches the plain KL continuously
-    assert skew_forward_kl(s, t, alpha=1e-7).item() == pytest.approx(fkl.item(), rel=1e-4)
+    # skew KL approaches the plain KL continuously: per token, with r = p/q,
+    # 0 <= KL(p||q) - KL(p||alpha p + (1-alpha) q) = E_p[log(1 + alpha (r - 1))] <= alpha * chi2(p||q)
+    p, q = t.softmax(-1), s.softmax(-1)
+    chi2 = (p * p / q).sum(-1) - 1
+    fkl_tok = per_token_divergence("fkl", s, t)
+    for alpha in (1e-7, 1e-4, 1e-2):
+        gap = fkl_tok - per_token_divergence("skl", s, t, alpha=alpha)
+        assert (gap >= -1e-12).all() and (gap <= alpha * chi2 * (1 + 1e-9) + 1e-12).all()
     # jsd(beta) and jsd(1-beta) swap the roles of teacher and student
     torch.testing.assert_close(jsd(s, t, beta=0.3), jsd(t, s, beta=0.7))
 
