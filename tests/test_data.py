@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -119,6 +120,10 @@ def test_tokenize_filter_and_truncation(tokenizer):
     assert len(t.input_ids) == 512 and t.response_ids[-1] == tokenizer.eos_token_id
     assert t.loss_mask == [0] * len(t.prompt_ids) + [1] * len(t.response_ids)
     assert tokenizer.decode(t.prompt_ids) == format_prompt(short)
+    # texts longer than model_max_length are cut by us (and reported), without the tokenizer's own warning
+    fresh = copy.deepcopy(tokenizer)
+    tokenize_examples([Example(id="x", instruction="Say hi.", output="hi " * (fresh.model_max_length + 10))], fresh)
+    assert "sequence-length-is-longer-than-the-specified-maximum" not in fresh.deprecation_warnings
 
 
 def test_empty_filter_reports():

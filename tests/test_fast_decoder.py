@@ -22,11 +22,11 @@ def _config(family: str, **extra):
     kw = dict(COMMON)
     if family == "llama":  # grouped-query attention, biases, scaled RoPE, untied head
         kw.update(num_key_value_heads=2, attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
-                  rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+                  rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_theta=10000.0)
         cls = transformers.LlamaConfig
     elif family == "llama3":
-        kw.update(num_key_value_heads=4, rope_parameters={
-            "rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0, "low_freq_factor": 1.0,
+        kw.update(num_key_value_heads=4, rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
         cls = transformers.LlamaConfig
     elif family == "qwen2":  # q/k/v biases, GQA
@@ -153,8 +153,8 @@ def test_unsupported_models_fall_back_to_hf_or_refuse_fast(tmp_path_factory):
     assert CachedLM(short_window, ids, mask, 20).backend == "hf"
     with pytest.raises(ConfigError, match="sliding window"):
         CachedLM(short_window, ids, mask, 20, backend="fast")
-    dynamic = _model(tmp_path_factory, "llama3", rope_parameters={"rope_type": "dynamic", "factor": 2.0,
-                                                                  "rope_theta": 10000.0})
+    dynamic = _model(tmp_path_factory, "llama3", rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+                     rope_theta=10000.0)
     assert "RoPE type 'dynamic'" in unsupported_reason(dynamic, 16)
 
 

@@ -47,10 +47,14 @@ class FilterReport:
 
 
 def _encode(texts: list[str], tokenizer) -> list[list[int]]:
-    """Token ids of many texts in one call (fast tokenizers encode the batch in parallel, in Rust)."""
+    """Token ids of many texts in one call (fast tokenizers encode the batch in parallel, in Rust).
+
+    Texts are encoded whole and cut by ``_assemble`` and the prompt filter, which report what they
+    drop, so the tokenizer's own "longer than model_max_length" warning is turned off (``verbose=False``).
+    """
     if not texts:
         return []
-    return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return [list(x) for x in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
 
 
 def _assemble(ex: Example, prompt_ids: list[int], response_ids: list[int] | None, tokenizer,

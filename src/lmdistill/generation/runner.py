@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from lmdistill.errors import ConfigError
+from lmdistill.models.kv_cache import cache_kwargs
 
 BACKENDS = ("auto", "fast", "hf")
 
@@ -54,7 +55,7 @@ class CachedLM:
         if self.fast is not None:
             return self.fast.forward(ids, positions, width - ids.shape[1], self.allowed, keep)
         out = self.model(input_ids=ids, attention_mask=self.mask[:, :width], position_ids=positions,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
+                         **cache_kwargs(self.model, self.cache), use_cache=True, logits_to_keep=keep)
         return out.logits
 
     def _reset(self) -> None:

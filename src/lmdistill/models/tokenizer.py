@@ -46,7 +46,8 @@ def train_tokenizer(vocab_size: int = 4096, *, limit: int | None = None):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(training_texts(limit), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=BOS,
-                                   unk_token=None, additional_special_tokens=[USER, ASSISTANT, SYSTEM, END])
+                                   unk_token=None, additional_special_tokens=[USER, ASSISTANT, SYSTEM, END],
+                                   model_input_names=["input_ids", "attention_mask"])
     fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "left"
     fast.model_max_length = 1024

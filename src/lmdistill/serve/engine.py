@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 
 from lmdistill.errors import LmdistillError
+from lmdistill.models.kv_cache import cache_kwargs
 
 
 class ContextLengthError(LmdistillError):
@@ -91,7 +92,9 @@ class ChatEngine:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(int(seed) if seed is not None else torch.seed())
         input_ids = torch.tensor([ids], device=self.device)
-        past = None
+        from transformers import DynamicCache
+
+        cache = cache_kwargs(self.model, DynamicCache(config=self.model.config))  # filled in place
         out_ids: list[int] = []
         emitted = ""
         finish = "length"
@@ -99,8 +102,7 @@ class ChatEngine:
             # the lock is held per decoding step, never across a yield: a client that stops reading a
             # stream cannot block the model for everyone else
             with self.lock, torch.inference_mode():
-                outputs = self.model(input_ids=input_ids, past_key_values=past, use_cache=True)
-                past = outputs.past_key_values
+                outputs = self.model(input_ids=input_ids, **cache, use_cache=True)
                 token = self._pick(outputs.logits[0, -1].float(), temperature, top_p, gen)
             if token in self.stop_ids:
                 finish = "stop"
