@@ -1,3 +1,3 @@
-from lmdistill.cli import main
+from lmdistill.cli import run
 
-raise SystemExit(main())
+run()

@@ -29,6 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run() -> None:
+    """The ``lmdistill`` executable (and ``python -m lmdistill``): process settings, then ``main``."""
+    from lmdistill.runtime import flush_denormals
+
+    flush_denormals()
+    raise SystemExit(main())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
