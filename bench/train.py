@@ -3,7 +3,7 @@
     .venv/bin/python bench/train.py [--steps 24] [--warmup 3] [--repeats 5] [--batch 8] [--threads 1] [--quick]
                                     [--out FILE.md] [--trl-cut-gold] [--only ours|trl] [--profile PREFIX]
 
-Results and the exact commands: ``bench/results_train.md``.
+Results and the exact commands: ``bench/README.md``.
 
 Both runs distill ``tiny-student`` (seed 0) from ``tiny-teacher`` (seed 1) on Dolly (``dolly:train``) with GKD
 (lambda 0.5, generalized JSD beta 0.5, 64 new tokens, sampling temperature 1.0, top-k 0, top-p 1), batch 8, one
