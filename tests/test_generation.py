@@ -267,18 +267,30 @@ def test_switch_matches_uncached_reference(models, tokenizer, prompts):
 
 # ---------------------------------------------------------------- scrg
 
-def brute_force_error_position(student, teacher, prompt, response, temperature=1.0):
-    q = full_logits(student, prompt + response)[len(prompt) - 1:len(prompt) - 1 + len(response)]
-    p = full_logits(teacher, prompt + response)[len(prompt) - 1:len(prompt) - 1 + len(response)]
-    best, best_kl = None, -math.inf
+def candidate_kls(student, teacher, prompt, response, temperature=1.0) -> dict[int, tuple[float, int]]:
+    """Every position where the response's token is not the teacher's argmax: KL(teacher || student) there (float64
+    full forwards) and the teacher's argmax."""
+    q = full_logits(student, prompt + response)[len(prompt) - 1:len(prompt) - 1 + len(response)].double()
+    p = full_logits(teacher, prompt + response)[len(prompt) - 1:len(prompt) - 1 + len(response)].double()
+    out = {}
     for t, tok in enumerate(response):
         top = int(p[t].argmax())
-        if tok == top:
-            continue
-        kl = (p[t].log_softmax(-1).exp() * (p[t].log_softmax(-1) - q[t].log_softmax(-1))).sum().item()
-        if kl > best_kl:
-            best, best_kl = t, kl
-    return best, (int(p[best].argmax()) if best is not None else None)
+        if tok != top:
+            out[t] = ((p[t].log_softmax(-1).exp() * (p[t].log_softmax(-1) - q[t].log_softmax(-1))).sum().item(), top)
+    return out
+
+
+def brute_force_error_position(student, teacher, prompt, response, temperature=1.0, chosen=None, rtol=1e-4):
+    """The position of largest KL among the candidates and the teacher's token there. Random micro models give
+    near-uniform distributions whose KLs can tie to 1e-5 (relative); float32 rounding then decides which wins,
+    so ``chosen`` (the implementation's pick) is accepted when its KL is within ``rtol`` of the largest."""
+    cands = candidate_kls(student, teacher, prompt, response, temperature)
+    if not cands:
+        return None, None
+    best = max(cands, key=lambda t: (cands[t][0], -t))
+    if chosen in cands and cands[chosen][0] >= cands[best][0] * (1 - rtol):
+        best = chosen
+    return best, cands[best][1]
 
 
 def test_scrg_correction_matches_brute_force(models, tokenizer, prompts):
@@ -289,7 +301,8 @@ def test_scrg_correction_matches_brute_force(models, tokenizer, prompts):
     out = generate(models["student"], prompts, "scrg", teacher=models["teacher"], config=cfg, **kw)
     for b, p in enumerate(prompts):
         y = plain.responses[b]
-        j, fix = brute_force_error_position(models["student"], models["teacher"], p, y)
+        chosen = out.stats[b]["correction_positions"][0] if out.stats[b]["correction_positions"] else None
+        j, fix = brute_force_error_position(models["student"], models["teacher"], p, y, chosen=chosen)
         assert j is not None
         assert out.stats[b]["correction_positions"] == [j]
         new = out.responses[b]
@@ -301,12 +314,14 @@ def test_scrg_correction_matches_brute_force(models, tokenizer, prompts):
         assert out.sources[b, :len(new)].tolist() == [0] * j + [2] + [0] * (len(new) - j - 1)
 
 
-def reference_scrg(student, teacher, prompt, cfg, key, eos):
-    """SCRG one row at a time with full forwards; returns (response, correction positions)."""
+def reference_scrg(student, teacher, prompt, cfg, key, eos, chosen=()):
+    """SCRG one row at a time with full forwards; returns (response, correction positions). ``chosen``: the
+    implementation's positions, accepted round by round where they tie the largest KL (brute_force_error_position)."""
     y = reference_sample(student, prompt, cfg.max_new_tokens, cfg, key, eos)
     positions = []
     for rnd in range(1, cfg.n_corrections + 1):
-        j, fix = brute_force_error_position(student, teacher, prompt, y)
+        j, fix = brute_force_error_position(student, teacher, prompt, y,
+                                            chosen=chosen[rnd - 1] if rnd <= len(chosen) else None)
         if j is None:
             break
         positions.append(j)
@@ -327,7 +342,8 @@ def test_scrg_several_rounds_match_brute_force(models, tokenizer, prompts, with_
         assert first.stats[0]["finished"] and first.stats[0]["length"] < 10
     out = generate(models["student"], prompts, "scrg", teacher=models["teacher"], eos_id=eos, **kw)
     for b, p in enumerate(prompts):
-        y, positions = reference_scrg(models["student"], models["teacher"], p, cfg, keys[b], eos)
+        y, positions = reference_scrg(models["student"], models["teacher"], p, cfg, keys[b], eos,
+                                      chosen=out.stats[b]["correction_positions"])
         assert out.responses[b] == y
         assert out.stats[b]["correction_positions"] == positions
         assert out.stats[b]["finished"] == (y[-1] == eos)

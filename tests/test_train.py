@@ -113,8 +113,10 @@ def test_chunked_loss_trains_like_the_direct_path(recipe, dirs, tmp_path):
                                                  chunked_loss=chunked))
         finals[chunked] = weights(train(cfg)["final"])
     a, b = finals[False], finals[True]
+    # Adam divides each gradient by its running RMS, so a near-zero gradient entry whose float32 rounding differs
+    # between the two paths can move by a visible part of one step (lr 5e-3); 1e-4 absolute is 2% of a step.
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="chunked_loss: works with the divergences"):
         load_config("mgsr", base_overrides(dirs, tmp_path, chunked_loss=True))
 

@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
     p.add_argument("--limit", type=int, default=None,
                    help="only the first N examples of each benchmark (quick checks; not the protocol)")
+    p.add_argument("--template", default="alpaca", choices=["alpaca", "chat"],
+                   help="prompt of local models: alpaca (the protocol, default) or chat (the tokenizer's chat "
+                        "template, for instruction-tuned models); recorded in results.json")
     p.add_argument("--greedy", action="store_true", help="greedy decoding, one seed (not the protocol)")
     p.add_argument("--num-samples", type=int, default=1,
                    help="samples per prompt and seed; an example scores the mean over them (not the protocol)")
@@ -52,7 +55,7 @@ def cmd_eval(args) -> int:
         args.models, benchmarks, _int_list(args.seeds, "seeds"), args.out, batch_size=args.batch_size,
         limit=args.limit, greedy=args.greedy, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
         max_prompt_length=args.max_prompt_length, device=args.device, dtype=args.dtype,
-        api_key_env=args.api_key_env, overwrite=args.overwrite, progress=not args.no_progress)
+        api_key_env=args.api_key_env, overwrite=args.overwrite, progress=not args.no_progress, template=args.template)
     print(markdown_table(results))
     print(f"results written to {args.out}/results.json, results.csv, results.md, results.png")
     return 0

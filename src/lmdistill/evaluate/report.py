@@ -45,7 +45,8 @@ def markdown_table(results: dict) -> str:
     ]
     for name, m in results["models"].items():
         parts = [f"{title(b)} {e['n']} ({e['dropped']})" for b, e in m["benchmarks"].items()]
-        extra = " (API model: chat-template prompt, no length filter)" if m.get("kind") == "api" else ""
+        extra = (" (API model: chat-template prompt, no length filter)" if m.get("kind") == "api"
+                 else " (chat-template prompt, not the protocol's Alpaca template)" if m.get("prompt") == "chat" else "")
         notes.append(f"- {name}: " + ", ".join(parts) + extra)
     bench_notes = results.get("benchmark_notes", {})
     if any(bench_notes.values()):

@@ -71,6 +71,8 @@ class EvalSettings:
         for key in ("batch_size", "num_samples", "max_new_tokens", "max_prompt_length"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
+        if self.template not in ("alpaca", "chat"):
+            raise ConfigError(f"template must be alpaca or chat, got {self.template!r}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be at least 1, got {self.limit}")
 
@@ -193,9 +195,11 @@ def evaluate_models(models: Sequence[str | ModelSpec], benchmarks: Sequence[str]
                     batch_size: int = 16, limit: int | None = None, greedy: bool = False, num_samples: int = 1,
                     max_new_tokens: int = 256, max_prompt_length: int = 256, device: str | None = None,
                     dtype: str = "float32", api_key_env: str | None = None, overwrite: bool = False,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, template: str = "alpaca") -> dict:
     """Evaluate ``models`` (``[name=]source`` strings or ``ModelSpec``) and write the result files.
 
+    ``template`` is the prompt of local models: ``alpaca`` (the protocol) or ``chat`` (the tokenizer's chat
+    template, for instruction-tuned models that have one); API models always go through their server's template.
     Returns the results dict also written to ``out_dir/results.json``. With ``greedy`` only the
     first seed is run (greedy decoding ignores the seed). Finished seeds in ``out_dir`` are reused
     unless ``overwrite``.
@@ -205,7 +209,7 @@ def evaluate_models(models: Sequence[str | ModelSpec], benchmarks: Sequence[str]
         seeds = seeds[:1]
     settings = EvalSettings(benchmarks=list(benchmarks), seeds=seeds, batch_size=batch_size, limit=limit,
                             greedy=greedy, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                            max_prompt_length=max_prompt_length, device=device, dtype=dtype)
+                            max_prompt_length=max_prompt_length, device=device, dtype=dtype, template=template)
     settings.validate()
     specs = parse_model_specs(models)
     if not specs:
@@ -223,14 +227,15 @@ def evaluate_models(models: Sequence[str | ModelSpec], benchmarks: Sequence[str]
                      "models": {}}
     for spec in specs:
         cache = None if overwrite else out / "predictions" / spec.dirname / "api_requests.jsonl"
-        predictor = make_predictor(spec, device=device, dtype=dtype, api_key_env=api_key_env, cache_path=cache)
+        predictor = make_predictor(spec, device=device, dtype=dtype, api_key_env=api_key_env, cache_path=cache,
+                                   template=template)
         try:
             entries = {b: evaluate_benchmark(predictor, spec, b, data[b], settings, out, overwrite=overwrite,
                                              progress=progress) for b in settings.benchmarks}
         finally:
             _release(predictor)
         results["models"][spec.name] = {"source": spec.source, "kind": predictor.kind,
-                                        "prompt": "chat template (user message)" if spec.is_api else "alpaca",
+                                        "prompt": "chat template (user message)" if spec.is_api else template,
                                         "benchmarks": entries, AVERAGE: average_entry(entries, settings.seeds)}
         write_reports(results, out)
     return results
@@ -239,5 +244,5 @@ def evaluate_models(models: Sequence[str | ModelSpec], benchmarks: Sequence[str]
 def _protocol_note(s: EvalSettings) -> str:
     paper = (not s.greedy and s.num_samples == 1 and s.limit is None and s.max_new_tokens == 256
              and s.max_prompt_length == 256 and (s.temperature, s.top_p, s.top_k) == (1.0, 1.0, 0)
-             and list(s.seeds) == list(PROTOCOL_SEEDS))
+             and list(s.seeds) == list(PROTOCOL_SEEDS) and s.template == "alpaca")
     return "MiniLLM paper protocol" if paper else "differs from the MiniLLM paper protocol"
