@@ -267,7 +267,7 @@ def test_switch_matches_uncached_reference(models, tokenizer, prompts):
 
 # ---------------------------------------------------------------- scrg
 
-def candidate_kls(student, teacher, prompt, response, temperature=1.0) -> dict[int, tuple[float, int]]:
+def candidate_kls(student, teacher, prompt, response) -> dict[int, tuple[float, int]]:
     """Every position where the response's token is not the teacher's argmax: KL(teacher || student) there (float64
     full forwards) and the teacher's argmax."""
     q = full_logits(student, prompt + response)[len(prompt) - 1:len(prompt) - 1 + len(response)].double()
@@ -284,7 +284,7 @@ def brute_force_error_position(student, teacher, prompt, response, temperature=1
     """The position of largest KL among the candidates and the teacher's token there. Random micro models give
     near-uniform distributions whose KLs can tie to 1e-5 (relative); float32 rounding then decides which wins,
     so ``chosen`` (the implementation's pick) is accepted when its KL is within ``rtol`` of the largest."""
-    cands = candidate_kls(student, teacher, prompt, response, temperature)
+    cands = candidate_kls(student, teacher, prompt, response)
     if not cands:
         return None, None
     best = max(cands, key=lambda t: (cands[t][0], -t))

@@ -58,27 +58,26 @@ REAL_PRESETS = {
 }
 
 
+def _mean_se(xs: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample std / sqrt(n); 0 for one value)."""
+    return statistics.fmean(xs), (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0)
+
+
 def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
     """Mean of a - b and its standard error (examples paired by position)."""
-    d = [x - y for x, y in zip(a, b)]
-    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else 0.0
-    return statistics.fmean(d), se
-
-
-def _mean_se(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0)
+    return _mean_se([x - y for x, y in zip(a, b)])
 
 
 def per_example_scores(eval_dir: Path, results: dict, name: str) -> list[float]:
     """ROUGE-L per example, averaged over seeds, concatenated over benchmarks (fixed order: paired across models)."""
-    from lmdistill.evaluate.predictors import safe_name
-    from lmdistill.evaluate.store import seed_paths
+    from lmdistill.evaluate.predictors import ModelSpec
+    from lmdistill.evaluate.store import bench_dirname, seed_paths
 
     scores = []
     for bench in results["benchmarks"]:
         by_id: dict[str, list[float]] = {}
         for seed in results["settings"]["seeds"]:
-            pred, _ = seed_paths(eval_dir, safe_name(name), safe_name(bench.replace(":", "-")), seed)
+            pred, _ = seed_paths(eval_dir, ModelSpec(name, "").dirname, bench_dirname(bench), seed)
             for row in read_jsonl(pred):
                 by_id.setdefault(row["id"], []).append(row["rougeL"])
         scores += [statistics.fmean(by_id[k]) for k in sorted(by_id)]
@@ -124,7 +123,7 @@ def _quantify(p: RealPreset, teacher: Path, students: dict[str, Path], out: Path
     from lmdistill.quantify.cache import ResponseCache
     from lmdistill.quantify.clients import make_client
     from lmdistill.quantify.rse import load_prompt_set, run_rse, write_rse
-    from lmdistill.quantify.whitebox import run_whitebox
+    from lmdistill.quantify.whitebox import run_whitebox, write_whitebox
 
     sets = dict([load_prompt_set("arena-hard", p.quantify_prompts)])
     cache = ResponseCache(out / "cache.jsonl")
@@ -138,7 +137,7 @@ def _quantify(p: RealPreset, teacher: Path, students: dict[str, Path], out: Path
                  for r in rse["items"] if r["error"] is None and r["reference"]]
         wb = run_whitebox(str(teacher), str(path), items, max_new_tokens=p.quantify_max_tokens,
                           use_references=True, device="cpu", progress=True)
-        write_json(out / name / "whitebox.json", {k: v for k, v in wb.items()})
+        write_whitebox(wb, out / name / "whitebox")
         sims = [r["similarity"]["overall"] for r in rse["items"] if r.get("similarity")]
         kls = [r["kl_mean"] for r in wb["items"]]
         degree[name] = {"rse_overall": _mean_se(sims), "kl": _mean_se(kls), "kl_items": kls, "rse_items": sims,
@@ -165,10 +164,9 @@ def _ice(p: RealPreset, teacher: Path, targets: dict[str, Path], out: Path) -> d
         config = IceConfig(fact=fact, budget=p.ice_budget, languages=("en",), seed=0, max_tokens=p.ice_max_tokens,
                            helper_max_tokens=p.helper_max_tokens)
         result = run_ice(target, helper, make_judge("rule"), config, progress=True)
-        answers = [r["response"] or "" for r in result["queries"]]
         scores[name] = {**write_ice(result, out / name)["scores"],
                         "with_identity_claim": sum(bool(r["claimed"]) for r in result["queries"]),
-                        "blank": sum(not a.strip() for a in answers)}
+                        "blank": sum(not (r["response"] or "").strip() for r in result["queries"])}
     cache.close()
     return {"fact": fact, "scores": scores}
 

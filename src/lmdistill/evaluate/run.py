@@ -26,12 +26,13 @@ from typing import Sequence
 
 from lmdistill.data import EVAL_BENCHMARKS, Example, load_examples
 from lmdistill.data.registry import BENCHMARKS
+from lmdistill.data.templates import TEMPLATES
 from lmdistill.errors import ConfigError
 from lmdistill.evaluate.metrics import rouge_l
 from lmdistill.evaluate.predictors import (Item, ModelSpec, Prediction, SamplingSettings, make_predictor,
-                                           parse_model_specs, safe_name)
+                                           parse_model_specs)
 from lmdistill.evaluate.report import AVERAGE, write_reports
-from lmdistill.evaluate.store import load_finished, save_seed, seed_paths
+from lmdistill.evaluate.store import bench_dirname, load_finished, save_seed, seed_paths
 
 PROTOCOL_SEEDS = (10, 20, 30, 40, 50)
 
@@ -71,8 +72,8 @@ class EvalSettings:
         for key in ("batch_size", "num_samples", "max_new_tokens", "max_prompt_length"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
-        if self.template not in ("alpaca", "chat"):
-            raise ConfigError(f"template must be alpaca or chat, got {self.template!r}")
+        if self.template not in TEMPLATES:
+            raise ConfigError(f"template must be one of {', '.join(TEMPLATES)}, got {self.template!r}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be at least 1, got {self.limit}")
 
@@ -128,7 +129,7 @@ def evaluate_benchmark(predictor, spec: ModelSpec, bench: str, examples: list[Ex
     items, report = predictor.prepare(examples, settings.max_prompt_length)
     ids = [it.example.id for it in items]
     fingerprint = settings.fingerprint(spec, bench)
-    bench_dir = safe_name(bench.replace(":", "-"))
+    bench_dir = bench_dirname(bench)
     per_seed: dict[int, dict] = {}
     pending = []
     for seed in settings.seeds:

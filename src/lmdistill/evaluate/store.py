@@ -16,6 +16,13 @@ from lmdistill.errors import ConfigError
 from lmdistill.io import read_jsonl, write_json, write_jsonl
 
 
+def bench_dirname(bench: str) -> str:
+    """The folder of a benchmark (``name`` or ``name:split``) under a model's predictions."""
+    from lmdistill.evaluate.predictors import safe_name
+
+    return safe_name(bench.replace(":", "-"))
+
+
 def seed_paths(out_dir: Path, model_dir: str, bench_dir: str, seed: int) -> tuple[Path, Path]:
     base = Path(out_dir) / "predictions" / model_dir / bench_dir
     return base / f"seed{seed}.jsonl", base / f"seed{seed}.meta.json"
