@@ -3,7 +3,7 @@
     .venv/bin/python bench/generation.py [--batch 8] [--new-tokens 128 256] [--repeats 3] [--out FILE.md]
 
 Rows (all sampling at temperature 1, batch ``--batch``, every row runs the full length):
-- ``switch``: our SWITCH loop (student + teacher, one cached step each per token, tau0 chosen so both
+- ``switch``: our SWITCH loop (student + teacher, one cached step each per token, switch_tau0 chosen so both
   models contribute tokens).
 - ``naive switch``: the same decisions, but both models re-run over the whole prefix at every step (no cache).
 - ``floor``: one HF ``model.generate`` of the student plus one of the teacher, same length.
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--tau0", type=float, default=None, help="switch threshold (default: about half teacher tokens)")
+    ap.add_argument("--switch_tau0", type=float, default=None, help="switch threshold (default: about half teacher tokens)")
     ap.add_argument("--no-naive", action="store_true", help="skip the (slow) naive switch")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="also write the markdown table to this file")
@@ -111,17 +111,17 @@ def main(argv=None) -> int:
     pad = tok.pad_token_id
     kw = dict(pad_id=pad, eos_id=None)  # no EOS: every row generates the full length
 
-    tau0 = args.tau0
-    if tau0 is None:  # median JSD of a short student-only probe: both models then contribute tokens
+    switch_tau0 = args.switch_tau0
+    if switch_tau0 is None:  # median JSD of a short student-only probe: both models then contribute tokens
         probe = generate(student, prompts, "switch", teacher=teacher, config=SamplingConfig(
-            max_new_tokens=32, seed=0, tau0=math.inf), **kw)
+            max_new_tokens=32, seed=0, switch_tau0=math.inf), **kw)
         values = sorted(v for s in probe.stats for v in s["jsd"])
-        tau0 = values[len(values) // 2]
+        switch_tau0 = values[len(values) // 2]
 
     rows = []
     for n in args.new_tokens:
-        cfg = SamplingConfig(max_new_tokens=n, seed=0, tau0=tau0, lam=0.0, n_corrections=1)
-        cfg_hf = SamplingConfig(max_new_tokens=n, seed=0, tau0=tau0, lam=0.0, n_corrections=1, decoder="hf")
+        cfg = SamplingConfig(max_new_tokens=n, seed=0, switch_tau0=switch_tau0, switch_decay=0.0, scrg_rounds=1)
+        cfg_hf = SamplingConfig(max_new_tokens=n, seed=0, switch_tau0=switch_tau0, switch_decay=0.0, scrg_rounds=1, decoder="hf")
         sw_out = generate(student, prompts, "switch", teacher=teacher, config=cfg, **kw)  # also warms up
         sc_out = generate(student, prompts, "scrg", teacher=teacher, config=cfg, **kw)
         scored = sc_out.input_ids[:, sc_out.prompt_width:]
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, full-length sampling (no EOS), CPU "
         f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
         f"torch {torch.__version__}; "
-        f"switch tau0={tau0:.4g}, lam=0.",
+        f"switch switch_tau0={switch_tau0:.4g}, switch_decay=0.",
         "",
         "| new tokens | switch (s) | floor: HF student + teacher generate (s) | **switch / floor** | naive switch (s) "
         "| **naive / switch** | switch, hf decoder (s) | hf-decoder switch / floor | teacher-token share |",

@@ -124,46 +124,38 @@ def profiled(args, fn) -> None:
 def worker_ours(args) -> dict:
     import torch
 
-    import lmdistill.train.trainer as trainer_mod
-    from lmdistill.train import load_config, train
+    from lmdistill.train import Callback, load_config, train
 
     records: list[dict] = []
-    original = trainer_mod.Run.step
 
-    def timed_step(self, step):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        metrics = original(self, step)
-        records.append({"step": step, "start": start, "cpu_start": cpu_start, "end": time.perf_counter(),
-                        "cpu_end": time.process_time(),
-                        "tokens": float(metrics.get("tokens", 0.0)), "skipped": bool(metrics.get("skipped")),
-                        "threads": torch.get_num_threads(), "student_rows": origins.count("student"),
-                        "rows": len(origins)})
-        origins.clear()
-        return metrics
+    class StepTimer(Callback):
+        """Per-step wall and CPU times, trained tokens, and how many rows were the student's samples."""
 
-    trainer_mod.Run.step = timed_step
-    import lmdistill.generation as gen_mod
+        def on_step_begin(self, run, step):
+            self.start, self.cpu_start, self.origins = time.perf_counter(), time.process_time(), []
 
-    original_generate = gen_mod.generate
-    origins: list[str] = []
+        def on_sequences(self, run, step, seqs):
+            self.origins += [s.get("origin", "?") for s in seqs.row_stats] or ["gold"] * len(seqs.rows)
 
-    def counting_generate(*a, **kw):   # generate_rows imports it from the package at call time
-        out = original_generate(*a, **kw)
-        origins.extend(s.get("origin", "?") for s in out.stats)
-        return out
+        def on_step_end(self, run, step, metrics):
+            records.append({"step": step, "start": self.start, "cpu_start": self.cpu_start,
+                            "end": time.perf_counter(), "cpu_end": time.process_time(),
+                            "tokens": float(metrics.get("tokens", 0.0)), "skipped": bool(metrics.get("skipped")),
+                            "threads": torch.get_num_threads(), "student_rows": self.origins.count("student"),
+                            "rows": len(self.origins)})
 
-    gen_mod.generate = counting_generate
     total = args.warmup + args.steps
     overrides = [f"student={args.root / 'student'}", f"teacher={args.root / 'teacher'}",
                  f"output_dir={args.root / 'ours'}", f"max_steps={total}", f"batch_size={args.batch}",
-                 f"micro_batch_size={args.batch}", "mix_lambda=0.5", "loss=jsd", "loss_params.beta=0.5",
-                 f"max_new_tokens={args.new_tokens}", "gen_temperature=1.0", "gen_top_k=0", "gen_top_p=1.0",
-                 "temperature=1.0", f"max_length={MAX_LENGTH}", f"max_prompt_length={MAX_PROMPT}", f"lr={LR}",
+                 f"micro_batch_size={args.batch}", "sampling.mixed_student_prob=0.5",
+                 "objective=[{term: jsd, weight: 1.0, beta: 0.5, temperature: 1.0}]",
+                 f"sampling.max_new_tokens={args.new_tokens}", "sampling.temperature=1.0", "sampling.top_k=0",
+                 "sampling.top_p=1.0", f"max_length={MAX_LENGTH}", f"max_prompt_length={MAX_PROMPT}", f"lr={LR}",
                  "weight_decay=0.01", "clip_grad=1.0", "lr_schedule=cosine", "warmup_steps=0",
                  "mixed_precision='no'", "device=cpu", "valid_data=", f"eval_steps={10 * total}",
                  f"save_steps={10 * total}", "log_steps=1", f"seed={SEED}", "progress=false"]
     cfg = load_config("gkd", overrides)
-    profiled(args, lambda: train(cfg))
+    profiled(args, lambda: train(cfg, callbacks=[StepTimer()]))
     if any(r["skipped"] for r in records):
         raise RuntimeError("ours skipped a step (non-finite loss); throughput would be wrong")
     return {"records": records}

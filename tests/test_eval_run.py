@@ -122,9 +122,9 @@ def test_unfinished_and_new_seeds_are_generated(tmp_path, model_dirs, monkeypatc
     calls: list[int] = []
     real = predictors_mod.LocalPredictor.predict
 
-    def counting(self, batch, seed, sampling):
+    def counting(self, batch, seed, sampling, num_samples=1):
         calls.append(seed)
-        return real(self, batch, seed, sampling)
+        return real(self, batch, seed, sampling, num_samples)
 
     monkeypatch.setattr(predictors_mod.LocalPredictor, "predict", counting)
     kw = dict(limit=3, max_new_tokens=4, batch_size=8, progress=False)

@@ -112,7 +112,7 @@ def test_fast_and_hf_decoders_generate_the_same_tokens(family_model, family_teac
     name, model = family_model
     outs = {}
     for decoder in ("fast", "hf"):
-        cfg = SamplingConfig(max_new_tokens=10, seed=11, tau0=0.05, lam=0.0, decoder=decoder)
+        cfg = SamplingConfig(max_new_tokens=10, seed=11, switch_tau0=0.05, switch_decay=0.0, decoder=decoder)
         outs[decoder] = generate(model, PROMPTS, policy, teacher=family_teacher if policy != "student" else None,
                                  config=cfg, pad_id=0, eos_id=1)
     assert outs["fast"].responses == outs["hf"].responses, name
@@ -194,7 +194,7 @@ def test_finished_rows_leave_the_batch_and_tokens_do_not_change(family_model, fa
     kw = dict(teacher=family_teacher if policy != "student" else None, pad_id=0)
 
     def cfg(**extra):
-        return SamplingConfig(max_new_tokens=12, seed=4, tau0=0.05, lam=0.0, mix_alpha=0.3, **extra)
+        return SamplingConfig(max_new_tokens=12, seed=4, switch_tau0=0.05, switch_decay=0.0, teacher_mix_alpha=0.3, **extra)
 
     free = generate(model, PROMPTS, policy, config=cfg(), eos_id=None, **kw).responses
     eos = next(t for i, t in enumerate(free[1]) if i >= 2 and t not in free[1][:i])  # row 1 stops early

@@ -210,8 +210,8 @@ def test_eos_and_padding_per_row(models, tokenizer, prompts):
 def test_switch_extremes_reproduce_student_and_teacher(models, tokenizer, prompts):
     student = run(models, tokenizer, prompts, "student", seed=3)
     teacher = run(models, tokenizer, prompts, "teacher", seed=3)
-    never = run(models, tokenizer, prompts, "switch", seed=3, tau0=math.inf)
-    always = run(models, tokenizer, prompts, "switch", seed=3, tau0=-1.0)
+    never = run(models, tokenizer, prompts, "switch", seed=3, switch_tau0=math.inf)
+    always = run(models, tokenizer, prompts, "switch", seed=3, switch_tau0=-1.0)
     assert never.responses == student.responses
     assert always.responses == teacher.responses
     assert torch.equal(never.sources, student.sources) and torch.equal(always.sources, teacher.sources)
@@ -222,9 +222,9 @@ def test_switch_extremes_reproduce_student_and_teacher(models, tokenizer, prompt
 def test_switch_with_padded_student_vocab(models, tokenizer, prompts):
     cfg = dict(seed=4, vocab_size=len(tokenizer))
     s = run(models, tokenizer, prompts, "student", student="padded_student", teacher=None, **cfg)
-    never = run(models, tokenizer, prompts, "switch", student="padded_student", tau0=math.inf, **cfg)
+    never = run(models, tokenizer, prompts, "switch", student="padded_student", switch_tau0=math.inf, **cfg)
     assert never.responses == s.responses
-    mixed = run(models, tokenizer, prompts, "switch", student="padded_student", seed=4, tau0=-1)
+    mixed = run(models, tokenizer, prompts, "switch", student="padded_student", seed=4, switch_tau0=-1)
     assert all(t < len(tokenizer) for r in mixed.responses for t in r)
 
 
@@ -235,7 +235,7 @@ def reference_switch(student, teacher, prompt, n, cfg, key, eos):
         q = full_logits(student, prompt + out)[-1:]
         p = full_logits(teacher, prompt + out)[-1:]
         d = per_token_divergence("jsd", q, p, temperature=cfg.divergence_temperature, beta=0.5)[0].item()
-        use_teacher = d > cfg.tau0 * math.exp(-cfg.lam * len(out))
+        use_teacher = d > cfg.switch_tau0 * math.exp(-cfg.switch_decay * len(out))
         g = noise.gumbel(len(out))
         out.append(int(pick(p if use_teacher else q, cfg, g)[0]))
         src.append(int(use_teacher))
@@ -246,11 +246,11 @@ def reference_switch(student, teacher, prompt, n, cfg, key, eos):
 
 
 def test_switch_matches_uncached_reference(models, tokenizer, prompts):
-    probe = run(models, tokenizer, prompts, "switch", tau0=math.inf, max_new_tokens=10)
+    probe = run(models, tokenizer, prompts, "switch", switch_tau0=math.inf, max_new_tokens=10)
     values = sorted(x for s in probe.stats for x in s["jsd"])
-    tau0 = values[len(values) // 2]  # about half of the steps above threshold at t = 0
+    switch_tau0 = values[len(values) // 2]  # about half of the steps above threshold at t = 0
     keys = [key_from(9, i) for i in range(len(prompts))]
-    cfg = SamplingConfig(max_new_tokens=10, tau0=tau0, lam=0.05)
+    cfg = SamplingConfig(max_new_tokens=10, switch_tau0=switch_tau0, switch_decay=0.05)
     out = generate(models["student"], prompts, "switch", teacher=models["teacher"], config=cfg,
                    pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, row_keys=keys)
     seen = set()
@@ -296,7 +296,7 @@ def brute_force_error_position(student, teacher, prompt, response, temperature=1
 def test_scrg_correction_matches_brute_force(models, tokenizer, prompts):
     keys = [key_from(1, i) for i in range(len(prompts))]
     kw = dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, row_keys=keys)
-    cfg = SamplingConfig(max_new_tokens=12, n_corrections=1)
+    cfg = SamplingConfig(max_new_tokens=12, scrg_rounds=1)
     plain = generate(models["student"], prompts, "student", config=cfg, **kw)
     out = generate(models["student"], prompts, "scrg", teacher=models["teacher"], config=cfg, **kw)
     for b, p in enumerate(prompts):
@@ -319,7 +319,7 @@ def reference_scrg(student, teacher, prompt, cfg, key, eos, chosen=()):
     implementation's positions, accepted round by round where they tie the largest KL (brute_force_error_position)."""
     y = reference_sample(student, prompt, cfg.max_new_tokens, cfg, key, eos)
     positions = []
-    for rnd in range(1, cfg.n_corrections + 1):
+    for rnd in range(1, cfg.scrg_rounds + 1):
         j, fix = brute_force_error_position(student, teacher, prompt, y,
                                             chosen=chosen[rnd - 1] if rnd <= len(chosen) else None)
         if j is None:
@@ -332,7 +332,7 @@ def reference_scrg(student, teacher, prompt, cfg, key, eos, chosen=()):
 @pytest.mark.parametrize("with_eos", [False, True])
 def test_scrg_several_rounds_match_brute_force(models, tokenizer, prompts, with_eos):
     keys = [key_from(2, i) for i in range(len(prompts))]
-    cfg = SamplingConfig(max_new_tokens=10, n_corrections=3)
+    cfg = SamplingConfig(max_new_tokens=10, scrg_rounds=3)
     kw = dict(config=cfg, pad_id=tokenizer.pad_token_id, row_keys=keys)
     eos = tokenizer.eos_token_id
     if with_eos:  # an EOS id the student samples, so first drafts end early and corrections re-open them
@@ -350,11 +350,11 @@ def test_scrg_several_rounds_match_brute_force(models, tokenizer, prompts, with_
 
 
 def test_scrg_with_padded_vocab(models, tokenizer, prompts):
-    cfg = dict(seed=6, n_corrections=2)
+    cfg = dict(seed=6, scrg_rounds=2)
     out = run(models, tokenizer, prompts, "scrg", student="padded_student", **cfg)
     assert all(t < len(tokenizer) for r in out.responses for t in r)
     assert all(s["correction_positions"] for s in out.stats)
-    zero = run(models, tokenizer, prompts, "scrg", student="padded_student", **{**cfg, "n_corrections": 0})
+    zero = run(models, tokenizer, prompts, "scrg", student="padded_student", **{**cfg, "scrg_rounds": 0})
     ref = run(models, tokenizer, prompts, "student", student="padded_student", teacher=None, seed=6,
               vocab_size=len(tokenizer))
     assert zero.responses == ref.responses
@@ -362,11 +362,11 @@ def test_scrg_with_padded_vocab(models, tokenizer, prompts):
 
 def test_scrg_without_candidates_keeps_the_response(models, tokenizer, prompts):
     # teacher == student and greedy: every sampled token is the teacher's argmax
-    out = run(models, tokenizer, prompts, "scrg", teacher="student", do_sample=False, n_corrections=2)
+    out = run(models, tokenizer, prompts, "scrg", teacher="student", do_sample=False, scrg_rounds=2)
     ref = run(models, tokenizer, prompts, "student", teacher=None, do_sample=False)
     assert out.responses == ref.responses
     assert all(s["correction_positions"] == [] and s["regenerated_tokens"] == 0 for s in out.stats)
-    zero = run(models, tokenizer, prompts, "scrg", n_corrections=0, seed=8)
+    zero = run(models, tokenizer, prompts, "scrg", scrg_rounds=0, seed=8)
     assert zero.responses == run(models, tokenizer, prompts, "student", seed=8).responses
 
 
@@ -376,13 +376,13 @@ def test_mixed_policy(models, tokenizer, prompts):
     gold = [[5, 6, 7, tokenizer.eos_token_id], [8] * 30, None, [9, tokenizer.eos_token_id]]
     student = run(models, tokenizer, prompts, "student", seed=2)
     teacher = run(models, tokenizer, prompts, "teacher", seed=2)
-    assert run(models, tokenizer, prompts, "mixed", seed=2, mix_lambda=1.0, gold=gold).responses == student.responses
-    off = run(models, tokenizer, prompts, "mixed", seed=2, mix_lambda=0.0, gold=gold)
+    assert run(models, tokenizer, prompts, "mixed", seed=2, mixed_student_prob=1.0, gold=gold).responses == student.responses
+    off = run(models, tokenizer, prompts, "mixed", seed=2, mixed_student_prob=0.0, gold=gold)
     assert off.responses[0] == gold[0] and off.responses[1] == [8] * 12 and off.responses[3] == gold[3]
     assert off.responses[2] == teacher.responses[2]
     assert [s["origin"] for s in off.stats] == ["gold", "gold", "teacher", "gold"]
     assert off.sources[0, :4].tolist() == [1, 1, 1, 1] and off.stats[0]["finished"]
-    half = run(models, tokenizer, prompts * 8, "mixed", seed=2, mix_lambda=0.5, gold=gold * 8)
+    half = run(models, tokenizer, prompts * 8, "mixed", seed=2, mixed_student_prob=0.5, gold=gold * 8)
     origins = [s["origin"] for s in half.stats]
     assert 6 <= origins.count("student") <= 26
     for b, o in enumerate(origins):
@@ -407,8 +407,8 @@ def test_bad_inputs_raise_clear_errors(models, tokenizer, prompts):
         run(models, tokenizer, [], "student")
     with pytest.raises(ConfigError, match="gold has 1 rows"):
         run(models, tokenizer, prompts, "mixed", gold=[[1]])
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_new_tokens=0), dict(lam=-1),
-                dict(mix_lambda=2), dict(n_corrections=-1)):
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_new_tokens=0), dict(switch_decay=-1),
+                dict(mixed_student_prob=2), dict(scrg_rounds=-1)):
         with pytest.raises(ConfigError):
             SamplingConfig(**bad)
     with pytest.raises(ConfigError, match="vocab_size"):
@@ -457,12 +457,12 @@ def test_teacher_mix_extremes_and_mixture_sampling(models, tokenizer, prompts):
 
     student = run(models, tokenizer, prompts, "student", seed=3, temperature=0.7)
     teacher = run(models, tokenizer, prompts, "teacher", seed=3, temperature=0.7)
-    assert run(models, tokenizer, prompts, "teacher_mix", seed=3, temperature=0.7, mix_alpha=0.0).responses \
+    assert run(models, tokenizer, prompts, "teacher_mix", seed=3, temperature=0.7, teacher_mix_alpha=0.0).responses \
         == student.responses
-    assert run(models, tokenizer, prompts, "teacher_mix", seed=3, temperature=0.7, mix_alpha=1.0).responses \
+    assert run(models, tokenizer, prompts, "teacher_mix", seed=3, temperature=0.7, teacher_mix_alpha=1.0).responses \
         == teacher.responses
-    mid = run(models, tokenizer, prompts, "teacher_mix", seed=3, mix_alpha=0.2)
-    assert all(s["mix_alpha"] == 0.2 for s in mid.stats) and (mid.sources[mid.sources >= 0] == 0).all()
+    mid = run(models, tokenizer, prompts, "teacher_mix", seed=3, teacher_mix_alpha=0.2)
+    assert all(s["teacher_mix_alpha"] == 0.2 for s in mid.stats) and (mid.sources[mid.sources >= 0] == 0).all()
     # the mixture is a proper distribution: alpha p + (1 - alpha) q
     g = torch.Generator().manual_seed(0)
     q, p = torch.randn(3, 50, generator=g), torch.randn(3, 50, generator=g)

@@ -121,7 +121,7 @@ def test_train_each_method_one_step_changes_the_student(real, tmp_path, method):
     out = tmp_path / method
     assert main(["train", method, f"student={real['student']}", f"teacher={real['teacher']}", f"output_dir={out}",
                  "template=chat", "max_steps=1", "batch_size=2", "micro_batch_size=2", "max_length=48",
-                 "max_prompt_length=40", "max_new_tokens=6", "save_steps=1", "eval_steps=1", "eval_limit=2",
+                 "max_prompt_length=40", "sampling.max_new_tokens=6", "save_steps=1", "eval_steps=1", "eval_limit=2",
                  "eval_max_new_tokens=4", "max_train_examples=16", "progress=false"]) == 0
     before = load_file(f"{real['student']}/model.safetensors")
     after = load_file(f"{out}/final/model.safetensors")
@@ -180,7 +180,7 @@ def test_pruned_student_is_closer_to_the_teacher_after_kd(real, tmp_path):
     assert main(["train", "kd", f"student={real['student']}", f"teacher={real['teacher']}", f"output_dir={out}",
                  "template=chat", "max_steps=6", "batch_size=4", "micro_batch_size=4", "max_length=64",
                  "max_prompt_length=48", "lr=5e-4", "save_steps=6", "eval_steps=6", "eval_limit=2",
-                 "eval_max_new_tokens=4", "sft_weight=0", "kd_weight=1", "progress=false"]) == 0
+                 "eval_max_new_tokens=4", "objective.sft.weight=0", "objective.fkl.weight=1", "progress=false"]) == 0
     items = load_whitebox_items("arena-hard", 4)
     before = run_whitebox(real["teacher"], real["student"], items, max_new_tokens=16, progress=False)
     after = run_whitebox(real["teacher"], str(out / "final"), items, max_new_tokens=16, progress=False)

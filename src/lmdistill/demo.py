@@ -97,7 +97,7 @@ def distill_all(p: Preset, teacher: Path, out: Path) -> dict[str, Path]:
         else:
             cfg = load_config(method, [f"student={init}", f"teacher={teacher}",
                                        *_common(p, run_dir, p.student_steps, p.student_lr),
-                                       f"max_new_tokens={p.max_new_tokens}"])
+                                       f"sampling.max_new_tokens={p.max_new_tokens}"])
             train(cfg)
         finals[method] = run_dir / "final"
     return finals

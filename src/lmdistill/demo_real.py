@@ -108,7 +108,7 @@ def _distil(p: RealPreset, teacher: Path, student: Path, out: Path) -> dict[str,
                 f"student={student}", f"teacher={teacher}", f"output_dir={run}", "template=chat",
                 f"max_steps={p.steps}", f"lr={p.lr}", f"batch_size={p.batch_size}", f"micro_batch_size={p.batch_size}",
                 f"max_length={p.max_length}", f"max_prompt_length={p.max_prompt_length}",
-                f"max_new_tokens={p.max_new_tokens}", f"save_steps={p.steps}", f"eval_steps={p.steps}",
+                f"sampling.max_new_tokens={p.max_new_tokens}", f"save_steps={p.steps}", f"eval_steps={p.steps}",
                 "eval_limit=8", "eval_max_new_tokens=32", f"warmup_steps={p.steps // 10}", "seed=42",
                 "progress=true"])
             train(cfg)

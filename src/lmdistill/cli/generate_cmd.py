@@ -17,12 +17,14 @@ import math
 import sys
 from pathlib import Path
 
+from lmdistill.data import load_examples, tokenize_examples
 from lmdistill.errors import ConfigError
+from lmdistill.generation import NEEDS_TEACHER, POLICIES, SamplingConfig, generate, key_from
+from lmdistill.io import JsonlAppender, read_jsonl, truncate_torn_tail, write_json
+from lmdistill.models import load_model, load_tokenizer
 
 
 def register(sub) -> None:
-    from lmdistill.generation import POLICIES
-
     p = sub.add_parser("generate", help="generate responses with a policy (" + ", ".join(POLICIES) + ")",
                        description="Generate one response per example to a JSONL file; rerun to resume.")
     p.add_argument("--policy", required=True, choices=list(POLICIES))
@@ -34,22 +36,28 @@ def register(sub) -> None:
     p.add_argument("--split", default=None)
     p.add_argument("--out", required=True, help="output .jsonl (appended to; existing ids are skipped)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0)
+    d = SamplingConfig()   # one default per knob: the sampling config's
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
+    p.add_argument("--top-p", type=float, default=d.top_p)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="only the first N examples (before the prompt filter)")
-    p.add_argument("--tau0", type=float, default=0.2, help="switch: JSD threshold at step 0 (inf = never switch)")
-    p.add_argument("--lam", type=float, default=0.1, help="switch: threshold decay, tau_t = tau0 * exp(-lam * t)")
-    p.add_argument("--mix-lambda", type=float, default=0.5, help="mixed: probability of the student's sample")
-    p.add_argument("--n-corrections", type=int, default=1, help="scrg: correction rounds")
-    p.add_argument("--mix-alpha", type=float, default=0.2, help="teacher_mix (MiniLLM): teacher share of the mixture")
+    p.add_argument("--switch-tau0", "--tau0", dest="switch_tau0", type=float, default=d.switch_tau0,
+                   help="switch: JSD threshold at step 0 (inf = never switch)")
+    p.add_argument("--switch-decay", "--lam", dest="switch_decay", type=float, default=d.switch_decay,
+                   help="switch: threshold decay, tau_t = switch_tau0 * exp(-switch_decay * t)")
+    p.add_argument("--mixed-student-prob", "--mix-lambda", dest="mixed_student_prob", type=float,
+                   default=d.mixed_student_prob, help="mixed (GKD's lambda): probability of the student's sample")
+    p.add_argument("--scrg-rounds", "--n-corrections", dest="scrg_rounds", type=int, default=d.scrg_rounds,
+                   help="scrg: correction rounds")
+    p.add_argument("--teacher-mix-alpha", "--mix-alpha", dest="teacher_mix_alpha", type=float,
+                   default=d.teacher_mix_alpha, help="teacher_mix (MiniLLM): teacher share of the mixture")
     p.add_argument("--template", default="alpaca", choices=["alpaca", "chat"])
     p.add_argument("--max-prompt-length", type=int, default=256, help="longer prompts are dropped (MiniLLM filter)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--decoder", default="auto", choices=["auto", "fast", "hf"],
+    p.add_argument("--decoder", default=d.decoder, choices=["auto", "fast", "hf"],
                    help="fast: Llama-family forward with a preallocated cache; hf: model(...) (any model); "
                         "auto: fast where supported")
     p.set_defaults(func=cmd_generate)
@@ -57,10 +65,10 @@ def register(sub) -> None:
 
 def _settings(args) -> dict:
     keys = ("policy", "student", "teacher", "data", "split", "seed", "max_new_tokens", "temperature", "top_k", "top_p",
-            "batch_size", "limit", "tau0", "lam", "mix_lambda", "n_corrections", "mix_alpha", "template",
+            "batch_size", "limit", "switch_tau0", "switch_decay", "mixed_student_prob", "scrg_rounds", "teacher_mix_alpha", "template",
             "max_prompt_length", "dtype", "decoder")
     s = {k: getattr(args, k) for k in keys}
-    s["tau0"] = repr(float(s["tau0"]))  # inf is not JSON
+    s["switch_tau0"] = repr(float(s["switch_tau0"]))  # inf is not JSON
     return s
 
 
@@ -78,8 +86,6 @@ def _check_resume(out: Path, meta: Path, settings: dict) -> None:
 
 
 def _done_ids(out: Path) -> set[str]:
-    from lmdistill.io import read_jsonl, truncate_torn_tail
-
     if not out.exists():
         return set()
     truncate_torn_tail(out)
@@ -99,11 +105,6 @@ def _round(x):
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
-    from lmdistill.data import load_examples, tokenize_examples
-    from lmdistill.generation import NEEDS_TEACHER, SamplingConfig, generate, key_from
-    from lmdistill.io import JsonlAppender, write_json
-    from lmdistill.models import load_model, load_tokenizer
-
     if args.policy in NEEDS_TEACHER and not args.teacher:
         raise ConfigError(f"--policy {args.policy} needs --teacher")
     if args.batch_size < 1:
@@ -119,8 +120,8 @@ def cmd_generate(args) -> int:
     settings = _settings(args)
     _check_resume(out, meta, settings)
     base = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                seed=args.seed, do_sample=args.temperature > 0, mix_lambda=args.mix_lambda, tau0=args.tau0,
-                lam=args.lam, n_corrections=args.n_corrections, mix_alpha=args.mix_alpha,
+                seed=args.seed, do_sample=args.temperature > 0, mixed_student_prob=args.mixed_student_prob, switch_tau0=args.switch_tau0,
+                switch_decay=args.switch_decay, scrg_rounds=args.scrg_rounds, teacher_mix_alpha=args.teacher_mix_alpha,
                 decoder=args.decoder)
     SamplingConfig(**base)  # reject bad values before loading anything
 
@@ -134,7 +135,7 @@ def cmd_generate(args) -> int:
         if r.removed:
             print(f"note: {r}", file=sys.stderr)
     student = load_model(args.student, dtype=args.dtype, device=args.device)
-    needs_teacher = args.policy in NEEDS_TEACHER or (args.policy == "mixed" and args.mix_lambda < 1
+    needs_teacher = args.policy in NEEDS_TEACHER or (args.policy == "mixed" and args.mixed_student_prob < 1
                                                      and any(not x.example.output.strip() for x in rows))
     if needs_teacher and not args.teacher:
         raise ConfigError("--policy mixed needs --teacher for examples without a gold output")

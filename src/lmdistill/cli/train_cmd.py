@@ -1,25 +1,34 @@
-"""``lmdistill train RECIPE.yaml [key=value ...] [--resume [CHECKPOINT]]``."""
+"""``lmdistill train RECIPE [key=value ...] [--resume [CHECKPOINT]] [--print-config]``."""
 
 from __future__ import annotations
+
+import json
+
+from lmdistill.train import config_yaml, load_config, train
+from lmdistill.train.config import builtin_recipes
 
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="distill a teacher into a student with a recipe",
-                       description="Train with a recipe (a YAML file or a built-in name: sft, kd, seqkd, imitkd, gkd, "
-                                   "distillm, minillm, mgsr, switch). Any key can be overridden as key=value.")
+                       description=f"Train with a recipe (a YAML file or a built-in name: {', '.join(builtin_recipes())}). "
+                                   "Any key can be overridden as key=value; a term of the objective as "
+                                   "objective.NAME.KEY=VALUE, a sampling setting as sampling.KEY=VALUE.")
     p.add_argument("recipe", help="recipe YAML file or built-in recipe name")
-    p.add_argument("overrides", nargs="*", help="key=value settings, e.g. student=DIR max_steps=100 loss_params.beta=0.5")
+    p.add_argument("overrides", nargs="*",
+                   help="key=value settings, e.g. student=DIR max_steps=100 objective.jsd.beta=0.9 "
+                        "sampling.max_new_tokens=64")
     p.add_argument("--resume", nargs="?", const=True, default=False,
                    help="continue from the latest checkpoint in output_dir (or the given checkpoint folder)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML (a recipe you can save and train from) and exit")
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args) -> int:
-    import json
-
-    from lmdistill.train import load_config, train
-
     cfg = load_config(args.recipe, args.overrides)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
     result = train(cfg, resume=args.resume)
     print(json.dumps(result, indent=2))
     return 0

@@ -22,14 +22,20 @@ example_id, j)`` as the request seed (honoured when the server supports seeds).
 from __future__ import annotations
 
 import hashlib
+import json
 import re
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 from lmdistill.data import Example, FilterReport, tokenize_examples
 from lmdistill.data.templates import chat_messages
 from lmdistill.errors import ConfigError
+from lmdistill.generation import SamplingConfig, generate, key_from
+from lmdistill.models import load_model, load_tokenizer
+from lmdistill.models.load import resolve_device
+from lmdistill.quantify.clients import make_client
 
 API_PREFIX = "openai:"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -43,8 +49,6 @@ def derive_seed(seed: int, *keys: str) -> int:
 
 def sample_key(seed: int, example_id: str, sample: int = 0) -> int:
     """The engine's 64-bit noise key of one generated row (sample 0 keeps the plain key)."""
-    from lmdistill.generation import key_from
-
     return key_from(seed, example_id) if sample == 0 else key_from(seed, example_id, sample)
 
 
@@ -113,16 +117,6 @@ class Item:
 
 
 @dataclass
-class SamplingSettings:
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    greedy: bool = False
-    num_samples: int = 1
-
-
-@dataclass
 class Prediction:
     outputs: list[str]  # num_samples stripped texts
     tokens: list[int] | None = None  # generated tokens per sample (local models)
@@ -134,16 +128,20 @@ class LocalPredictor:
 
     kind = "local"
 
-    def __init__(self, spec: ModelSpec, *, device: str | None = None, dtype: str = "float32", template: str = "alpaca"):
-        from lmdistill.models import load_tokenizer
-        from lmdistill.models.load import resolve_device
-
+    def __init__(self, spec: ModelSpec, *, device: str | None = None, dtype: str = "float32", template: str = "alpaca",
+                 model=None, tokenizer=None):
         self.spec, self.device, self.dtype, self.template = spec, resolve_device(device), dtype, template
-        self.tokenizer = load_tokenizer(_tokenizer_source(spec.source))
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(_tokenizer_source(spec.source))
         if template == "chat" and not getattr(self.tokenizer, "chat_template", None):
             raise ConfigError(f"{spec.name}: --template chat needs a tokenizer with a chat template, and "
                               f"{spec.source} has none (use the protocol's alpaca template)")
-        self._model = None
+        self._model = model
+
+    @classmethod
+    def from_model(cls, model, tokenizer, *, name: str = "model", template: str = "alpaca") -> "LocalPredictor":
+        """A predictor over a model already in memory (validation during training)."""
+        return cls(ModelSpec(name, name), device=str(next(model.parameters()).device), template=template,
+                   model=model, tokenizer=tokenizer)
 
     def close(self) -> None:
         self._model = None
@@ -151,8 +149,6 @@ class LocalPredictor:
     @property
     def model(self):
         if self._model is None:
-            from lmdistill.models import load_model
-
             self._model = load_model(self.spec.source, dtype=self.dtype, device=str(self.device))
         return self._model
 
@@ -161,16 +157,14 @@ class LocalPredictor:
                                           max_prompt_length=max_prompt_length, with_response=False)
         return [Item(t.example, prompt_ids=t.prompt_ids) for t in toks], reports[0]
 
-    def predict(self, batch: list[Item], seed: int, sampling: SamplingSettings) -> list[Prediction]:
-        from lmdistill.generation import SamplingConfig, generate
-
-        k = sampling.num_samples
+    def predict(self, batch: list[Item], seed: int, sampling: SamplingConfig, num_samples: int = 1
+                ) -> list[Prediction]:
+        """``num_samples`` samples per item; each row's noise is keyed by (seed, example id, sample)."""
+        k = num_samples
         prompts = [it.prompt_ids for it in batch for _ in range(k)]
         keys = [sample_key(seed, it.example.id, j) for it in batch for j in range(k)]
-        config = SamplingConfig(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                                top_k=sampling.top_k, top_p=sampling.top_p, seed=seed, do_sample=not sampling.greedy)
         tok = self.tokenizer
-        out = generate(self.model, prompts, policy="student", config=config,
+        out = generate(self.model, prompts, policy="student", config=replace(sampling, seed=seed),
                        pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, row_keys=keys)
         preds = []
         for i in range(len(batch)):
@@ -183,8 +177,6 @@ class LocalPredictor:
 
 def _tokenizer_source(source: str) -> str:
     """The tokenizer of a LoRA adapter folder without its own tokenizer is the base model's."""
-    import json
-
     cfg = Path(source) / "adapter_config.json"
     if cfg.exists() and not (Path(source) / "tokenizer_config.json").exists():
         return json.loads(cfg.read_text())["base_model_name_or_path"]
@@ -203,8 +195,6 @@ class ApiPredictor:
     kind = "api"
 
     def __init__(self, spec: ModelSpec, *, api_key_env: str | None = None, cache_path: str | Path | None = None):
-        from lmdistill.quantify.clients import make_client
-
         self.spec = spec
         kw = {"api_key_env": api_key_env} if api_key_env else {}
         self.client = make_client(spec.source, cache_path=cache_path, **kw)
@@ -213,10 +203,9 @@ class ApiPredictor:
         items = [Item(ex, messages=chat_messages(ex)) for ex in examples]
         return items, FilterReport("prompt-length filter", len(items), [], "not applied to API models")
 
-    def predict(self, batch: list[Item], seed: int, sampling: SamplingSettings) -> list[Prediction]:
-        from concurrent.futures import ThreadPoolExecutor
-
-        k = sampling.num_samples
+    def predict(self, batch: list[Item], seed: int, sampling: SamplingConfig, num_samples: int = 1
+                ) -> list[Prediction]:
+        k = num_samples
         temperature = 0.0 if sampling.greedy else sampling.temperature
 
         def ask(job: tuple[Item, int]) -> str:
@@ -244,5 +233,5 @@ def make_predictor(spec: ModelSpec, *, device: str | None = None, dtype: str = "
     return LocalPredictor(spec, device=device, dtype=dtype, template=template)
 
 
-__all__ = ["ApiPredictor", "Item", "LocalPredictor", "ModelSpec", "Prediction", "SamplingSettings",
+__all__ = ["ApiPredictor", "Item", "LocalPredictor", "ModelSpec", "Prediction",
            "derive_seed", "make_predictor", "sample_key", "parse_model_spec", "parse_model_specs", "safe_name"]

@@ -29,10 +29,11 @@ from lmdistill.data.registry import BENCHMARKS
 from lmdistill.data.templates import TEMPLATES
 from lmdistill.errors import ConfigError
 from lmdistill.evaluate.metrics import rouge_l
-from lmdistill.evaluate.predictors import (Item, ModelSpec, Prediction, SamplingSettings, make_predictor,
+from lmdistill.evaluate.predictors import (Item, ModelSpec, Prediction, make_predictor,
                                            parse_model_specs)
 from lmdistill.evaluate.report import AVERAGE, write_reports
 from lmdistill.evaluate.store import bench_dirname, load_finished, save_seed, seed_paths
+from lmdistill.generation import SamplingConfig
 
 PROTOCOL_SEEDS = (10, 20, 30, 40, 50)
 
@@ -77,9 +78,10 @@ class EvalSettings:
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be at least 1, got {self.limit}")
 
-    def sampling(self) -> SamplingSettings:
-        return SamplingSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                                top_k=self.top_k, greedy=self.greedy, num_samples=self.num_samples)
+    def sampling(self) -> SamplingConfig:
+        """The generation package's sampling config of these settings (the seed is set per seed run)."""
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, do_sample=not self.greedy)
 
     def fingerprint(self, spec: ModelSpec, bench: str) -> dict:
         """The settings a finished seed file must share to be reused (batch size, device, dtype excluded)."""
@@ -150,7 +152,7 @@ def evaluate_benchmark(predictor, spec: ModelSpec, bench: str, examples: list[Ex
             rows = []
             for start in range(0, len(items), settings.batch_size):
                 batch = items[start:start + settings.batch_size]
-                for item, pred in zip(batch, predictor.predict(batch, seed, sampling)):
+                for item, pred in zip(batch, predictor.predict(batch, seed, sampling, settings.num_samples)):
                     rows.append(_prediction_row(item, pred, item.example.references))
                 bar.update(len(batch))
             summary = _seed_summary(rows)

@@ -3,7 +3,7 @@
 ```python
 from lmdistill.generation import SamplingConfig, generate
 out = generate(student, prompts, policy="switch", teacher=teacher,
-               config=SamplingConfig(max_new_tokens=128, seed=0, tau0=0.2),
+               config=SamplingConfig(max_new_tokens=128, seed=0, switch_tau0=0.2),
                pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
 ```
 Policies: ``student``, ``teacher``, ``mixed``, ``switch``, ``scrg``, ``teacher_mix`` (see ``policies/``).

@@ -10,16 +10,21 @@ from lmdistill.errors import ConfigError
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How tokens are drawn, and the knobs of the policies that need them.
+    """How tokens are drawn, and the knobs of the policies that need them: the one sampling config of training
+    (the recipe's ``sampling:``), ``generate``, ``eval`` and validation. Every knob has its one default here.
 
+    - ``max_new_tokens``: at most this many response tokens (EOS included).
     - ``temperature``, ``top_k`` (0 = off), ``top_p`` (1.0 = off): applied in that order (as HF does).
       ``do_sample=False`` or ``temperature=0`` is greedy decoding.
     - ``seed``: the same seed gives the same output. ``None`` draws fresh randomness.
-    - ``mix_lambda``: ``mixed`` takes the student's sample for a sequence with this probability.
-    - ``tau0``, ``lam``: ``switch`` uses the teacher's token when JSD(p_t, q_t) > tau0 * exp(-lam * t).
-      ``tau0 = inf`` never switches (pure student), ``tau0 < 0`` always does (pure teacher).
-    - ``n_corrections``: rounds of correction + re-generation for ``scrg``.
-    - ``mix_alpha``: ``teacher_mix`` (MiniLLM) samples from ``mix_alpha * p + (1 - mix_alpha) * q``.
+    - ``mixed_student_prob``: ``mixed`` (GKD's lambda) takes the student's sample for a sequence with this
+      probability, else the gold response (the teacher's sample when there is none).
+    - ``switch_tau0``, ``switch_decay``: ``switch`` uses the teacher's token when
+      JSD(p_t, q_t) > switch_tau0 * exp(-switch_decay * t). ``switch_tau0 = inf`` never switches (pure student),
+      ``switch_tau0 < 0`` always does (pure teacher). 0.3 gave a 35-37% teacher-token fraction in bench/; the
+      paper's decay factor is 1/10.
+    - ``scrg_rounds``: rounds of correction + re-generation for ``scrg`` (MGSR).
+    - ``teacher_mix_alpha``: ``teacher_mix`` (MiniLLM) samples from ``alpha * p + (1 - alpha) * q``.
     - ``vocab_size``: sample only among the first ``vocab_size`` ids (default: the smallest vocabulary
       of the models in use; teacher and student may differ by padding rows).
     - ``decoder``: how models are run step by step. ``fast`` is the Llama-family forward over the
@@ -34,11 +39,11 @@ class SamplingConfig:
     top_p: float = 1.0
     seed: int | None = None
     do_sample: bool = True
-    mix_lambda: float = 0.5
-    tau0: float = 0.2
-    lam: float = 0.1
-    n_corrections: int = 1
-    mix_alpha: float = 0.2
+    mixed_student_prob: float = 0.5
+    switch_tau0: float = 0.3
+    switch_decay: float = 0.1
+    scrg_rounds: int = 1
+    teacher_mix_alpha: float = 0.2
     vocab_size: int | None = None
     decoder: str = "auto"
 
@@ -57,16 +62,16 @@ class SamplingConfig:
             raise bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad(f"seed must be an integer or None, got {self.seed!r}")
-        if not (isinstance(self.mix_lambda, (int, float)) and 0 <= self.mix_lambda <= 1):
-            raise bad(f"mix_lambda must be in [0, 1], got {self.mix_lambda!r}")
-        if not isinstance(self.tau0, (int, float)) or math.isnan(self.tau0):
-            raise bad(f"tau0 must be a number (inf allowed), got {self.tau0!r}")
-        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
-            raise bad(f"lam must be a finite number >= 0, got {self.lam!r}")
-        if not isinstance(self.n_corrections, int) or self.n_corrections < 0:
-            raise bad(f"n_corrections must be an integer >= 0, got {self.n_corrections!r}")
-        if not (isinstance(self.mix_alpha, (int, float)) and 0 <= self.mix_alpha <= 1):
-            raise bad(f"mix_alpha must be in [0, 1], got {self.mix_alpha!r}")
+        if not (isinstance(self.mixed_student_prob, (int, float)) and 0 <= self.mixed_student_prob <= 1):
+            raise bad(f"mixed_student_prob must be in [0, 1], got {self.mixed_student_prob!r}")
+        if not isinstance(self.switch_tau0, (int, float)) or math.isnan(self.switch_tau0):
+            raise bad(f"switch_tau0 must be a number (inf allowed), got {self.switch_tau0!r}")
+        if not (isinstance(self.switch_decay, (int, float)) and math.isfinite(self.switch_decay) and self.switch_decay >= 0):
+            raise bad(f"switch_decay must be a finite number >= 0, got {self.switch_decay!r}")
+        if not isinstance(self.scrg_rounds, int) or self.scrg_rounds < 0:
+            raise bad(f"scrg_rounds must be an integer >= 0, got {self.scrg_rounds!r}")
+        if not (isinstance(self.teacher_mix_alpha, (int, float)) and 0 <= self.teacher_mix_alpha <= 1):
+            raise bad(f"teacher_mix_alpha must be in [0, 1], got {self.teacher_mix_alpha!r}")
         if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
             raise bad(f"vocab_size must be a positive integer or None, got {self.vocab_size!r}")
         if self.decoder not in ("auto", "fast", "hf"):
@@ -82,10 +87,10 @@ class SamplingConfig:
         return 1.0 if self.greedy else float(self.temperature)
 
     def threshold(self, step: int) -> float:
-        """SWITCH's tau_t = tau0 * exp(-lam * t); infinite tau0 stays infinite (never 0 * inf)."""
-        if math.isinf(self.tau0):
-            return self.tau0
-        return self.tau0 * math.exp(-self.lam * step)
+        """SWITCH's tau_t = switch_tau0 * exp(-switch_decay * t); infinite switch_tau0 stays infinite (never 0 * inf)."""
+        if math.isinf(self.switch_tau0):
+            return self.switch_tau0
+        return self.switch_tau0 * math.exp(-self.switch_decay * step)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -82,7 +82,7 @@ def generate(student, prompts: list[list[int]], policy: str = "student", teacher
         if len(gold) != len(prompts):
             raise ConfigError(f"gold has {len(gold)} rows but prompts has {len(prompts)}")
     needs_teacher = policy in NEEDS_TEACHER or (policy == "mixed" and (gold is None or any(g is None for g in gold))
-                                                and config.mix_lambda < 1)
+                                                and config.mixed_student_prob < 1)
     if needs_teacher and teacher is None:
         raise ConfigError(f"policy {policy!r} needs a teacher model"
                           + (" (or gold responses for every row)" if policy == "mixed" else ""))

@@ -8,7 +8,7 @@ student's vectors built on the same classes; ``f_sub`` is trained end to end wit
 Appendix D.1 compares it with fixed bounds.  The paper leaves out the sub-network's input and
 size, whether the new vector is renormalised and how the clipper is kept from collapsing.
 
-What we chose (see METHODS.md), all configurable:
+What we chose (see docs/METHODS.md), all configurable:
 
 * ``f_sub`` input: the teacher's top-K sorted probabilities (``top_k=256``) and the entropy of the
   full teacher distribution; an MLP ``Linear(K+1, hidden) -> GELU -> Linear(hidden, 2)`` gives
@@ -40,6 +40,8 @@ student's optimiser and save its ``state_dict`` with the checkpoint.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,6 +49,7 @@ from torch import nn
 from lmdistill.errors import ConfigError
 from lmdistill.losses.divergences import LOGPROB_FLOOR, check_temperature, log_probs
 from lmdistill.losses.masking import as_bool_mask, graph_zero, select
+from lmdistill.losses.term import Term, TermInputs
 from lmdistill.losses.vocab import align_vocab
 
 _EPS = 1e-30
@@ -188,3 +191,30 @@ class DACKL(nn.Module):
     def extra_repr(self) -> str:
         return (f"top_k={self.top_k}, coverage_floor={self.coverage_floor}, fixed_bounds={self.fixed_bounds}, "
                 f"rest_bin={self.rest_bin}, temperature={self.temperature}")
+
+
+class DACKLTerm(Term):
+    """``dac_kl`` as a recipe term: :class:`DACKL` on the policy's sequences; the term owns the clipper's
+    parameters (they train with the student and are saved in checkpoints). Parameters: those of :class:`DACKL`."""
+
+    needs_teacher = True
+
+    def __init__(self, **params):
+        super().__init__()
+        self.dac = DACKL(**params)
+
+    @classmethod
+    def param_names(cls) -> dict[str, object]:
+        return {p.name: p.default for p in list(inspect.signature(DACKL.__init__).parameters.values())[1:]}
+
+    @classmethod
+    def check_params(cls, params: dict, where: str) -> None:
+        super().check_params(params, where)
+        try:
+            with torch.random.fork_rng(devices=[]):   # DACKL's own checks, leaving the random state untouched
+                DACKL(**params)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def forward(self, inputs: TermInputs) -> torch.Tensor:
+        return self.dac(inputs.student_logits, inputs.teacher_logits, inputs.logits_mask)

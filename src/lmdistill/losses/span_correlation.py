@@ -33,6 +33,7 @@ import torch
 from lmdistill.errors import ConfigError
 from lmdistill.losses.divergences import check_temperature, log_probs
 from lmdistill.losses.masking import as_bool_mask, graph_zero
+from lmdistill.losses.term import Term, TermInputs
 from lmdistill.losses.vocab import LossInputError, align_vocab
 
 #: Closed-class English words that start a new phrase in the ``phrase`` prior.
@@ -229,3 +230,34 @@ class SpanCorrelationLoss(torch.nn.Module):
 
     def forward(self, student_logits, teacher_logits, span_ids, mask=None):
         return span_correlation_loss(student_logits, teacher_logits, span_ids, mask, temperature=self.temperature)
+
+
+class SpanTerm(Term):
+    """``span`` as a recipe term: ``L_span`` on the policy's sequences, with spans from ``prior`` (default
+    ``phrase``) over each sequence's response tokens; ``temperature`` as for the divergences."""
+
+    needs_teacher = True
+    whole_logits = True   # pairs of consecutive positions
+
+    def __init__(self, *, prior: str = "phrase", temperature: float = 1.0):
+        super().__init__()
+        self.prior, self.temperature = prior, temperature
+
+    @classmethod
+    def check_params(cls, params: dict, where: str) -> None:
+        super().check_params(params, where)
+        try:
+            parse_prior(params.get("prior", "phrase"))
+            check_temperature(params.get("temperature", 1.0))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def forward(self, inputs: TermInputs) -> torch.Tensor:
+        rows = inputs.rows
+        # logits position len(prompt) - 1 + i predicts response token i; the objective drops the last position
+        width = inputs.sequences["input_ids"].shape[1]
+        span_ids = batch_span_ids([r.response_ids for r in rows], inputs.tokenizer, width - 1,
+                                  [len(r.prompt_ids) - 1 for r in rows], self.prior)
+        return span_correlation_loss(inputs.student_logits, inputs.teacher_logits,
+                                     span_ids.to(inputs.student_logits.device), inputs.targets[1],
+                                     temperature=self.temperature)

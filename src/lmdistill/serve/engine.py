@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 
 from lmdistill.errors import LmdistillError
+from lmdistill.generation.sampling import filter_logits
 from lmdistill.models.kv_cache import cache_kwargs
 
 
@@ -139,13 +140,8 @@ class ChatEngine:
     def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen) -> int:
         if temperature <= 0:
             return int(torch.argmax(logits))
-        probs = torch.softmax(logits / temperature, dim=-1)
-        if top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
-            keep[0] = True
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-            probs = probs / probs.sum()
+        # the nucleus rule of the sequence engine (generation.sampling.filter_logits), drawn with the request's generator
+        probs = torch.softmax(filter_logits(logits / temperature, top_p=top_p), dim=-1)
         return int(torch.multinomial(probs, 1, generator=gen))
 
 

@@ -1,6 +1,6 @@
-"""Training: recipes (config), the accelerate loop, checkpoints, method objectives."""
+"""Training: recipes (config), sequence sources (policies), the accelerate loop, checkpoints."""
 
-from lmdistill.train.config import TrainConfig, load_config
-from lmdistill.train.trainer import TrainingError, train
+from lmdistill.train.config import TrainConfig, config_yaml, load_config
+from lmdistill.train.trainer import Callback, TrainingError, train
 
-__all__ = ["TrainConfig", "TrainingError", "load_config", "train"]
+__all__ = ["Callback", "TrainConfig", "TrainingError", "config_yaml", "load_config", "train"]

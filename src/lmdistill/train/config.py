@@ -1,12 +1,20 @@
-"""Recipe configuration: one YAML file plus ``key=value`` overrides, checked before any model loads.
+"""Recipe configuration: a YAML delta over ``recipes/base.yaml`` plus ``key=value`` overrides, checked before any
+model loads.
 
-An unknown key names the closest valid key; a wrong type names the key and the type it needs.
+Resolution order: ``TrainConfig`` defaults, then the recipe's base (``base.yaml`` unless the recipe names another
+with ``base: NAME`` or ``base: none``), then the recipe, then the overrides. ``sampling`` merges key by key (it is
+the generation package's ``SamplingConfig``); ``objective`` is replaced as a whole, or edited entry by entry with
+``objective.NAME.KEY=VALUE`` (a NAME not in the list adds that term with weight 1).
+
+An unknown key names the closest valid key; a wrong type names the key and the type it needs; a key of the old
+flat format (``loss``, ``kd_weight``, ``tau0``, ...) names its replacement.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,15 +22,20 @@ from pathlib import Path
 import yaml
 
 from lmdistill.errors import ConfigError
+from lmdistill.generation import POLICIES as GENERATION_POLICIES
+from lmdistill.generation import NEEDS_TEACHER, SamplingConfig
+from lmdistill.losses.objective import TERMS, check_objective, entry_name, term_class
 
-RECIPES_DIR = Path(__file__).resolve().parents[3] / "recipes"
-POLICIES = ("gold", "student", "teacher", "mixed", "switch", "scrg", "replay", "teacher_mix")
-LOSSES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "symkl", "dac_kl", "none", "pg_rkl")
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+BASE_RECIPE = "base"
+POLICIES = ("gold", *GENERATION_POLICIES, "replay")
+#: Sampling keys the trainer sets itself (per step and micro-batch).
+SAMPLING_SET_BY_TRAINER = ("seed",)
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of ``lmdistill train``. Recipes in ``recipes/`` set the method's defaults."""
+    """Every setting of ``lmdistill train``. Recipes in ``lmdistill/recipes/`` set the method's defaults."""
 
     # models and data
     student: str = ""
@@ -38,35 +51,14 @@ class TrainConfig:
     method: str = ""                        # informational name (sft, kd, gkd, ...)
     paper: str = ""
     policy: str = "gold"                    # where the distilled sequences come from
-    loss: str = "none"                      # distillation divergence on those sequences
-    loss_params: dict = field(default_factory=dict)
-    temperature: float = 1.0                # distillation temperature
+    objective: list = field(default_factory=lambda: [{"term": "sft", "weight": 1.0}])   # weighted terms
+    sampling: dict = field(default_factory=dict)   # SamplingConfig fields (generation/config.py)
     chunked_loss: bool = False              # token-chunked fused LM-head + loss: for 100k+ vocabularies
-    sft_weight: float = 1.0                 # weight of cross-entropy on the gold response
-    kd_weight: float = 0.0                  # weight of the divergence on the policy's sequences
-    seq_sft_weight: float = 0.0             # cross-entropy on the policy's sequences (SeqKD)
-    span_weight: float = 0.0                # MGSR span-correlation weight
-    span_prior: str = "phrase"
-    dac_kl: dict = field(default_factory=dict)  # DACKL module settings
-    # generation (on-policy methods)
-    max_new_tokens: int = 128
-    gen_temperature: float = 1.0
-    gen_top_k: int = 0
-    gen_top_p: float = 1.0
-    gen_decoder: str = "auto"              # auto | fast | hf (generation/fast_decoder.py)
-    mix_lambda: float = 0.5                 # mixed: probability of a student sample
-    tau0: float = 0.3                       # switch
-    lam: float = 0.1                        # switch
-    n_corrections: int = 1                  # scrg
-    teacher_mix_alpha: float = 0.2          # minillm teacher-mixed sampling
-    # distillm adaptive off-policy
+    # distillm adaptive off-policy (policy: replay)
     replay_capacity: int = 1000
     replay_init_threshold: float = 0.2
     replay_threshold_step: float = 0.1
     replay_loss_eps: float = 0.1
-    # minillm
-    pg_clip: float = 0.2
-    pg_length_norm: bool = True
     # optimisation
     lr: float = 5e-4
     weight_decay: float = 1e-2
@@ -98,17 +90,25 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
 
+    def sampling_config(self, seed: int) -> SamplingConfig:
+        """The policy's sampling settings for one step's seed."""
+        return SamplingConfig(**{**self.sampling, "seed": seed})
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.policy in NEEDS_TEACHER or any(term_class(e).needs_teacher for e in self.objective
+                                                   if e["weight"] > 0)
+
     def check(self) -> "TrainConfig":
         if not self.student:
             raise ConfigError("student: is required (a model folder or hub id)")
         if self.policy not in POLICIES:
             raise ConfigError(f"policy: {self.policy!r} is not one of {', '.join(POLICIES)}")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"loss: {self.loss!r} is not one of {', '.join(LOSSES)}")
-        needs_teacher = (self.policy not in ("gold", "student") or (self.loss != "none" and self.kd_weight > 0)
-                         or self.span_weight > 0)
-        if needs_teacher and not self.teacher:
-            raise ConfigError(f"teacher: is required for policy={self.policy}, loss={self.loss}")
+        self.objective = check_objective(self.objective)
+        self.sampling = check_sampling(self.sampling)
+        if self.needs_teacher and not self.teacher:
+            terms = ", ".join(entry_name(e) for e in self.objective if term_class(e).needs_teacher) or "none"
+            raise ConfigError(f"teacher: is required for policy={self.policy} (terms that read the teacher: {terms})")
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                               f"({self.micro_batch_size})")
@@ -116,26 +116,106 @@ class TrainConfig:
             raise ConfigError("lr_schedule: must be one of cosine, linear, constant")
         if self.mixed_precision not in ("auto", "no", "bf16"):
             raise ConfigError("mixed_precision: must be one of auto, no, bf16")
-        if self.gen_decoder not in ("auto", "fast", "hf"):
-            raise ConfigError(f"gen_decoder: must be one of auto, fast, hf, got {self.gen_decoder!r}")
-        if self.chunked_loss and (self.loss in ("dac_kl", "pg_rkl") or self.span_weight > 0):
-            raise ConfigError("chunked_loss: works with the divergences (fkl, rkl, jsd, tvd, skl, srkl, symkl) and sft; "
-                              f"not with loss={self.loss} or span_weight > 0")
-        if self.loss not in ("none", "dac_kl", "pg_rkl"):
-            from lmdistill.losses import get_loss
-
-            try:
-                get_loss(self.loss, **self.loss_params)
-            except ConfigError as e:
-                raise ConfigError(f"loss_params: {e}") from None
+        if self.chunked_loss:
+            slow = [entry_name(e) for e in self.objective if e["weight"] > 0 and not term_class(e).chunkable]
+            if slow:
+                ok = ", ".join(n for n, c in TERMS.items() if c.chunkable)
+                raise ConfigError(f"chunked_loss: term(s) {', '.join(slow)} have no chunked form; chunkable: {ok}")
         for k in ("max_steps", "batch_size", "micro_batch_size", "save_steps", "eval_steps"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"{k}: must be > 0, got {getattr(self, k)}")
+        for k in ("lr", "weight_decay", "clip_grad", "warmup_ratio"):
+            v = getattr(self, k)
+            if not math.isfinite(v) or v < 0:
+                raise ConfigError(f"{k}: must be a finite number >= 0, got {v}")
         return self
+
+
+def check_sampling(values: dict) -> dict:
+    """The full sampling settings (every ``SamplingConfig`` field but the seed), validated."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"sampling: must be a mapping of SamplingConfig fields, got {values!r}")
+    fields = [f.name for f in dataclasses.fields(SamplingConfig) if f.name not in SAMPLING_SET_BY_TRAINER]
+    for k in values:
+        if k in SAMPLING_SET_BY_TRAINER:
+            raise ConfigError(f"sampling.{k}: is set by the trainer from `seed` (per step); set seed= instead")
+        if k not in fields:
+            close = difflib.get_close_matches(k, fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"sampling: unknown key {k!r}{hint} Valid: {', '.join(fields)}")
+    hints = typing.get_type_hints(SamplingConfig)
+    values = dict(values)
+    for k, v in values.items():   # "inf", "0.3" from the command line
+        if isinstance(v, str) and hints[k] in (float, int, "float | None", "int | None"):
+            try:
+                values[k] = hints[k](v)
+            except ValueError:
+                pass
+    try:
+        full = SamplingConfig(**values)
+    except ConfigError as e:
+        raise ConfigError(f"sampling: {str(e).removeprefix('SamplingConfig: ')}") from None
+    return {k: getattr(full, k) for k in fields}
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 HINTS = typing.get_type_hints(TrainConfig)
+
+# ---------------------------------------------------------------------------------------------- the old format
+#: Sampling keys of the old flat format and their names in ``sampling:``.
+OLD_SAMPLING = {"max_new_tokens": "max_new_tokens", "gen_temperature": "temperature", "gen_top_k": "top_k",
+                "gen_top_p": "top_p", "gen_decoder": "decoder", "mix_lambda": "mixed_student_prob",
+                "tau0": "switch_tau0", "lam": "switch_decay", "n_corrections": "scrg_rounds",
+                "teacher_mix_alpha": "teacher_mix_alpha"}
+OLD_OBJECTIVE = ("loss", "loss_params", "temperature", "sft_weight", "kd_weight", "seq_sft_weight", "span_weight",
+                 "span_prior", "dac_kl", "pg_clip", "pg_length_norm")
+
+
+def translate_old(values: dict) -> dict:
+    """The new ``objective`` and ``sampling`` of a recipe written in the old flat format (``loss``, ``kd_weight``,
+    ``tau0``, ...), with the old defaults (sft weight 1, no divergence)."""
+    out: dict = {}
+    t = values.get("temperature", 1.0)
+    temp = {"temperature": t} if t != 1.0 else {}
+    objective = []
+    if values.get("sft_weight", 1.0) > 0:
+        objective.append({"term": "sft", "weight": values.get("sft_weight", 1.0)})
+    if values.get("seq_sft_weight", 0.0) > 0:
+        objective.append({"term": "seq_sft", "weight": values["seq_sft_weight"]})
+    loss = values.get("loss", "none")
+    if loss != "none" and values.get("kd_weight", 0.0) > 0:
+        params = dict(values.get("loss_params") or {})
+        if loss == "dac_kl":
+            params = dict(values.get("dac_kl") or {})
+        if loss == "pg_rkl":
+            params = {k2: values[k1] for k1, k2 in (("pg_clip", "clip"), ("pg_length_norm", "length_norm"))
+                      if k1 in values}
+        objective.append({"term": loss, "weight": values["kd_weight"], **temp, **params})
+    if values.get("span_weight", 0.0) > 0:
+        prior = {"prior": values["span_prior"]} if "span_prior" in values else {}
+        objective.append({"term": "span", "weight": values["span_weight"], **temp, **prior})
+    if any(k in values for k in OLD_OBJECTIVE):
+        out["objective"] = objective
+    sampling = {new: values[old] for old, new in OLD_SAMPLING.items() if old in values}
+    if sampling:
+        out["sampling"] = sampling
+    return out
+
+
+def _old_format_error(values: dict, where: str) -> ConfigError:
+    old = [k for k in values if k in OLD_SAMPLING or k in OLD_OBJECTIVE]
+    new = yaml.safe_dump(translate_old(values), sort_keys=False, default_flow_style=None).strip()
+    return ConfigError(f"{where}key(s) {', '.join(old)} belong to the old recipe format; a method is now a list of "
+                       f"weighted terms and one sampling section. Write instead:\n{new}")
+
+
+def _old_override_error(key: str, value) -> ConfigError:
+    if key in OLD_SAMPLING:
+        return ConfigError(f"override: {key!r} is now sampling.{OLD_SAMPLING[key]} (write "
+                           f"sampling.{OLD_SAMPLING[key]}={value})")
+    return ConfigError(f"override: {key!r} belongs to the old recipe format; edit the objective's terms instead, "
+                       f"e.g. objective.sft.weight=0.5, objective.jsd.beta=0.9, objective.span.weight=1 "
+                       f"(see --print-config for the recipe's terms)")
 
 
 def _unknown(key: str, where: str) -> ConfigError:
@@ -175,8 +255,8 @@ def _coerce(key: str, value, where: str):
 
 
 def parse_override(text: str) -> tuple[str, object]:
-    """``key=value``; the value is parsed as YAML (numbers, booleans, lists, dicts). Dotted keys set dict
-    entries: ``loss_params.beta=0.5``."""
+    """``key=value``; the value is parsed as YAML (numbers, booleans, lists, dicts). Dotted keys set entries of
+    a mapping (``sampling.top_p=0.9``) or of an objective term (``objective.jsd.beta=0.9``)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value")
     key, raw = text.split("=", 1)
@@ -187,35 +267,99 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+# ---------------------------------------------------------------------------------------------- recipes
+def builtin_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem != BASE_RECIPE)
+
+
+def recipe_path(recipe: str | Path, relative_to: Path | None = None) -> Path:
+    """A recipe file, or the built-in recipe of that name."""
+    path = Path(recipe)
+    if relative_to is not None and not path.is_absolute():
+        near = relative_to.parent / path
+        if near.is_file():
+            return near
+    if path.is_file():
+        return path
+    builtin = RECIPES_DIR / f"{recipe}.yaml"
+    if builtin.is_file() and path.suffix != ".yaml":
+        return builtin
+    raise ConfigError(f"{recipe}: no such recipe file or built-in recipe ({', '.join(builtin_recipes())})")
+
+
+def read_recipe(path: Path) -> dict:
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: must be a mapping of key: value")
+    return loaded
+
+
+def merge(values: dict, delta: dict) -> dict:
+    """``delta`` over ``values``: mappings merge key by key, everything else is replaced."""
+    out = dict(values)
+    for k, v in delta.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def recipe_values(recipe: str | Path, relative_to: Path | None = None, seen: tuple = ()) -> dict:
+    """The recipe's values over its base chain, type-checked, before overrides."""
+    path = recipe_path(recipe, relative_to)
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `base:` chain loops back to itself")
+    loaded = read_recipe(path)
+    where = f"{path}: "
+    old = [k for k in loaded if k in OLD_SAMPLING or k in OLD_OBJECTIVE]
+    if old:
+        raise _old_format_error(loaded, where)
+    base = loaded.pop("base", None if path.stem == BASE_RECIPE and path.parent == RECIPES_DIR else BASE_RECIPE)
+    values = {}
+    if base not in (None, "none"):
+        values = recipe_values(base, path, seen + (path.resolve(),))
+    for k, v in loaded.items():
+        if k not in FIELDS:
+            raise _unknown(k, where)
+        loaded[k] = _coerce(k, v, where)
+    return merge(values, loaded)
+
+
+def _set_term(objective: list, sub: str, value) -> list:
+    name, _, key = sub.partition(".")
+    if not key:
+        raise ConfigError(f"override: objective.{sub} needs a key: objective.NAME.KEY=VALUE "
+                          f"(e.g. objective.{name}.weight=0.5)")
+    entries = [dict(e) for e in objective]
+    hit = [e for e in entries if entry_name(e) == name]
+    if not hit:
+        if name not in TERMS:
+            have = ", ".join(entry_name(e) for e in entries)
+            raise ConfigError(f"override: objective has no term named {name!r} (it has {have}; "
+                              f"terms to add: {', '.join(TERMS)})")
+        hit = [{"term": name, "weight": 1.0}]
+        entries.append(hit[0])
+    if key == "term":
+        raise ConfigError("override: a term's kind cannot change; set its weight to 0 and add another")
+    hit[0][key] = value
+    return entries
+
+
 def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    values: dict = {}
-    if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            builtin = RECIPES_DIR / f"{recipe}.yaml"
-            if builtin.is_file() and path.suffix != ".yaml":
-                path = builtin
-            else:
-                names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-                raise ConfigError(f"{recipe}: no such recipe file or built-in recipe ({names})")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: must be a mapping of key: value")
-        for k, v in loaded.items():
-            if k not in FIELDS:
-                raise _unknown(k, f"{path}: ")
-            values[k] = _coerce(k, v, f"{path}: ")
+    values: dict = recipe_values(recipe) if recipe is not None else {}
     for text in overrides:
         key, value = parse_override(text)
         top, _, sub = key.partition(".")
+        if top in OLD_SAMPLING or top in OLD_OBJECTIVE:
+            raise _old_override_error(key, value)
         if top not in FIELDS:
             raise _unknown(top, "override: ")
-        if sub:
+        if sub and top == "objective":
+            values["objective"] = _set_term(values.get("objective", FIELDS[top].default_factory()), sub, value)
+        elif sub:
             if HINTS[top] is not dict:
                 raise ConfigError(f"override: {top!r} is not a mapping; use {top}=VALUE")
             d = dict(values.get(top, FIELDS[top].default_factory()))  # type: ignore[misc]
@@ -224,3 +368,9 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
         else:
             values[top] = _coerce(top, value, "override: ")
     return TrainConfig(**values).check()
+
+
+def config_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as YAML (``lmdistill train ... --print-config``); loadable as a recipe."""
+    return yaml.safe_dump({"base": "none", **dataclasses.asdict(cfg)}, sort_keys=False, default_flow_style=None,
+                          width=120)

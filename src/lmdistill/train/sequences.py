@@ -1,8 +1,16 @@
-"""Where the distilled sequences come from: the recipe's ``policy`` turned into a training batch.
+"""Where the distilled sequences come from: the recipe's ``policy`` as a source of training batches.
 
-``gold`` uses the dataset's responses; ``student``, ``teacher``, ``mixed``, ``switch``, ``scrg`` and
-``teacher_mix`` call the sequence engine; ``replay`` is DistiLLM's adaptive off-policy scheme. Every sequence
-becomes a right-padded batch (``collate_for_training``), so the objective sees one format.
+A source has ``build(rows, step=, micro=, rank=, student=, teacher=, tokenizer=)`` -> :class:`SequenceBatch`, and
+may carry state across steps (``state()`` / ``load_state()``, saved in checkpoints) and react to validation
+(``observe_validation(metrics)``). The trainer calls only these, so it knows no policy by name.
+
+- ``gold``: the dataset's responses (the gold batch itself; one student forward serves every term);
+- ``student``, ``teacher``, ``mixed``, ``switch``, ``scrg``, ``teacher_mix``: the sequence engine
+  (``lmdistill.generation``), sampling with the recipe's ``sampling:`` settings;
+- ``replay``: DistiLLM's adaptive off-policy scheme (``replay.py``).
+
+Every sequence becomes a right-padded batch (``collate_for_training``), so the objective sees one layout for gold
+and generated rows; off-policy rows train on the whole gold response, not its first ``max_new_tokens``.
 """
 
 from __future__ import annotations
@@ -12,39 +20,18 @@ from dataclasses import dataclass, field
 
 from lmdistill.data.collate import collate_for_training
 from lmdistill.data.tokenize import TokenizedExample
+from lmdistill.generation import generate
 from lmdistill.train.data_order import step_seed
+from lmdistill.train.replay import ReplayBuffer
 
 
 @dataclass
 class SequenceBatch:
     batch: dict                       # collate_for_training output
     rows: list[TokenizedExample]
-    stats: dict = field(default_factory=dict)
-
-
-def sampling_config(cfg, seed: int):
-    from lmdistill.generation import SamplingConfig
-
-    return SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.gen_temperature, top_k=cfg.gen_top_k,
-                          top_p=cfg.gen_top_p, seed=seed, do_sample=True, mix_lambda=cfg.mix_lambda, tau0=cfg.tau0,
-                          lam=cfg.lam, n_corrections=cfg.n_corrections, mix_alpha=cfg.teacher_mix_alpha,
-                          decoder=cfg.gen_decoder)
-
-
-def generate_rows(policy: str, rows: list[TokenizedExample], student, teacher, tokenizer, cfg, seed: int):
-    """Run the engine on the prompts of ``rows``; return new rows with generated responses and stats."""
-    from lmdistill.generation import generate
-
-    out = generate(student, [r.prompt_ids for r in rows], policy=policy, teacher=teacher,
-                   gold=[r.response_ids for r in rows], config=sampling_config(cfg, seed),
-                   pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
-    new_rows = []
-    for r, resp, st in zip(rows, out.responses, out.stats):
-        if st.get("origin") == "gold":   # off-policy rows train on the whole gold response, not its first N tokens
-            resp = r.response_ids
-        resp = list(resp) or [tokenizer.eos_token_id]   # an empty sample still trains on EOS
-        new_rows.append(TokenizedExample(r.id, r.prompt_ids, resp, r.example))
-    return new_rows, summarise_stats(out.stats)
+    stats: dict = field(default_factory=dict)          # means over rows, logged as metrics
+    row_stats: list[dict] = field(default_factory=list)   # the engine's per-row statistics (origin, ...)
+    is_gold: bool = False             # the batch is the step's gold rows themselves
 
 
 def summarise_stats(stats: list[dict]) -> dict:
@@ -59,24 +46,89 @@ def summarise_stats(stats: list[dict]) -> dict:
     return {f"gen/{k}": sum(v) / len(v) for k, v in sums.items()}
 
 
-def build_sequences(rows: list[TokenizedExample], *, cfg, step: int, micro: int, rank: int, student, teacher,
-                    tokenizer, replay=None) -> SequenceBatch:
-    pad = tokenizer.pad_token_id
-    policy = cfg.policy
-    seed = step_seed(cfg.seed, step, rank, micro)
-    if policy == "gold":
-        return SequenceBatch(collate_for_training(rows, pad), rows)
-    if policy == "replay":
+class GoldSequences:
+    """The dataset's responses."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def gold(self, rows, tokenizer, stats: dict | None = None) -> SequenceBatch:
+        return SequenceBatch(collate_for_training(rows, tokenizer.pad_token_id), rows, stats or {}, is_gold=True)
+
+    def build(self, rows, *, step, micro, rank, student, teacher, tokenizer) -> SequenceBatch:
+        return self.gold(rows, tokenizer)
+
+    def state(self) -> dict | None:
+        return None
+
+    def load_state(self, state: dict | None) -> None:
+        pass
+
+    def observe_validation(self, metrics: dict) -> None:
+        pass
+
+
+class GeneratedSequences(GoldSequences):
+    """Sequences from the engine's policy ``policy`` on the rows' prompts."""
+
+    def __init__(self, cfg, policy: str | None = None):
+        super().__init__(cfg)
+        self.policy = policy or cfg.policy
+
+    def generated(self, rows, seed: int, student, teacher, tokenizer, extra: dict | None = None) -> SequenceBatch:
+        out = generate(student, [r.prompt_ids for r in rows], policy=self.policy, teacher=teacher,
+                       gold=[r.response_ids for r in rows], config=self.cfg.sampling_config(seed),
+                       pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+        new_rows = []
+        for r, resp, st in zip(rows, out.responses, out.stats):
+            if st.get("origin") == "gold":   # off-policy rows train on the whole gold response
+                resp = r.response_ids
+            resp = list(resp) or [tokenizer.eos_token_id]   # an empty sample still trains on EOS
+            new_rows.append(TokenizedExample(r.id, r.prompt_ids, resp, r.example))
+        stats = {**summarise_stats(out.stats), **(extra or {})}
+        return SequenceBatch(collate_for_training(new_rows, tokenizer.pad_token_id), new_rows, stats, out.stats)
+
+    def build(self, rows, *, step, micro, rank, student, teacher, tokenizer) -> SequenceBatch:
+        return self.generated(rows, step_seed(self.cfg.seed, step, rank, micro), student, teacher, tokenizer)
+
+
+class ReplaySequences(GeneratedSequences):
+    """DistiLLM's adaptive off-policy scheme over a replay buffer of student samples (``replay.py``)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg, policy="student")
+        self.buffer = ReplayBuffer(cfg.replay_capacity, cfg.replay_init_threshold)
+
+    def build(self, rows, *, step, micro, rank, student, teacher, tokenizer) -> SequenceBatch:
+        seed = step_seed(self.cfg.seed, step, rank, micro)
         rng = random.Random(seed)
-        action = replay.decide(step, cfg.max_steps, len(rows), rng)
+        action = self.buffer.decide(step, self.cfg.max_steps, len(rows), rng)
         if action == "gold":
-            return SequenceBatch(collate_for_training(rows, pad), rows, {"replay/sgo": 0.0})
+            return self.gold(rows, tokenizer, {"replay/sgo": 0.0})
         if action == "replay":
-            items = replay.sample(len(rows), rng)
+            items = self.buffer.sample(len(rows), rng)
             new = [TokenizedExample(f"replay-{i}", it["prompt_ids"], it["response_ids"]) for i, it in enumerate(items)]
-            return SequenceBatch(collate_for_training(new, pad), new, {"replay/sgo": 1.0, "replay/fresh": 0.0})
-        new, stats = generate_rows("student", rows, student, teacher, tokenizer, cfg, seed)
-        replay.push([{"prompt_ids": r.prompt_ids, "response_ids": r.response_ids} for r in new])
-        return SequenceBatch(collate_for_training(new, pad), new, {**stats, "replay/sgo": 1.0, "replay/fresh": 1.0})
-    new, stats = generate_rows(policy, rows, student, teacher, tokenizer, cfg, seed)
-    return SequenceBatch(collate_for_training(new, pad), new, stats)
+            return SequenceBatch(collate_for_training(new, tokenizer.pad_token_id), new,
+                                 {"replay/sgo": 1.0, "replay/fresh": 0.0})
+        out = self.generated(rows, seed, student, teacher, tokenizer, {"replay/sgo": 1.0, "replay/fresh": 1.0})
+        self.buffer.push([{"prompt_ids": r.prompt_ids, "response_ids": r.response_ids} for r in out.rows])
+        return out
+
+    def state(self) -> dict | None:
+        return self.buffer.state()
+
+    def load_state(self, state: dict | None) -> None:
+        if state:
+            self.buffer = ReplayBuffer.from_state(state)
+
+    def observe_validation(self, metrics: dict) -> None:
+        if "val/loss" in metrics:
+            self.buffer.observe_val_loss(metrics["val/loss"], self.cfg.replay_threshold_step, self.cfg.replay_loss_eps)
+
+
+#: Sources that are not one engine policy; every other policy is :class:`GeneratedSequences`.
+SOURCES = {"gold": GoldSequences, "replay": ReplaySequences}
+
+
+def make_sequence_source(cfg):
+    return SOURCES.get(cfg.policy, GeneratedSequences)(cfg)

@@ -1,4 +1,4 @@
-"""``mixed``: per sequence, the student's sample with probability ``mix_lambda``, else the gold response
+"""``mixed``: per sequence, the student's sample with probability ``mixed_student_prob``, else the gold response
 (GKD's on-policy fraction, ImitKD), or the teacher's sample when a row has no gold.
 
 The coin of each row comes from its noise key, so it is as reproducible as the tokens. Gold responses
@@ -23,7 +23,7 @@ def run(student, teacher, batch: Batch) -> Decoded:
     origin = []
     for b, u in enumerate(coins):
         has_gold = batch.gold is not None and batch.gold[b] is not None
-        origin.append("student" if u < batch.config.mix_lambda else "gold" if has_gold else "teacher")
+        origin.append("student" if u < batch.config.mixed_student_prob else "gold" if has_gold else "teacher")
     tokens = torch.full((batch.size, n), batch.pad_id, dtype=torch.long, device=dev)
     sources = torch.full((batch.size, n), PADDING, dtype=torch.long, device=dev)
     lengths = torch.zeros(batch.size, dtype=torch.long, device=dev)

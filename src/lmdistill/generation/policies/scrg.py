@@ -1,4 +1,4 @@
-"""``scrg``: MGSR's sequence correction and re-generation (arXiv 2407.10068, METHODS.md).
+"""``scrg``: MGSR's sequence correction and re-generation (arXiv 2407.10068, docs/METHODS.md).
 
 1. The student samples a response y; as it goes, the teacher scores it (see "Streaming" below):
    d_t = KL(p_t || q_t) (``per_token_divergence("fkl", ...)`` at the sampling temperature, 1 when
@@ -9,7 +9,7 @@
    Rows correct at different positions, so the student cache is cropped to the earliest j of the
    batch and each row re-feeds its own kept tokens up to its j before sampling again (only the
    suffix after min j is new work; one batched step per position).
-4. ``n_corrections`` rounds; a round that has another after it re-scores the positions from the
+4. ``scrg_rounds`` rounds; a round that has another after it re-scores the positions from the
    earliest correction on while it re-generates. A row without candidates is kept unchanged (our
    choice; the paper is silent).
 
@@ -92,14 +92,14 @@ def run(student, teacher, batch: Batch) -> Decoded:
     cfg, n, dev = batch.config, batch.max_new_tokens, batch.device
     s_lm = batch.runner(student)
     scorer = None
-    if cfg.n_corrections > 0:
+    if cfg.scrg_rounds > 0:
         scorer = StreamingScorer(batch.runner(teacher), batch)
         scorer.restart(None, 0)
     tokens, lengths = sample_loop(s_lm, s_lm.prefill(), batch, observe=scorer and scorer.observe)
     sources = source_tags(lengths, n, STUDENT)
     stats = [{"correction_positions": [], "regenerated_tokens": 0} for _ in range(batch.size)]
     pos = torch.arange(n, device=dev)[None, :]
-    for rnd in range(1, cfg.n_corrections + 1):
+    for rnd in range(1, cfg.scrg_rounds + 1):
         scorer.flush(tokens)
         j, has = error_positions(tokens, lengths, scorer.kl, scorer.top)
         if not bool(has.any()):
@@ -107,7 +107,7 @@ def run(student, teacher, batch: Batch) -> Decoded:
         rows = has.nonzero().flatten()
         tokens[rows, j[rows]] = scorer.top[rows, j[rows]]
         lo = int(j[rows].min())
-        rescore = rnd < cfg.n_corrections
+        rescore = rnd < cfg.scrg_rounds
         if rescore:
             scorer.restart(tokens, lo)
         free_from = torch.where(has, j + 1, torch.full_like(j, n))

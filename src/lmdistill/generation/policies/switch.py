@@ -1,13 +1,13 @@
 """``switch``: SWITCH (arXiv 2410.19503), the student writes and the teacher steps in.
 
 At response step t both models give next-token logits over the shared vocabulary. When
-``JSD(p_t, q_t) > tau_t = tau0 * exp(-lam * t)`` the token is sampled from the teacher, otherwise
+``JSD(p_t, q_t) > tau_t = switch_tau0 * exp(-switch_decay * t)`` the token is sampled from the teacher, otherwise
 from the student; both caches then advance on the chosen token (one cached step per model per token).
 
-Our choices (METHODS.md leaves them open): the JSD is the symmetric one (beta = 0.5, in nats, between
+Our choices (docs/METHODS.md leaves them open): the JSD is the symmetric one (beta = 0.5, in nats, between
 0 and ln 2) of ``softmax(logits / T)`` at the sampling temperature T (T = 1 when greedy), computed by
 ``lmdistill.losses.per_token_divergence("jsd", ...)``; the student's and the teacher's candidate tokens
-are drawn with the same noise, so ``tau0 = inf`` reproduces ``student`` and ``tau0 < 0`` ``teacher``
+are drawn with the same noise, so ``switch_tau0 = inf`` reproduces ``student`` and ``switch_tau0 < 0`` ``teacher``
 token for token. ``stats["jsd"]`` is the per-step trace and ``stats["teacher_fraction"]`` the share of
 teacher tokens. Rows that finished at EOS leave both models' forward passes (``decode.ActiveRows``).
 """

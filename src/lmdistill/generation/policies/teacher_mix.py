@@ -1,10 +1,10 @@
 """``teacher_mix``: MiniLLM's teacher-mixed sampling. Each token is drawn from the mixture
 ``alpha * p_t + (1 - alpha) * q_t`` of the teacher's and the student's next-token distributions
-(MiniLLM uses alpha = 0.2, ``SamplingConfig.mix_alpha``); both caches advance on the drawn token.
+(MiniLLM uses alpha = 0.2, ``SamplingConfig.teacher_mix_alpha``); both caches advance on the drawn token.
 
 Temperature, top-k and top-p apply to the mixture. ``alpha = 0`` reproduces ``student`` and
 ``alpha = 1`` reproduces ``teacher`` (same noise). Tokens are tagged 0 (on-policy for the student);
-``stats["mix_alpha"]`` records alpha. The trainer recomputes p and q for MiniLLM's importance weights.
+``stats["teacher_mix_alpha"]`` records alpha. The trainer recomputes p and q for MiniLLM's importance weights.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def run(student, teacher, batch: Batch) -> Decoded:
     rows = ActiveRows([s_lm, t_lm], batch.noise, b)  # finished rows leave the forward passes
     for t in range(n):
         k = rows.k
-        mix = mixture_logits(q[:k, :v].float() / temp, p[:k, :v].to(dev).float() / temp, cfg.mix_alpha)
+        mix = mixture_logits(q[:k, :v].float() / temp, p[:k, :v].to(dev).float() / temp, cfg.teacher_mix_alpha)
         nxt = pad.clone()
         nxt[:k] = pick(mix, cfg, None if cfg.greedy else rows.noise.gumbel(t, rows=k), scaled=True)
         nxt = torch.where(done, pad, nxt)
@@ -55,5 +55,5 @@ def run(student, teacher, batch: Batch) -> Decoded:
         q, p = rows.step(s_lm, tokens[:, t], q), rows.step(t_lm, tokens[:, t], p)
     tokens, lengths = rows.to_caller(tokens), rows.to_caller(lengths)
     rows.restore()
-    stats = [{"mix_alpha": cfg.mix_alpha} for _ in range(b)]
+    stats = [{"teacher_mix_alpha": cfg.teacher_mix_alpha} for _ in range(b)]
     return Decoded(tokens, lengths, source_tags(lengths, n, STUDENT), stats)

@@ -8,9 +8,12 @@ w_t = clip(q_t(y_t) / mix_t(y_t), 1 - clip, 1 + clip) (no gradient):
       - mean_t  w_t * R_{t+1} * log q_t(y_t)                           (long-term term)
     R_{t+1} = sum_{s > t} r_s / (number of terms)    with length normalisation, else the plain sum.
 
-Means are over masked response positions. The pretraining (SFT) term is the recipe's ``sft_weight``.
+Means are over masked response positions. The pretraining (SFT) term is the recipe's ``sft`` entry.
 Reconstruction: the PPO-style clipping of MiniLLM is replaced by this clipped importance weight; no value
 network, no reward baseline beyond length normalisation.
+
+As a recipe term (``pg_rkl``): ``alpha`` defaults to the sampling config's ``teacher_mix_alpha`` (the distribution
+the sequences were really drawn from), ``clip`` 0.2, ``length_norm`` true, ``temperature`` 1.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ import math
 
 import torch
 
+from lmdistill.errors import ConfigError
+from lmdistill.losses.divergences import per_token_divergence
+from lmdistill.losses.term import Term, TermInputs
+
 
 def policy_gradient_rkl(student_logits, teacher_logits, targets, mask, *, alpha: float = 0.2, clip: float = 0.2,
                         length_norm: bool = True, temperature: float = 1.0) -> torch.Tensor:
-    from lmdistill.losses import per_token_divergence
-
     v = min(student_logits.shape[-1], teacher_logits.shape[-1])   # vocabularies may differ by padding rows
     logq_v = torch.log_softmax(student_logits[..., :v].float() / temperature, -1)
     with torch.no_grad():
@@ -47,3 +52,30 @@ def policy_gradient_rkl(student_logits, teacher_logits, targets, mask, *, alpha:
     single = (w * rkl * mask).sum() / denom
     long_term = -(w * future * logq_y * mask).sum() / denom
     return single + long_term
+
+
+class PolicyGradientTerm(Term):
+    """MiniLLM's ``pg_rkl`` on the sampled sequences (formula: module docstring)."""
+
+    needs_teacher = True
+    whole_logits = True   # the returns R_{t+1} sum over each sequence
+
+    def __init__(self, *, alpha: float | None = None, clip: float = 0.2, length_norm: bool = True,
+                 temperature: float = 1.0):
+        super().__init__()
+        self.alpha, self.clip, self.length_norm, self.temperature = alpha, clip, length_norm, temperature
+
+    @classmethod
+    def check_params(cls, params: dict, where: str) -> None:
+        super().check_params(params, where)
+        alpha = params.get("alpha")
+        if alpha is not None and not (isinstance(alpha, (int, float)) and 0 <= alpha < 1):
+            raise ConfigError(f"{where}: alpha must be in [0, 1) or null (the sampling's teacher_mix_alpha)")
+        if not 0 <= params.get("clip", 0.2) < 1:
+            raise ConfigError(f"{where}: clip must be in [0, 1)")
+
+    def forward(self, inputs: TermInputs) -> torch.Tensor:
+        alpha = self.alpha if self.alpha is not None else inputs.sampling.teacher_mix_alpha
+        targets, mask = inputs.targets
+        return policy_gradient_rkl(inputs.student_logits, inputs.teacher_logits, targets, mask, alpha=alpha,
+                                   clip=self.clip, length_norm=self.length_norm, temperature=self.temperature)

@@ -1,0 +1,114 @@
+"""A training objective: a weighted list of registered terms, ``L = sum_i weight_i * term_i``.
+
+A recipe writes it as a list (as DistillKit's config does)::
+
+    objective:
+      - {term: sft, weight: 0.5}
+      - {term: fkl, weight: 0.5, temperature: 1.0}
+
+Each entry names a term of :data:`TERMS` and its parameters; ``name:`` tells apart two entries of one term (the
+default name is the term). Entries of weight 0 are left out. Each term's masked mean is weighted by its share of the
+global token count of its token set (``gold`` or ``sequences``), so micro-batches and processes add up to the same
+objective as one big batch; the trainer does that weighting and knows no term by name.
+
+A new loss is a :class:`~lmdistill.losses.term.Term` subclass in its own file plus one line in :data:`TERMS`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lmdistill.errors import ConfigError
+from lmdistill.losses.dac_kl import DACKLTerm
+from lmdistill.losses.divergences import DIVERGENCE_PARAMS
+from lmdistill.losses.model_forward import logit_postprocessing
+from lmdistill.losses.policy_gradient import PolicyGradientTerm
+from lmdistill.losses.span_correlation import SpanTerm
+from lmdistill.losses.term import Term, TermInputs
+from lmdistill.losses.terms import SequenceSFTTerm, SFTTerm, divergence_term
+
+#: Every term a recipe can list.
+TERMS: dict[str, type[Term]] = {
+    "sft": SFTTerm,
+    "seq_sft": SequenceSFTTerm,
+    **{name: divergence_term(name) for name in DIVERGENCE_PARAMS},   # fkl rkl jsd tvd skl srkl symkl
+    "dac_kl": DACKLTerm,
+    "pg_rkl": PolicyGradientTerm,
+    "span": SpanTerm,
+}
+
+ENTRY_KEYS = ("term", "weight", "name")
+
+
+def check_entry(entry, where: str) -> dict:
+    """One objective entry, validated: ``{term, weight, [name], **params}`` (a new dict)."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: each entry is a mapping like {{term: fkl, weight: 1.0}}, got {entry!r}")
+    term = entry.get("term")
+    if term not in TERMS:
+        raise ConfigError(f"{where}: unknown term {term!r}; valid: {', '.join(TERMS)}")
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise ConfigError(f"{where}: weight must be a finite number >= 0, got {weight!r}")
+    name = entry.get("name", term)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}: name must be a non-empty string, got {name!r}")
+    params = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+    TERMS[term].check_params(params, f"{where} ({term})")
+    return {"term": term, "weight": float(weight), **({"name": name} if name != term else {}), **params}
+
+
+def check_objective(entries, where: str = "objective") -> list[dict]:
+    """The recipe's ``objective`` list, validated; names must be distinct and some weight positive."""
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{where}: must be a non-empty list of terms, e.g. [{{term: sft, weight: 1.0}}]")
+    out = [check_entry(e, f"{where}[{i}]") for i, e in enumerate(entries)]
+    names = [entry_name(e) for e in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"{where}: two entries are named {dup[0]!r}; give one a distinct `name:`")
+    if not any(e["weight"] > 0 for e in out):
+        raise ConfigError(f"{where}: every weight is 0; nothing would train")
+    return out
+
+
+def entry_name(entry: dict) -> str:
+    return entry.get("name", entry["term"])
+
+
+def entry_params(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+
+
+def term_class(entry: dict) -> type[Term]:
+    return TERMS[entry["term"]]
+
+
+class Objective(nn.Module):
+    """The built terms of a (checked) objective list, with their weights; owns the terms' parameters."""
+
+    def __init__(self, entries: list[dict]):
+        super().__init__()
+        kept = [e for e in entries if e["weight"] > 0]
+        self.names = [entry_name(e) for e in kept]
+        self.weights = {entry_name(e): e["weight"] for e in kept}
+        self.terms = nn.ModuleList([term_class(e)(**entry_params(e)) for e in kept])
+
+    @property
+    def token_sets(self) -> set[str]:
+        return {t.tokens for t in self.terms}
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(t.needs_teacher for t in self.terms)
+
+    def whole_logits(self, student) -> bool:
+        return any(t.whole_logits for t in self.terms) or logit_postprocessing(student)
+
+    def forward(self, inputs: TermInputs, chunked: bool = False) -> dict[str, tuple[torch.Tensor, str]]:
+        """``name -> (masked mean, token set)`` of every term on one micro-batch."""
+        return {name: (term.chunked(inputs) if chunked else term(inputs), term.tokens)
+                for name, term in zip(self.names, self.terms)}

@@ -1,0 +1,93 @@
+"""The pieces a training run is built from: accelerator, data rows, models, optimiser and schedule.
+
+Each builder takes the recipe (``TrainConfig``) and returns one piece; ``trainer.Run`` calls them in a fixed order
+(the order fixes the random state every later piece sees, so runs restore and reproduce exactly).
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from lmdistill.data import load_examples, tokenize_examples
+from lmdistill.errors import ConfigError
+from lmdistill.models import load_model, load_tokenizer
+from lmdistill.train.config import TrainConfig
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    use_bf16 = cfg.mixed_precision == "bf16" or (
+        cfg.mixed_precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    # without CUDA, `accelerate launch --multi_gpu --num_processes N` runs N CPU processes over gloo
+    cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    acc = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=cpu)
+    if cfg.batch_size % acc.num_processes:
+        raise ConfigError(f"batch_size ({cfg.batch_size}) must split evenly over {acc.num_processes} processes")
+    return acc
+
+
+def check_tokenizers(student_tok, teacher_tok) -> None:
+    """Refuse tokenizers that disagree on more than padding: the shared id range must map to the same tokens."""
+    sv = {i: t for t, i in student_tok.get_vocab().items()}
+    tv = {i: t for t, i in teacher_tok.get_vocab().items()}
+    for i in range(min(len(sv), len(tv))):
+        if sv.get(i) != tv.get(i):
+            raise ConfigError(f"teacher and student tokenizers differ at id {i}: student {sv.get(i)!r}, "
+                              f"teacher {tv.get(i)!r}; distillation needs a shared tokenizer")
+    for name in ("eos_token_id", "pad_token_id"):
+        if getattr(student_tok, name) != getattr(teacher_tok, name):
+            raise ConfigError(f"teacher and student tokenizers have different {name}")
+
+
+def load_tokenizers(cfg: TrainConfig):
+    tokenizer = load_tokenizer(cfg.student)
+    if cfg.teacher:
+        check_tokenizers(tokenizer, load_tokenizer(cfg.teacher))
+    return tokenizer
+
+
+def load_rows(cfg: TrainConfig, tokenizer) -> tuple[list, list, list[str]]:
+    """Tokenized training rows, validation rows (the first ``eval_limit``) and the filters' reports."""
+    train = load_examples(cfg.data)
+    examples = train.examples[: cfg.max_train_examples or None]
+    rows, reports = tokenize_examples(examples, tokenizer, template=cfg.template,
+                                      max_prompt_length=cfg.max_prompt_length, max_length=cfg.max_length)
+    reports = [str(r) for r in reports]
+    if not rows:
+        raise ConfigError(f"data: no training rows left after filtering ({'; '.join(reports)})")
+    valid_rows = []
+    if cfg.valid_data:
+        valid = load_examples(cfg.valid_data)
+        valid_rows, _ = tokenize_examples(valid.examples[: max(cfg.eval_limit, 1)], tokenizer, template=cfg.template,
+                                          max_prompt_length=cfg.max_prompt_length, max_length=cfg.max_length)
+    return rows, valid_rows, reports
+
+
+def load_student(cfg: TrainConfig, device):
+    student = load_model(cfg.student, dtype=cfg.student_dtype, device=str(device), trainable=True)
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        student = get_peft_model(student, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                     lora_dropout=cfg.lora_dropout,
+                                                     target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM"))
+    student.train()
+    return student
+
+
+def load_teacher(cfg: TrainConfig, device):
+    return load_model(cfg.teacher, dtype=cfg.teacher_dtype, device=str(device)) if cfg.teacher else None
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]):
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+def make_scheduler(cfg: TrainConfig, optimizer):
+    from transformers import get_scheduler
+
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * cfg.max_steps)
+    return get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=warmup, num_training_steps=cfg.max_steps)
