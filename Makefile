@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests
 
 test-all: install

@@ -32,12 +32,12 @@ from lmdistill.generation.engine import pad_left
 from lmdistill.generation.noise import NoiseSource, keys_from_seed
 from lmdistill.generation.runner import CachedLM
 from lmdistill.generation.sampling import pick
+from lmdistill.data import load_examples
 from lmdistill.losses import per_token_divergence
+from lmdistill.models import build_model, build_tokenizer, load_model
 
 
 def load_models(root: Path):
-    from lmdistill.models import build_model, build_tokenizer, load_model
-
     tok = build_tokenizer()
     build_model("tiny-student", root / "student", tokenizer=tok, seed=0)
     build_model("tiny-teacher", root / "teacher", tokenizer=tok, seed=1)
@@ -45,8 +45,6 @@ def load_models(root: Path):
 
 
 def bench_prompts(tok, batch: int, max_len: int = 48) -> list[list[int]]:
-    from lmdistill.data import load_examples
-
     out = []
     for ex in load_examples("dolly").examples:
         ids = tok(ex.instruction, add_special_tokens=False)["input_ids"]

@@ -30,12 +30,14 @@ import subprocess
 import sys
 import time
 
+import torch
+
+from lmdistill.losses import chunked_divergence, jsd
+
 VARIANTS = ["trl", "ours-chunked", "ours-chunked-tlogits", "ours-direct", "liger"]
 
 
 def _inputs(args):
-    import torch
-
     g = torch.Generator().manual_seed(0)
     b, t, h, v = args.batch, args.seq, args.hidden, args.vocab
     hs = torch.randn(b, t, h, generator=g).requires_grad_(True)
@@ -47,8 +49,6 @@ def _inputs(args):
 
 
 def _step_fn(variant, args):
-    import torch
-
     hs, ws, ht, wt, labels = _inputs(args)
     beta = 0.5
     if variant == "trl":
@@ -60,21 +60,15 @@ def _step_fn(variant, args):
                 t_logits = ht @ wt.T
             return GKDTrainer.generalized_jsd_loss(hs @ ws.T, t_logits, labels=labels, beta=beta)
     elif variant == "ours-direct":
-        from lmdistill.losses import jsd
-
         def step():
             with torch.no_grad():
                 t_logits = ht @ wt.T
             return jsd(hs @ ws.T, t_logits, beta=beta)
     elif variant == "ours-chunked":
-        from lmdistill.losses import chunked_divergence
-
         def step():
             return chunked_divergence("jsd", hs, ws, teacher_hidden=ht, teacher_head_weight=wt, beta=beta,
                                       chunk_size=args.chunk_size)
     elif variant == "ours-chunked-tlogits":
-        from lmdistill.losses import chunked_divergence
-
         def step():
             with torch.no_grad():
                 t_logits = ht @ wt.T
@@ -93,8 +87,6 @@ def _step_fn(variant, args):
 
 
 def child(args):
-    import torch
-
     torch.set_num_threads(args.threads)
     step, params = _step_fn(args.child, args)
     base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports + inputs, before any step

@@ -11,13 +11,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from lmdistill.models import build_model, build_tokenizer  # noqa: E402
+
 torch.set_num_threads(1)  # tiny models: more threads only contend (two xdist workers on two cores)
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from lmdistill.models import build_tokenizer
-
     return build_tokenizer()
 
 
@@ -25,8 +25,6 @@ def tokenizer():
 def model_dirs(tmp_path_factory, tokenizer):
     """Folders of HF models: ``teacher`` (micro, seed 1), ``student`` (micro, seed 2),
     ``padded_student`` (micro with the embedding padded to 4160 rows)."""
-    from lmdistill.models import build_model
-
     root = tmp_path_factory.mktemp("models")
     dirs = {"teacher": root / "teacher", "student": root / "student", "padded_student": root / "padded"}
     build_model("micro", dirs["teacher"], tokenizer=tokenizer, seed=1)

@@ -9,9 +9,10 @@ import time
 
 import pytest
 
-from lmdistill.quantify.cache import CachedClient, ResponseCache
-from lmdistill.quantify.clients import (AuthenticationFailed, ClientError, RequestRejected, RetriesExhausted,
-                                        RetryPolicy, make_client)
+from lmdistill.clients import (AuthenticationFailed, CachedClient, ClientError, RequestRejected, ResponseCache,
+                               RetriesExhausted, RetryPolicy, make_client)
+from lmdistill.errors import ConfigError
+from lmdistill.models import load_model_and_tokenizer
 from lmdistill.serve import ServerThread, create_app
 from lmdistill.serve.testing import scripted_app
 
@@ -146,8 +147,6 @@ def test_rejected_requests_are_cached_and_reraised(tmp_path):
 
 
 def test_local_client_matches_served_model(model_dirs):
-    from lmdistill.models import load_model_and_tokenizer
-
     local = make_client(model_dirs["student"])
     assert local.name == model_dirs["student"]
     model, tok = load_model_and_tokenizer(model_dirs["student"])
@@ -194,8 +193,6 @@ def test_switches_to_max_completion_tokens_when_asked():
 
 
 def test_corrupt_cache_line_is_a_clear_error(tmp_path):
-    from lmdistill.errors import ConfigError
-
     path = tmp_path / "c.jsonl"
     path.write_text('{"key": "a", "answer": "x"}\nnot json\n{"key": "b", "answer": "y"}\n')
     with pytest.raises(ConfigError, match="c.jsonl:2"):

@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmdistill.cli import main
-from lmdistill.data import (BENCHMARKS, IGNORE_INDEX, Example, collate_for_generation, collate_for_training,
-                            filter_empty_outputs, format_prompt, load_examples, tokenize_examples)
+from lmdistill.data import (BENCHMARKS, Example, IGNORE_INDEX, TokenizedExample, collate_for_generation,
+                            collate_for_training, filter_empty_outputs, format_prompt, load_examples, tokenize_examples)
 from lmdistill.data.registry import count_rows
 from lmdistill.errors import DataError
 
@@ -135,8 +135,6 @@ def test_empty_filter_reports():
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 6), st.integers(0, 5)), min_size=1, max_size=5))
 def test_collation_padding(lengths):
-    from lmdistill.data import TokenizedExample
-
     batch = [TokenizedExample(str(i), list(range(10, 10 + p)), list(range(50, 50 + r)))
              for i, (p, r) in enumerate(lengths)]
     tr = collate_for_training(batch, pad_id=0)

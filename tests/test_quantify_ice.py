@@ -14,11 +14,13 @@ from collections import Counter
 import pytest
 
 from lmdistill.cli import main
-from lmdistill.quantify.cache import ResponseCache
-from lmdistill.quantify.clients import make_client
+from lmdistill.clients import ResponseCache, make_client
+from lmdistill.models import load_model_and_tokenizer
 from lmdistill.quantify.ice import IceConfig, run_ice, write_ice
-from lmdistill.quantify.identity import RuleJudge
+from lmdistill.quantify.identity import RuleJudge, find_names
 from lmdistill.quantify.judges import LLMJudge
+from lmdistill.quantify.questions import identity_questions
+from lmdistill.quantify.templates import fill
 from lmdistill.serve import ServerThread, create_app
 from test_quantify_support import FACT, start_scripted, target_reply
 
@@ -55,7 +57,6 @@ def test_ice_scores_with_rule_and_llm_judge(scripted, tmp_path):
     assert 0 < expect_strict < expect_loose
     assert (s["loose_hits"], s["strict_hits"]) == (expect_loose, expect_strict)
     assert s["loose"] == round(expect_loose / 100, 4)
-    from lmdistill.quantify.identity import find_names
 
     def names_other_models(row):  # independent of misleading_names: any non-TinyStudent name in the prompt
         return bool(find_names(_prompt(result, row)))
@@ -78,9 +79,6 @@ def test_ice_scores_with_rule_and_llm_judge(scripted, tmp_path):
 
 
 def _prompt(result, row):
-    from lmdistill.quantify.questions import identity_questions
-    from lmdistill.quantify.templates import fill
-
     q = {x.id: x.text for x in identity_questions()}[row["question"]]
     return fill(result["steps"][row["step"]]["template"], q)
 
@@ -106,8 +104,6 @@ def test_ice_survives_faults_identically(scripted, tmp_path):
 
 
 def test_ice_cli_against_served_micro_model(model_dirs, scripted, tmp_path):
-    from lmdistill.models import load_model_and_tokenizer
-
     model, tok = load_model_and_tokenizer(model_dirs["student"])
     with ServerThread(create_app(model, tok, model_name="micro", max_tokens_limit=32)) as micro:
         out = tmp_path / "ice"

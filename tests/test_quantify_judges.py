@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from lmdistill.clients import make_client
 from lmdistill.quantify.fuzz import MCTSExplore
 from lmdistill.quantify.identity import RuleJudge, identity_claims, misleading_names
 from lmdistill.quantify.judges import LLMJudge, judge_agreement, labelled_examples, parse_verdict
@@ -78,8 +79,6 @@ def test_parse_scores():
 def test_llm_judge_reasks_then_gives_up():
     replies = iter(["hmm", "still thinking", "VERDICT: YES", "VERDICT: YES"])
     with ServerThread(scripted_app(lambda m, b: next(replies, "no idea"))) as srv:
-        from lmdistill.quantify.clients import make_client
-
         judge = LLMJudge(make_client(f"openai:j@{srv.base_url}", base_delay=0.001), max_reasks=2)
         v = judge.judge("I am ChatGPT", "I am Qwen")
         assert v.loose and v.strict and not v.unparsable

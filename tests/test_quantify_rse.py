@@ -8,16 +8,19 @@ import json
 import pytest
 
 from lmdistill.cli import main
-from lmdistill.quantify.rse import load_prompt_set
+from lmdistill.clients import make_client
+from lmdistill.errors import ConfigError
+from lmdistill.models import load_model_and_tokenizer
+from lmdistill.quantify.judges import LLMJudge
+from lmdistill.quantify.rse import load_prompt_set, run_rse
 from lmdistill.quantify.similarity import blocks, similarity
 from lmdistill.serve import ServerThread, create_app
+from lmdistill.serve.testing import scripted_app
 from test_quantify_support import start_scripted
 
 
 @pytest.fixture(scope="module")
 def servers(model_dirs):
-    from lmdistill.models import load_model_and_tokenizer
-
     started = {}
     for role in ("teacher", "student"):
         model, tok = load_model_and_tokenizer(model_dirs[role])
@@ -60,10 +63,6 @@ def test_rse_cli_with_judge_and_embeddings(servers, model_dirs, tmp_path):
 
 
 def test_rse_without_judge_and_unparsable_judge(servers, tmp_path):
-    from lmdistill.quantify.clients import make_client
-    from lmdistill.quantify.rse import run_rse
-    from lmdistill.serve.testing import scripted_app
-
     sets = dict([load_prompt_set("arena-hard", 2)])
     t = make_client(spec(servers["student"], "student"))
     same = run_rse(t, t, sets, max_tokens=8, progress=False)
@@ -78,8 +77,6 @@ def test_rse_without_judge_and_unparsable_judge(servers, tmp_path):
 
 
 def test_prompt_set_loading_errors(tmp_path):
-    from lmdistill.errors import ConfigError
-
     name, items = load_prompt_set("arena-hard")
     assert name == "arena-hard" and len(items) == 500
     bad = tmp_path / "bad.jsonl"
@@ -148,11 +145,6 @@ def test_agreement_cli(tmp_path, capsys):
 
 
 def test_judges_that_reject_requests_do_not_crash(servers):
-    from lmdistill.quantify.clients import make_client
-    from lmdistill.quantify.judges import LLMJudge
-    from lmdistill.quantify.rse import run_rse
-    from lmdistill.serve.testing import scripted_app
-
     with ServerThread(scripted_app(lambda m, b: "", fault=lambda n, b: (400, "too long"))) as bad:
         judge = make_client(spec(bad, "bad"))
         t = make_client(spec(servers["student"], "student"))

@@ -15,6 +15,12 @@ import pytest
 import torch
 
 from lmdistill.cli import main
+from lmdistill.demo_real import run_real_demo
+from lmdistill.errors import ModelLoadError
+from lmdistill.models import count_parameters, load_model, load_tokenizer
+from lmdistill.models.pretrained import gguf_path
+from lmdistill.quantify.whitebox import load_whitebox_items, run_whitebox
+from lmdistill.serve import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -22,9 +28,6 @@ NAME = "smollm2-135m-instruct"
 
 
 def _wheel_installed() -> bool:
-    from lmdistill.errors import ModelLoadError
-    from lmdistill.models.pretrained import gguf_path
-
     try:
         gguf_path(NAME)
         return True
@@ -52,9 +55,6 @@ def real(tmp_path_factory):
 def test_get_writes_a_folder_whose_logits_equal_the_gguf_model(real, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmdistill.models import load_model, load_tokenizer
-    from lmdistill.models.pretrained import gguf_path
-
     path = gguf_path(NAME)
     gguf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -78,8 +78,6 @@ def test_get_writes_a_folder_whose_logits_equal_the_gguf_model(real, capsys):
 
 @needs_wheel
 def test_prune_keeps_what_it_reports(real):
-    from lmdistill.models import count_parameters, load_model
-
     info = json.loads((real["root"] / "student" / "prune.json").read_text())
     model = load_model(real["student"])
     assert model.config.num_hidden_layers == 4 == len(info["kept_layers"])
@@ -134,8 +132,6 @@ def test_train_each_method_one_step_changes_the_student(real, tmp_path, method):
 def test_serve_then_quantify_ice_rse_whitebox_against_it(real, tmp_path):
     import httpx
 
-    from lmdistill.serve import free_port
-
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lmdistill", "serve", real["student"], "--port", str(port),
                              "--model-name", "student", "--max-tokens-limit", "64"],
@@ -174,8 +170,6 @@ def test_serve_then_quantify_ice_rse_whitebox_against_it(real, tmp_path):
 @needs_wheel
 def test_pruned_student_is_closer_to_the_teacher_after_kd(real, tmp_path):
     """A few KD steps move the pruned student towards the teacher: white-box KL on held-out prompts falls."""
-    from lmdistill.quantify.whitebox import load_whitebox_items, run_whitebox
-
     out = tmp_path / "kd"
     assert main(["train", "kd", f"student={real['student']}", f"teacher={real['teacher']}", f"output_dir={out}",
                  "template=chat", "max_steps=6", "batch_size=4", "micro_batch_size=4", "max_length=64",
@@ -191,8 +185,6 @@ def test_pruned_student_is_closer_to_the_teacher_after_kd(real, tmp_path):
 @needs_wheel
 def test_smollm2_demo_pipeline_end_to_end(tmp_path):
     """The smollm2 preset's whole pipeline at smoke size: report, chart and every measured section."""
-    from lmdistill.demo_real import run_real_demo
-
     report = run_real_demo("smollm2-smoke", tmp_path).read_text()
     for heading in ("| model | ROUGE-L | recovery |", "## What the numbers say", "White-box KL to the teacher",
                     "## Identity (ICE)", "I am SmolLM, trained by Hugging Face", "![summary](summary.png)"):

@@ -16,6 +16,7 @@ import yaml
 
 from lmdistill.cli import main
 from lmdistill.errors import ConfigError
+from lmdistill.losses import forward_kl
 from lmdistill.losses import objective as objective_mod
 from lmdistill.losses.term import Term
 from lmdistill.train import Callback, load_config, train
@@ -140,8 +141,6 @@ class HalfKL(Term):
         self.scale = scale
 
     def forward(self, inputs):
-        from lmdistill.losses import forward_kl
-
         return self.scale * forward_kl(inputs.student_logits, inputs.teacher_logits, inputs.logits_mask)
 
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import lmdistill.cli as cli
+import lmdistill.cli.data_cmd as data_cmd
 import lmdistill.runtime as runtime
 
 # a product of normal floats that is subnormal in float32 (1e-20 * 1e-20 = 1e-40), computed by a parallel kernel
@@ -28,10 +29,20 @@ def test_flush_denormals_in_a_fresh_process(env, flushed):
     assert int(survivors) == (0 if flushed else 1 << 20)
 
 
-def test_executable_applies_process_settings_before_main(monkeypatch):
+def test_executable_applies_process_settings_before_the_command(monkeypatch):
     calls = []
     monkeypatch.setattr(runtime, "flush_denormals", lambda: calls.append("flush") or True)
-    monkeypatch.setattr(cli, "main", lambda argv=None: calls.append("main") or 0)
+    monkeypatch.setattr(data_cmd, "cmd_list", lambda args: calls.append("command") or 0)
+    monkeypatch.setattr(sys, "argv", ["lmdistill", "data", "list"])
     with pytest.raises(SystemExit) as exit_info:
         cli.run()
-    assert exit_info.value.code == 0 and calls == ["flush", "main"]
+    assert exit_info.value.code == 0 and calls == ["flush", "command"]
+
+
+def test_help_returns_before_the_process_settings(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(runtime, "flush_denormals", lambda: calls.append("flush") or True)
+    monkeypatch.setattr(sys, "argv", ["lmdistill", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run()
+    assert exit_info.value.code == 0 and calls == [] and "quantify" in capsys.readouterr().out

@@ -8,7 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from lmdistill.serve import ChatEngine, ServerThread, create_app
+from lmdistill.cli import main
+from lmdistill.clients import RequestRejected, make_client
+from lmdistill.models import load_model_and_tokenizer
+from lmdistill.serve import ChatEngine, ServerThread, create_app, free_port
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -17,8 +20,6 @@ MSG = [{"role": "user", "content": "Who are you?"}]
 
 @pytest.fixture(scope="module")
 def served(model_dirs):
-    from lmdistill.models import load_model_and_tokenizer
-
     model, tok = load_model_and_tokenizer(model_dirs["student"])
     app = create_app(model, tok, model_name="micro", api_key=KEY, max_tokens_limit=64, default_max_tokens=8)
     with ServerThread(app) as srv:
@@ -136,8 +137,6 @@ def test_concurrent_requests_are_serialised_safely(served):
 
 
 def test_truncate_prompt_and_body_limit_options(model_dirs):
-    from lmdistill.models import load_model_and_tokenizer
-
     model, tok = load_model_and_tokenizer(model_dirs["student"])
     app = create_app(model, tok, model_name="m", max_tokens_limit=16, truncate_prompt=True)
     with ServerThread(app) as srv:
@@ -170,8 +169,6 @@ def test_abandoned_stream_does_not_block_the_model(served):
 
 
 def test_serve_cli_rejects_bad_limit(model_dirs, capsys):
-    from lmdistill.cli import main
-
     assert main(["serve", model_dirs["student"], "--max-tokens-limit", "0"]) == 2
     assert "--max-tokens-limit" in capsys.readouterr().err
 
@@ -180,8 +177,6 @@ def test_serve_command_runs_a_real_server(model_dirs):
     import subprocess
     import sys
     import time
-
-    from lmdistill.serve import free_port
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lmdistill", "serve", model_dirs["student"], "--port", str(port),
@@ -197,7 +192,6 @@ def test_serve_command_runs_a_real_server(model_dirs):
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        from lmdistill.quantify.clients import RequestRejected, make_client
 
         client = make_client(f"openai:stu@{base}", api_key="s3cret")
         assert isinstance(client.chat(MSG, max_tokens=4), str)

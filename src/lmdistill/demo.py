@@ -16,7 +16,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lmdistill.errors import ConfigError
+from lmdistill.evaluate.report import AVERAGE, markdown_table
+from lmdistill.evaluate.run import evaluate_models
 from lmdistill.io import write_json, write_text
+from lmdistill.models import build_model
+from lmdistill.train import load_config, train
+from lmdistill.train.metrics_log import plot_curves
 
 METHODS = ("sft", "kd", "seqkd", "gkd", "distillm", "switch", "mgsr")
 
@@ -66,9 +72,6 @@ def _common(p: Preset, out: Path, steps: int, lr: float) -> list[str]:
 
 def build_teacher(p: Preset, cache: Path) -> Path:
     """Train (or reuse) the SFT teacher; the cache key covers every setting that changes it."""
-    from lmdistill.models import build_model
-    from lmdistill.train import load_config, train
-
     settings = {"size": p.teacher_size, "steps": p.teacher_steps, "lr": p.teacher_lr, "batch": p.batch_size,
                 "len": p.max_length, "prompt": p.max_prompt_length, "n": p.train_examples, "v": 1}
     root = cache / f"teacher-{_key(settings)}"
@@ -83,9 +86,6 @@ def build_teacher(p: Preset, cache: Path) -> Path:
 
 
 def distill_all(p: Preset, teacher: Path, out: Path) -> dict[str, Path]:
-    from lmdistill.models import build_model
-    from lmdistill.train import load_config, train
-
     init = out / "student-init"
     if not (init / "config.json").exists():
         build_model(p.student_size, init, seed=0)
@@ -116,8 +116,6 @@ def _compare(a: dict, b: dict) -> tuple[float, float]:
 def verdicts(results: dict, baseline: str = "sft") -> list[str]:
     """Which methods beat ``baseline`` on the average: difference of means larger than twice its standard error
     over seeds (Welch); otherwise 'no clear difference' or 'worse'."""
-    from lmdistill.evaluate.run import AVERAGE
-
     models = results["models"]
     base = models[baseline][AVERAGE]
     lines = []
@@ -137,8 +135,6 @@ def verdicts(results: dict, baseline: str = "sft") -> list[str]:
 
 def teacher_vs_sft(results: dict) -> list[str]:
     """Per benchmark and on average: is the teacher ahead of the SFT student by more than 2 standard errors?"""
-    from lmdistill.evaluate.run import AVERAGE
-
     t, s = results["models"]["teacher"], results["models"]["sft"]
     parts = []
     for bench in [*results["benchmarks"], AVERAGE]:
@@ -154,17 +150,11 @@ def teacher_vs_sft(results: dict) -> list[str]:
 
 
 def run_demo(preset: str | Preset = "full", out: str | Path = "runs/demo", name: str | None = None) -> Path:
-    from lmdistill.evaluate.report import markdown_table
-    from lmdistill.evaluate.run import evaluate_models
-    from lmdistill.train.metrics_log import plot_curves
-
     if isinstance(preset, Preset):
         p, preset = preset, name or "custom"
     elif preset in PRESETS:
         p = PRESETS[preset]
     else:
-        from lmdistill.errors import ConfigError
-
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     out = Path(out) / preset
     t0 = time.time()
@@ -181,7 +171,6 @@ def run_demo(preset: str | Preset = "full", out: str | Path = "runs/demo", name:
     curves = plot_curves(None, out / "training_curves.png",
                          runs={m: out / "methods" / m / "metrics.jsonl" for m in finals})
     table = markdown_table(results)
-    from lmdistill.evaluate.run import AVERAGE
 
     teacher_avg = results["models"]["teacher"][AVERAGE]
     sft_avg = results["models"]["sft"][AVERAGE] if "sft" in results["models"] else None

@@ -21,7 +21,19 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lmdistill.clients import ResponseCache, make_client
+from lmdistill.evaluate.predictors import ModelSpec
+from lmdistill.evaluate.report import AVERAGE, markdown_table
+from lmdistill.evaluate.run import evaluate_models
+from lmdistill.evaluate.store import bench_dirname, seed_paths
 from lmdistill.io import read_jsonl, write_json, write_text
+from lmdistill.models.pretrained import PRETRAINED, get_pretrained
+from lmdistill.models.prune import prune
+from lmdistill.quantify.ice import IceConfig, run_ice, write_ice
+from lmdistill.quantify.judges import make_judge
+from lmdistill.quantify.rse import load_prompt_set, run_rse, write_rse
+from lmdistill.quantify.whitebox import run_whitebox, write_whitebox
+from lmdistill.train import load_config, train
 
 
 @dataclass(frozen=True)
@@ -70,9 +82,6 @@ def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
 
 def per_example_scores(eval_dir: Path, results: dict, name: str) -> list[float]:
     """ROUGE-L per example, averaged over seeds, concatenated over benchmarks (fixed order: paired across models)."""
-    from lmdistill.evaluate.predictors import ModelSpec
-    from lmdistill.evaluate.store import bench_dirname, seed_paths
-
     scores = []
     for bench in results["benchmarks"]:
         by_id: dict[str, list[float]] = {}
@@ -85,9 +94,6 @@ def per_example_scores(eval_dir: Path, results: dict, name: str) -> list[float]:
 
 
 def _prepare(p: RealPreset, cache: Path) -> tuple[Path, Path, dict]:
-    from lmdistill.models.prune import prune
-    from lmdistill.models.pretrained import get_pretrained
-
     teacher = get_pretrained(p.model, cache / p.model)
     student = cache / f"{p.model}-{p.prune_method}-{p.layers}l-c{p.calibration_samples}"
     if not (student / "prune.json").exists():
@@ -98,8 +104,6 @@ def _prepare(p: RealPreset, cache: Path) -> tuple[Path, Path, dict]:
 
 
 def _distil(p: RealPreset, teacher: Path, student: Path, out: Path) -> dict[str, Path]:
-    from lmdistill.train import load_config, train
-
     finals = {}
     for method in p.methods:
         run = out / "methods" / method
@@ -120,11 +124,6 @@ def _distil(p: RealPreset, teacher: Path, student: Path, out: Path) -> dict[str,
 
 def _quantify(p: RealPreset, teacher: Path, students: dict[str, Path], out: Path) -> dict:
     """RSE (judge-free) and white-box degree of every student; teacher answers are generated once (cache)."""
-    from lmdistill.quantify.cache import ResponseCache
-    from lmdistill.quantify.clients import make_client
-    from lmdistill.quantify.rse import load_prompt_set, run_rse, write_rse
-    from lmdistill.quantify.whitebox import run_whitebox, write_whitebox
-
     sets = dict([load_prompt_set("arena-hard", p.quantify_prompts)])
     cache = ResponseCache(out / "cache.jsonl")
     reference = make_client(str(teacher), name="teacher", cache=cache, device="cpu")
@@ -149,12 +148,6 @@ def _quantify(p: RealPreset, teacher: Path, students: dict[str, Path], out: Path
 
 
 def _ice(p: RealPreset, teacher: Path, targets: dict[str, Path], out: Path) -> dict:
-    from lmdistill.models.pretrained import PRETRAINED
-    from lmdistill.quantify.cache import ResponseCache
-    from lmdistill.quantify.clients import make_client
-    from lmdistill.quantify.ice import IceConfig, run_ice, write_ice
-    from lmdistill.quantify.judges import make_judge
-
     fact = PRETRAINED[p.model].system_fact
     cache = ResponseCache(out / "cache.jsonl")
     helper = make_client(str(teacher), name="helper", cache=cache, device="cpu")
@@ -201,9 +194,6 @@ def _chart(rows: list[dict], teacher_score: float, pruned_score: float, path: Pa
 
 
 def run_real_demo(preset: str = "smollm2", out: str | Path = "runs/demo") -> Path:
-    from lmdistill.evaluate.report import markdown_table
-    from lmdistill.evaluate.run import AVERAGE, evaluate_models
-
     p = REAL_PRESETS[preset]
     root = Path(out) / preset
     t0 = time.time()

@@ -7,10 +7,9 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
-if TYPE_CHECKING:
-    from lmdistill.errors import Problem
+from lmdistill.errors import Problem
 
 
 @contextmanager
@@ -109,14 +108,12 @@ def truncate_torn_tail(path: str | os.PathLike) -> int:
     return len(data) - keep
 
 
-def iter_jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any, "Problem | None"]]:
+def iter_jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any, Problem | None]]:
     """``(1-based line, decoded JSON or None, Problem or None)`` for each non-blank line of a user's JSONL file.
 
     Undecodable bytes and malformed JSON become a ``Problem`` naming the file and line, never an exception, so
     callers can report every bad line at once (or skip them and say which).
     """
-    from lmdistill.errors import Problem
-
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:

@@ -1,48 +1,72 @@
 """The ``lmdistill`` command line.
 
-Each subcommand lives in its own module here and exposes ``register(subparsers)``, which adds its
-parser and sets ``func``. Errors the user can fix (``LmdistillError``) print one clear message and
+Each subcommand lives in its own module here (``lmdistill.cli.NAME_cmd``) and exposes
+``register(subparsers)``, which adds its parser and sets ``func``. ``COMMANDS`` holds the one line each
+shows in ``lmdistill --help``. Errors the user can fix (``LmdistillError``) print one clear message and
 exit with status 2; no traceback.
+
+The one exception to the package's rule of imports at the top of a module: the dispatcher imports a
+subcommand's module only when that subcommand is given, because those modules pull in torch and most
+of the package, and ``lmdistill --help`` should answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 
-from lmdistill import __version__
+from lmdistill import __version__, runtime
 from lmdistill.errors import LmdistillError
 
-COMMANDS = ("data", "models", "generate", "train", "eval", "score", "demo", "quantify", "serve")
+COMMANDS = {
+    "data": "bundled benchmarks and data validation",
+    "models": "build tiny models, get real pretrained ones, prune students",
+    "generate": "generate responses with a policy (student, teacher, mixed, switch, scrg, teacher_mix)",
+    "train": "distill a teacher into a student with a recipe",
+    "eval": "ROUGE-L on Dolly, Self-Instruct, Vicuna, S-NI and UnNI (MiniLLM protocol)",
+    "score": "score existing predictions (JSONL id/output) with the protocol's ROUGE-L",
+    "demo": "distil students with each method, evaluate, quantify, report",
+    "quantify": "measure distillation: ICE, RSE, white-box degree",
+    "serve": "serve a local model with an OpenAI-compatible API (/v1/chat/completions)",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is not an option (the top level takes no values)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv``: the full parser of the subcommand it names, a one-line entry for every other."""
     parser = argparse.ArgumentParser(prog="lmdistill", description="Distill LLMs and measure how distilled a model is.")
     parser.add_argument("--version", action="version", version=f"lmdistill {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        module = f"lmdistill.cli.{name}_cmd"
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module).register(sub)
+    chosen = _command_in(sys.argv[1:] if argv is None else argv)
+    for name, line in COMMANDS.items():
+        if name == chosen:
+            importlib.import_module(f"lmdistill.cli.{name}_cmd").register(sub)
+        else:
+            sub.add_parser(name, help=line)
     return parser
 
 
 def run() -> None:
-    """The ``lmdistill`` executable (and ``python -m lmdistill``): process settings, then ``main``."""
-    from lmdistill.runtime import flush_denormals
-
-    flush_denormals()
-    raise SystemExit(main())
+    """The ``lmdistill`` executable (and ``python -m lmdistill``): ``main`` with the process settings applied."""
+    raise SystemExit(main(process_settings=True))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, *, process_settings: bool = False) -> int:
+    """Run the subcommand ``argv`` names. With ``process_settings`` (the executable) the settings of
+    ``lmdistill.runtime`` are applied once the arguments parse, so ``--help`` and usage errors never load torch."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if process_settings:
+        runtime.flush_denormals()
     try:
         return int(args.func(args) or 0)
     except LmdistillError as e:

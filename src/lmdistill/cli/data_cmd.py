@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 import statistics
 
+from lmdistill.cli import COMMANDS
+from lmdistill.data import load_examples, tokenize_examples
+from lmdistill.data.registry import BENCHMARKS, count_rows
+from lmdistill.errors import DataError
+from lmdistill.models import build_tokenizer, load_tokenizer
+
 
 def register(sub) -> None:
-    p = sub.add_parser("data", help="bundled benchmarks and data validation")
+    p = sub.add_parser("data", help=COMMANDS["data"])
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     ls = dsub.add_parser("list", help="list bundled benchmarks (name, split, rows, license)")
     ls.set_defaults(func=cmd_list)
@@ -26,8 +32,6 @@ def register(sub) -> None:
 
 
 def cmd_list(args) -> int:
-    from lmdistill.data.registry import BENCHMARKS, count_rows
-
     rows = [("name", "split", "rows", "license", "title")]
     for b in BENCHMARKS.values():
         for split in b.splits:
@@ -48,9 +52,6 @@ def _stats(xs: list[int]) -> dict:
 
 
 def cmd_show(args) -> int:
-    from lmdistill.data import load_examples, tokenize_examples
-    from lmdistill.models import build_tokenizer, load_tokenizer
-
     res = load_examples(args.name, split=args.split)
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else build_tokenizer()
     toks, reports = tokenize_examples(res.examples, tok, template=args.template,
@@ -70,9 +71,6 @@ def cmd_show(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from lmdistill.data import load_examples
-    from lmdistill.errors import DataError
-
     try:
         res = load_examples(args.file, skip_bad=args.skip_bad, require_output=not args.no_output)
     except DataError as e:

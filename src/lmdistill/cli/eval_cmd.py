@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from lmdistill.cli import COMMANDS
 from lmdistill.errors import ConfigError
+from lmdistill.evaluate.report import markdown_table
+from lmdistill.evaluate.run import evaluate_models
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -14,7 +17,7 @@ def _int_list(text: str, what: str) -> list[int]:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "eval", help="ROUGE-L on Dolly, Self-Instruct, Vicuna, S-NI and UnNI (MiniLLM protocol)",
+        "eval", help=COMMANDS["eval"],
         description="Sample with temperature 1.0, top-p 1.0, top-k 0, at most 256 new tokens, prompts over 256 "
                     "tokens dropped (counted per benchmark), seeds 10,20,30,40,50; ROUGE-L (rouge_score, stemmer, "
                     "max over references, x100); mean ± std over seeds. Writes results.json/.csv/.md/.png and "
@@ -47,9 +50,6 @@ def register(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from lmdistill.evaluate.report import markdown_table
-    from lmdistill.evaluate.run import evaluate_models
-
     benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     results = evaluate_models(
         args.models, benchmarks, _int_list(args.seeds, "seeds"), args.out, batch_size=args.batch_size,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from lmdistill.cli import COMMANDS
+from lmdistill.models import SIZES, build_model, count_parameters
+from lmdistill.models.pretrained import PRETRAINED, get_pretrained
+from lmdistill.models.prune import prune
+
 
 def register(sub) -> None:
-    from lmdistill.models.build import SIZES
-
-    from lmdistill.models.pretrained import PRETRAINED
-
-    p = sub.add_parser("models", help="build tiny models, get real pretrained ones, prune students")
+    p = sub.add_parser("models", help=COMMANDS["models"])
     msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     b = msub.add_parser("build", help="build a Llama-style model + the shared tokenizer as a HF folder")
     b.add_argument("name", choices=list(SIZES))
@@ -42,8 +43,6 @@ def register(sub) -> None:
 
 
 def cmd_build(args) -> int:
-    from lmdistill.models import build_model, count_parameters
-
     model, tok = build_model(args.name, args.out, seed=args.seed, pad_vocab_to=args.pad_vocab_to)
     print(f"wrote {args.name} ({count_parameters(model):,} parameters, vocab {model.config.vocab_size}, "
           f"tokenizer {len(tok)}) to {args.out}")
@@ -51,15 +50,11 @@ def cmd_build(args) -> int:
 
 
 def cmd_get(args) -> int:
-    from lmdistill.models.pretrained import get_pretrained
-
     get_pretrained(args.name, args.out, force=args.force)
     return 0
 
 
 def cmd_prune(args) -> int:
-    from lmdistill.models.prune import prune
-
     info = prune(args.model, args.out, layers=args.layers, ffn_size=args.ffn_size, method=args.method, data=args.data,
                  n_samples=args.samples, max_length=args.max_length, seed=args.seed, progress=not args.no_progress)
     if args.layers is not None:

@@ -5,6 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lmdistill.cli import COMMANDS
+from lmdistill.clients import ResponseCache, make_client
+from lmdistill.io import write_json
+from lmdistill.quantify.ice import IceConfig, run_ice, write_ice
+from lmdistill.quantify.judges import judge_agreement, labelled_examples, make_judge
+from lmdistill.quantify.report import combined_report
+from lmdistill.quantify.rse import load_prompt_set, run_rse, write_rse
+from lmdistill.quantify.similarity import Embedder
+from lmdistill.quantify.whitebox import load_whitebox_items, run_whitebox, write_whitebox
+
 
 def _client_args(p) -> None:
     g = p.add_argument_group("model access")
@@ -19,7 +29,7 @@ def _client_args(p) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("quantify", help="measure distillation: ICE, RSE, white-box degree",
+    p = sub.add_parser("quantify", help=COMMANDS["quantify"],
                        description="Model specs: openai:MODEL@BASE_URL (any OpenAI-compatible server; key from "
                                    "--api-key-env) or a local Hugging Face folder / hub id.")
     q = p.add_subparsers(dest="quantify_command", metavar="TEST", required=True)
@@ -79,8 +89,6 @@ def register(sub) -> None:
 
 
 def _open(args, out: Path):
-    from lmdistill.quantify.cache import ResponseCache
-
     cache = ResponseCache(args.cache or out / "cache.jsonl")
     kw = dict(api_key_env=args.api_key_env, timeout=args.timeout, max_retries=args.retries,
               base_delay=args.base_delay, concurrency=args.concurrency, device=args.device, cache=cache)
@@ -88,10 +96,6 @@ def _open(args, out: Path):
 
 
 def cmd_ice(args) -> int:
-    from lmdistill.quantify.clients import make_client
-    from lmdistill.quantify.ice import IceConfig, run_ice, write_ice
-    from lmdistill.quantify.judges import make_judge
-
     out = Path(args.out)
     cache, kw = _open(args, out)
     target = make_client(args.target, **kw)
@@ -108,10 +112,6 @@ def cmd_ice(args) -> int:
 
 
 def cmd_rse(args) -> int:
-    from lmdistill.quantify.clients import make_client
-    from lmdistill.quantify.rse import load_prompt_set, run_rse, write_rse
-    from lmdistill.quantify.similarity import Embedder
-
     out = Path(args.out)
     sets = dict(load_prompt_set(spec, args.limit) for spec in args.prompts)
     cache, kw = _open(args, out)
@@ -129,8 +129,6 @@ def cmd_rse(args) -> int:
 
 
 def cmd_whitebox(args) -> int:
-    from lmdistill.quantify.whitebox import load_whitebox_items, run_whitebox, write_whitebox
-
     items = load_whitebox_items(args.prompts, args.limit)
     result = run_whitebox(args.teacher, args.student, items, max_new_tokens=args.max_new_tokens,
                           use_references=args.use_references, device=args.device, progress=not args.no_progress)
@@ -140,10 +138,6 @@ def cmd_whitebox(args) -> int:
 
 
 def cmd_agreement(args) -> int:
-    from lmdistill.io import write_json
-    from lmdistill.quantify.cache import ResponseCache
-    from lmdistill.quantify.judges import judge_agreement, labelled_examples, make_judge
-
     cache = ResponseCache(args.cache) if args.cache else None
     judge = make_judge(args.judge, cache=cache, api_key_env=args.api_key_env)
     result = judge_agreement(judge, labelled_examples(args.labels))
@@ -155,8 +149,6 @@ def cmd_agreement(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from lmdistill.quantify.report import combined_report
-
     summary = combined_report(args.dirs, args.out)
     print(f"wrote {Path(args.out) / 'report.md'} ({', '.join(summary['charts']) or 'no charts'})")
     return 0

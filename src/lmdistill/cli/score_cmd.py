@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 
+from lmdistill.cli import COMMANDS
+from lmdistill.evaluate.scoring import score_files
+from lmdistill.io import write_jsonl
+
 
 def register(sub) -> None:
-    p = sub.add_parser("score", help="score existing predictions (JSONL id/output) with the protocol's ROUGE-L",
+    p = sub.add_parser("score", help=COMMANDS["score"],
                        description="Prints a JSON object with rougeL (x100, max over references, mean over "
                                    "examples) and n, the number of examples scored.")
     p.add_argument("--predictions", required=True, metavar="P.jsonl", help="JSONL rows with id and output")
@@ -21,9 +25,6 @@ def register(sub) -> None:
 
 
 def cmd_score(args) -> int:
-    from lmdistill.evaluate.scoring import score_files
-    from lmdistill.io import write_jsonl
-
     result = score_files(args.predictions, args.references, allow_missing=args.allow_missing)
     if args.per_example:
         write_jsonl(args.per_example, ({"id": i, "rougeL": s} for i, s in result.scores.items()))

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import sys
 from pathlib import Path
 
+from lmdistill.cli import COMMANDS
+from lmdistill.errors import ConfigError
+from lmdistill.models import load_model_and_tokenizer
+from lmdistill.serve.app import create_app
+from lmdistill.serve.server import serve_forever
+
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="serve a local model with an OpenAI-compatible API (/v1/chat/completions)")
+    p = sub.add_parser("serve", help=COMMANDS["serve"])
     p.add_argument("model", help="local model folder or hub id")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
@@ -23,13 +30,6 @@ def register(sub) -> None:
 
 
 def cmd_serve(args) -> int:
-    import os
-
-    from lmdistill.errors import ConfigError
-    from lmdistill.models import load_model_and_tokenizer
-    from lmdistill.serve.app import create_app
-    from lmdistill.serve.server import serve_forever
-
     if args.max_tokens_limit < 1:
         raise ConfigError("--max-tokens-limit must be at least 1")
     api_key = args.api_key or os.environ.get("LMDISTILL_API_KEY")

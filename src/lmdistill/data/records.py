@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from lmdistill.data.registry import BENCHMARKS, resolve
 from lmdistill.errors import DataError, Problem
 from lmdistill.io import iter_jsonl_rows
 
@@ -175,8 +176,6 @@ def load_examples(source: str | Path, *, split: str | None = None, skip_bad: boo
                   require_output: bool = True) -> LoadResult:
     """Load instruction data from a bundled benchmark name (``dolly`` or ``dolly:valid``), a file,
     a folder of .jsonl/.json files, or a hub dataset (``hf:NAME`` or ``hf:NAME:SPLIT``)."""
-    from lmdistill.data.registry import BENCHMARKS, resolve
-
     src = str(source)
     name = src.split(":", 1)[0]
     if name in BENCHMARKS and not Path(src).exists():

@@ -35,7 +35,7 @@ from lmdistill.errors import ConfigError
 from lmdistill.generation import SamplingConfig, generate, key_from
 from lmdistill.models import load_model, load_tokenizer
 from lmdistill.models.load import resolve_device
-from lmdistill.quantify.clients import make_client
+from lmdistill.clients import make_client
 
 API_PREFIX = "openai:"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -184,7 +184,7 @@ def _tokenizer_source(source: str) -> str:
 
 
 class ApiPredictor:
-    """An OpenAI-compatible chat endpoint through ``lmdistill.quantify.clients.make_client``.
+    """An OpenAI-compatible chat endpoint through ``lmdistill.clients.make_client``.
 
     API models are prompted through their chat template (the instruction, plus the input, as one
     user message), not the Alpaca text of the protocol, and no prompt-length filter is applied.

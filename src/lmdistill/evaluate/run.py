@@ -7,7 +7,7 @@ prediction with ROUGE-L, and writes into ``out_dir``:
 - ``results.json`` (per model, benchmark and seed, the mean, the std, the counts and all settings),
   ``results.csv``, ``results.md`` (rows models, columns benchmarks and average) and ``results.png``.
 
-Protocol defaults (METHODS.md): Alpaca template, temperature 1.0, top-p 1.0, top-k 0, prompts over
+Protocol defaults (docs/METHODS.md): Alpaca template, temperature 1.0, top-p 1.0, top-k 0, prompts over
 256 tokens dropped and counted, at most 256 new tokens, stop at EOS, strip the text; ROUGE-L
 F-measure x100 with the stemmer, max over references, mean over examples; seeds 10..50, mean ± std
 (sample std, ddof=1; 0 for one seed) over seeds. The average column is the mean over benchmarks,
@@ -24,16 +24,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from lmdistill import __version__
 from lmdistill.data import EVAL_BENCHMARKS, Example, load_examples
 from lmdistill.data.registry import BENCHMARKS
 from lmdistill.data.templates import TEMPLATES
 from lmdistill.errors import ConfigError
-from lmdistill.evaluate.metrics import rouge_l
 from lmdistill.evaluate.predictors import (Item, ModelSpec, Prediction, make_predictor,
                                            parse_model_specs)
 from lmdistill.evaluate.report import AVERAGE, write_reports
 from lmdistill.evaluate.store import bench_dirname, load_finished, save_seed, seed_paths
 from lmdistill.generation import SamplingConfig
+from lmdistill.rouge import rouge_l
 
 PROTOCOL_SEEDS = (10, 20, 30, 40, 50)
 
@@ -220,8 +221,6 @@ def evaluate_models(models: Sequence[str | ModelSpec], benchmarks: Sequence[str]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = {b: _load_benchmark(b, limit) for b in settings.benchmarks}
-    from lmdistill import __version__
-
     results: dict = {"settings": {**asdict(settings), "protocol": _protocol_note(settings),
                                   "std": "sample standard deviation over seeds (ddof=1)",
                                   "lmdistill_version": __version__},

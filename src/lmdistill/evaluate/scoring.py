@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmdistill.data import load_examples
+from lmdistill.data.registry import BENCHMARKS
 from lmdistill.errors import DataError, LmdistillError, Problem
-from lmdistill.evaluate.metrics import rouge_l
 from lmdistill.io import iter_jsonl_rows
+from lmdistill.rouge import rouge_l
 
 SHOW_IDS = 10
 
@@ -98,12 +100,8 @@ def _reference_list(obj: dict, path: Path, lineno: int, problems: list[Problem])
 
 def load_references(source: str | Path) -> dict[str, list[str]]:
     """``id -> references`` from a bundled benchmark name or a JSONL file."""
-    from lmdistill.data.registry import BENCHMARKS
-
     src = str(source)
     if src.split(":", 1)[0] in BENCHMARKS and not Path(src).exists():
-        from lmdistill.data import load_examples
-
         return {ex.id: list(ex.references) for ex in load_examples(src).examples}
     path = Path(src)
     out: dict[str, list[str]] = {}

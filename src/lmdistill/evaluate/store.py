@@ -13,13 +13,12 @@ import json
 from pathlib import Path
 
 from lmdistill.errors import ConfigError
+from lmdistill.evaluate.predictors import safe_name
 from lmdistill.io import read_jsonl, write_json, write_jsonl
 
 
 def bench_dirname(bench: str) -> str:
     """The folder of a benchmark (``name`` or ``name:split``) under a model's predictions."""
-    from lmdistill.evaluate.predictors import safe_name
-
     return safe_name(bench.replace(":", "-"))
 
 

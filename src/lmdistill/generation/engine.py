@@ -12,6 +12,7 @@ from lmdistill.generation.config import SamplingConfig
 from lmdistill.generation.noise import NoiseSource, keys_from_seed
 from lmdistill.generation.output import GenerationOutput, assemble
 from lmdistill.generation.policies import NEEDS_TEACHER, POLICIES
+from lmdistill.losses.vocab import shared_vocab
 
 
 def _vocab_rows(model) -> int:
@@ -95,8 +96,6 @@ def generate(student, prompts: list[list[int]], policy: str = "student", teacher
 
     vocab = _vocab_rows(student)
     if teacher is not None:
-        from lmdistill.losses.vocab import shared_vocab
-
         vocab = shared_vocab(vocab, _vocab_rows(teacher))
     if config.vocab_size is not None:
         if config.vocab_size > vocab:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from lmdistill.errors import ConfigError
+from lmdistill.generation.fast_decoder import FastDecoder, unsupported_reason
 from lmdistill.models.kv_cache import cache_kwargs
 
 BACKENDS = ("auto", "fast", "hf")
@@ -39,8 +40,6 @@ class CachedLM:
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self.fast = None
         if backend != "hf":
-            from lmdistill.generation.fast_decoder import FastDecoder, unsupported_reason
-
             capacity = self.mask.shape[1]
             why = unsupported_reason(model, capacity)
             if why is None:

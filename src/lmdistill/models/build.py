@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from lmdistill.errors import ConfigError
+from lmdistill.models.tokenizer import build_tokenizer
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,6 @@ def build_model(size: str, out_dir: str | Path | None = None, *, tokenizer=None,
     the tokenizer), like Qwen2.5 7B's 152064 rows against 0.5B's 151936, to test mismatch handling.
     """
     from transformers import GenerationConfig, LlamaForCausalLM
-
-    from lmdistill.models.tokenizer import build_tokenizer
 
     tokenizer = tokenizer or build_tokenizer()
     if pad_vocab_to is not None and pad_vocab_to < len(tokenizer):

@@ -26,7 +26,11 @@ from pathlib import Path
 
 import torch
 
+from lmdistill.data import format_prompt, load_examples
 from lmdistill.errors import ConfigError
+from lmdistill.io import atomic_dir, write_json
+from lmdistill.models.build import count_parameters
+from lmdistill.models.load import load_model, load_tokenizer
 
 METHODS = ("block-influence", "uniform")
 PER_LAYER_KEYS = ("layer_types", "no_rope_layers")  # config lists with one entry per decoder layer
@@ -45,8 +49,6 @@ def _layers(model):
 def calibration_batches(tokenizer, *, data="dolly", n_samples=32, max_length=256, batch_size=8, seed=0) -> list[dict]:
     """A seeded sample of ``n_samples`` examples of ``data`` (alpaca prompt + " " + output), tokenized without
     special tokens, cut to ``max_length`` and right-padded into batches of ``input_ids`` / ``attention_mask``."""
-    from lmdistill.data import format_prompt, load_examples
-
     if n_samples < 1 or max_length < 1 or batch_size < 1:
         raise ConfigError("calibration needs n_samples, max_length and batch_size >= 1")
     examples = load_examples(data).examples
@@ -189,9 +191,6 @@ def prune(model_path, out_dir, *, layers=None, ffn_size=None, method="block-infl
           n_samples=32, max_length=256, batch_size=8, seed=0, progress=True) -> dict:
     """Prune the model at ``model_path`` to ``layers`` decoder layers and/or ``ffn_size`` MLP channels and write
     it (with the teacher's tokenizer, generation config and a ``prune.json`` report) to ``out_dir``."""
-    from lmdistill.io import atomic_dir, write_json
-    from lmdistill.models import count_parameters, load_model, load_tokenizer
-
     if layers is None and ffn_size is None:
         raise ConfigError("pruning needs layers and/or ffn_size")
     if method not in METHODS:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lmdistill.data.registry import resolve
+
 PAD, EOS, BOS = "<|pad|>", "<|endoftext|>", "<|startoftext|>"
 USER, ASSISTANT, SYSTEM, END = "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"
 SPECIAL_TOKENS = [PAD, EOS, BOS, USER, ASSISTANT, SYSTEM, END]
@@ -22,8 +24,6 @@ CHAT_TEMPLATE = (
 
 
 def training_texts(limit: int | None = None) -> list[str]:
-    from lmdistill.data.registry import resolve
-
     texts = []
     with open(resolve("dolly", "train"), encoding="utf-8") as f:
         for i, line in enumerate(f):

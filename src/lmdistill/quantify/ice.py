@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmdistill.errors import ConfigError
-from lmdistill.quantify.clients import ClientError, RequestRejected
+from lmdistill.clients import ClientError, RequestRejected
 from lmdistill.quantify.fuzz import MCTSExplore
 from lmdistill.quantify.identity import misleading_names
 from lmdistill.quantify.mutators import MUTATORS, mutate
 from lmdistill.quantify.questions import identity_questions
+from lmdistill.quantify.report import ice_chart, ice_markdown, write_summary
 from lmdistill.quantify.templates import fill, load_templates, strip_placeholder
 
 
@@ -138,6 +139,4 @@ def _judge_all(judge, texts: list[str], fact: str) -> list:
 
 def write_ice(result: dict, out_dir: str | Path) -> dict:
     """``ice.json`` (scores, config, steps), ``ice_queries.jsonl``, ``ice.md`` and ``ice.png``."""
-    from lmdistill.quantify.report import ice_chart, ice_markdown, write_summary
-
     return write_summary(result, out_dir, "ice", "queries", ice_markdown, ice_chart)

@@ -14,6 +14,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
+from lmdistill.clients import RequestRejected, make_client
 from lmdistill.errors import ConfigError
 from lmdistill.quantify.identity import RuleJudge, Verdict
 
@@ -81,8 +82,6 @@ class LLMJudge:
         self.max_tokens = max_tokens
 
     def ask(self, prompt: str) -> bool | None:
-        from lmdistill.quantify.clients import RequestRejected
-
         messages = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}]
         for _ in range(self.max_reasks + 1):
             try:
@@ -111,8 +110,6 @@ def make_judge(spec: str | None, *, cache=None, **client_kwargs):
     """``rule`` (or None) -> ``RuleJudge``; a model spec -> ``LLMJudge`` over a (cached) client."""
     if spec in (None, "", "rule"):
         return RuleJudge()
-    from lmdistill.quantify.clients import make_client
-
     return LLMJudge(make_client(spec, cache=cache, **client_kwargs))
 
 

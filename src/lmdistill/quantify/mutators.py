@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from lmdistill.quantify.clients import RequestRejected
+from lmdistill.clients import RequestRejected
 from lmdistill.quantify.templates import PLACEHOLDER
 
 MUTATORS = ("crossover", "expand", "generate_similar", "shorten", "rephrase")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lmdistill.errors import ConfigError
+
 QUESTIONS_EN = [
     "Which organisation built you?",
     "What is the name of the company that trained you?",
@@ -79,7 +81,5 @@ def identity_questions(languages: tuple[str, ...] | list[str] = ("en", "zh")) ->
     table = {"en": QUESTIONS_EN, "zh": QUESTIONS_ZH}
     bad = [lang for lang in languages if lang not in table]
     if bad:
-        from lmdistill.errors import ConfigError
-
         raise ConfigError(f"unknown question language(s) {bad}; choose en and/or zh")
     return [Question(f"{lang}-{i + 1:02d}", lang, text) for lang in languages for i, text in enumerate(table[lang])]

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from lmdistill.errors import ConfigError
+from lmdistill.io import write_json, write_jsonl, write_text
 
 ASPECTS = ("style", "structure", "content", "overall")
 
@@ -155,8 +156,6 @@ def _load(path: Path) -> dict:
 
 def combined_report(dirs: list[str | Path], out_dir: str | Path) -> dict:
     """Collect results from run folders into ``report.md``, ``report.json`` and charts in ``out_dir``."""
-    from lmdistill.io import write_json, write_text
-
     found = {"ice": [], "rse": [], "whitebox": []}
     for d in dirs:
         d = Path(d)
@@ -208,10 +207,6 @@ def combined_report(dirs: list[str | Path], out_dir: str | Path) -> dict:
 
 def write_summary(result: dict, out_dir, name: str, rows_key: str, markdown, chart) -> dict:
     """``NAME.json`` (the result without its rows), ``NAME_<rows_key>.jsonl``, ``NAME.md`` and ``NAME.png``."""
-    from pathlib import Path
-
-    from lmdistill.io import write_json, write_jsonl, write_text
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = {k: v for k, v in result.items() if k != rows_key}

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from lmdistill.errors import ConfigError
 from lmdistill.io import iter_jsonl_rows
-from lmdistill.quantify.clients import ClientError, RequestRejected
-from lmdistill.quantify.report import ASPECTS
+from lmdistill.clients import ClientError, RequestRejected
+from lmdistill.quantify.report import ASPECTS, rse_chart, rse_markdown, write_summary
 from lmdistill.quantify.similarity import similarity
 
 RSE_SYSTEM = "You compare two answers to the same request and rate how alike they are. You are strict and consistent."
@@ -217,6 +217,4 @@ def run_rse(target, reference, prompt_sets: dict[str, list[dict]], *, judge=None
 
 def write_rse(result: dict, out_dir: str | Path) -> dict:
     """``rse.json`` (summary), ``rse_items.jsonl`` (every pair with its scores), ``rse.md``, ``rse.png``."""
-    from lmdistill.quantify.report import rse_chart, rse_markdown, write_summary
-
     return write_summary(result, out_dir, "rse", "items", rse_markdown, rse_chart)

@@ -4,7 +4,7 @@
   questions, emoji, capitals); per feature ``min/max`` of the two values, averaged.
 - structure: counts of paragraphs, bullet and numbered list items, headings, code blocks, table rows and
   quotes (``min/max`` averaged), half-weighted with the order of block types (difflib ratio).
-- content: ROUGE-L F1 (``lmdistill.evaluate.metrics.rouge_l``, stemmed; character-level LCS F1 when a text has
+- content: ROUGE-L F1 (``lmdistill.rouge.rouge_l``, stemmed; character-level LCS F1 when a text has
   no Latin letters or digits, as for Chinese), and embedding
   cosine (mean-pooled last hidden state of a local model) when an embedder is given.
 - overall: mean of style, structure and content.
@@ -15,6 +15,10 @@ from __future__ import annotations
 import difflib
 import re
 import statistics
+
+from lmdistill.models import load_tokenizer, resolve_device
+from lmdistill.models.load import _load
+from lmdistill.rouge import rouge_l
 
 _SENT = re.compile(r"[.!?。！？]+")
 _EMOJI = re.compile("[\U0001F300-\U0001FAFF\u2600-\u27BF]")
@@ -118,12 +122,6 @@ def content_similarity(a: str, b: str) -> float:
         return 1.0
     if not re.search(r"[A-Za-z0-9]", a) or not re.search(r"[A-Za-z0-9]", b):
         return _char_lcs_f1("".join(a.split()), "".join(b.split()))
-    try:
-        from lmdistill.evaluate.metrics import rouge_l
-    except ImportError:  # the evaluation package is optional here
-        from rouge_score import rouge_scorer
-
-        return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(b, a)["rougeL"].fmeasure
     return rouge_l(a, [b]) / 100.0
 
 
@@ -133,9 +131,6 @@ class Embedder:
     def __init__(self, path: str, device: str | None = None, max_length: int = 512):
         import torch
         from transformers import AutoModel
-
-        from lmdistill.models import load_tokenizer, resolve_device
-        from lmdistill.models.load import _load
 
         self.name = str(path)
         self.tokenizer = load_tokenizer(path)

@@ -10,12 +10,17 @@ the student sits closer to the teacher.
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
 import torch
 
 from lmdistill.errors import ConfigError
+from lmdistill.io import write_json, write_jsonl, write_text
+from lmdistill.models import load_model, load_tokenizer
+from lmdistill.quantify.report import whitebox_markdown
+from lmdistill.quantify.rse import load_prompt_set
 
 
 def _prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -58,8 +63,6 @@ def run_whitebox(teacher_path: str, student_path: str, items: list[dict], *, max
                  use_references: bool = False, device: str | None = None, progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    from lmdistill.models import load_model, load_tokenizer
-
     teacher = load_model(teacher_path, device=device)
     student = load_model(student_path, device=device)
     tokenizer = load_tokenizer(teacher_path)
@@ -95,10 +98,6 @@ def run_whitebox(teacher_path: str, student_path: str, items: list[dict], *, max
 
 def load_whitebox_items(spec: str, limit: int | None = None) -> list[dict]:
     """Prompts like RSE's ``--prompts``; a JSONL row's output/reference/response becomes ``reference``."""
-    import json
-
-    from lmdistill.quantify.rse import load_prompt_set
-
     _, items = load_prompt_set(spec, limit)
     path = Path(spec)
     if path.suffix in (".jsonl", ".json") and path.is_file():
@@ -110,9 +109,6 @@ def load_whitebox_items(spec: str, limit: int | None = None) -> list[dict]:
 
 
 def write_whitebox(result: dict, out_dir: str | Path) -> dict:
-    from lmdistill.io import write_json, write_jsonl, write_text
-    from lmdistill.quantify.report import whitebox_markdown
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = {k: v for k, v in result.items() if k != "items"}

@@ -15,7 +15,7 @@ from lmdistill.evaluate.predictors import Item, LocalPredictor
 from lmdistill.generation import SamplingConfig
 from lmdistill.losses import sft_loss
 from lmdistill.losses.model_forward import forward_logits, shifted
-from lmdistill.evaluate.metrics import rouge_l_corpus  # TEMP: moving to lmdistill.rouge
+from lmdistill.rouge import rouge_l_corpus
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lmdistill.errors import ConfigError
 from lmdistill.io import JsonlAppender, truncate_torn_tail
-from lmdistill.quantify.clients import ChatClient, ClientError, RequestRejected
+from lmdistill.clients.base import ChatClient, RequestRejected
 
 
 def request_key(model: str, messages: list[dict], params: dict) -> str:
@@ -114,4 +114,4 @@ class CachedClient(ChatClient):
         self.client.close()
 
 
-__all__ = ["CachedClient", "ResponseCache", "request_key", "ClientError"]
+__all__ = ["CachedClient", "ResponseCache", "request_key"]

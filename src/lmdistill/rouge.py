@@ -1,7 +1,8 @@
-"""ROUGE-L as the MiniLLM protocol computes it.
+"""ROUGE-L as the MiniLLM protocol computes it (shared by evaluation, training's validation and RSE).
 
 ``rouge_score``'s ``RougeScorer(['rougeL'], use_stemmer=True)`` F-measure, the max over the
-references of an example, times 100; a corpus score is the mean over examples.
+references of an example, times 100; a corpus score is the mean over examples. It imports nothing else
+from the package (and ``rouge_score`` only on first use), so it sits at the bottom of the import layers.
 """
 
 from __future__ import annotations
