@@ -152,3 +152,23 @@ def test_judges_that_reject_requests_do_not_crash(servers):
         assert r["judge_scores"]["unparsable"] == 1
         v = LLMJudge(judge).judge("I am ChatGPT", "I am Qwen")
         assert v.unparsable and not v.loose
+
+
+def test_whitebox_kl_equals_a_float64_brute_force(model_dirs):
+    """compare_on's KL(teacher || student) through the losses' shared divergence equals a float64 sum."""
+    import torch
+
+    from lmdistill.models import load_model
+    from lmdistill.quantify.whitebox import compare_on
+
+    teacher, student = load_model(model_dirs["teacher"]), load_model(model_dirs["padded_student"])
+    ids, n_prompt = list(range(5, 30)), 9
+    got = compare_on(teacher, student, ids, n_prompt)
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        v = teacher.config.vocab_size
+        t = torch.log_softmax(teacher(input_ids=x).logits[0, n_prompt - 1:-1, :v].double(), -1)
+        s = torch.log_softmax(student(input_ids=x).logits[0, n_prompt - 1:-1, :v].double(), -1)
+        kl = (t.exp() * (t - s)).sum(-1)
+    assert got["tokens"] == len(ids) - n_prompt
+    assert got["kl_sum"] == pytest.approx(float(kl.sum()), rel=1e-5)

@@ -18,6 +18,7 @@ import torch
 
 from lmdistill.errors import ConfigError
 from lmdistill.io import write_json, write_jsonl, write_text
+from lmdistill.losses.divergences import per_token_divergence
 from lmdistill.models import load_model, load_tokenizer
 from lmdistill.quantify.report import whitebox_markdown
 from lmdistill.quantify.rse import load_prompt_set
@@ -52,9 +53,8 @@ def compare_on(teacher, student, ids: list[int], n_prompt: int) -> dict:
     s_logits = student(input_ids=x.to(student.device)).logits[0].float().to(t_logits.device)
     vocab = min(t_logits.shape[-1], s_logits.shape[-1])
     sl = slice(n_prompt - 1, len(ids) - 1)  # logits at t predict token t+1
-    t = torch.log_softmax(t_logits[sl, :vocab], -1)
-    s = torch.log_softmax(s_logits[sl, :vocab], -1)
-    kl = (t.exp() * (t - s)).sum(-1)
+    t, s = t_logits[sl, :vocab], s_logits[sl, :vocab]
+    kl = per_token_divergence("fkl", s, t)   # KL(teacher || student), the training losses' own formula
     agree = (t.argmax(-1) == s.argmax(-1)).float()
     return {"tokens": int(kl.numel()), "kl_sum": float(kl.sum()), "agree_sum": float(agree.sum())}
 
