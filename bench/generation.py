@@ -3,7 +3,7 @@
     .venv/bin/python bench/generation.py [--batch 8] [--new-tokens 128 256] [--repeats 3] [--out FILE.md]
 
 Rows (all sampling at temperature 1, batch ``--batch``, every row runs the full length):
-- ``switch``: our SWITCH loop (student + teacher, one cached step each per token, switch_tau0 chosen so both
+- ``switch``: our SWITCH loop (student + teacher, one cached step each per token, switch_switch_tau0 chosen so both
   models contribute tokens).
 - ``naive switch``: the same decisions, but both models re-run over the whole prefix at every step (no cache).
 - ``floor``: one HF ``model.generate`` of the student plus one of the teacher, same length.
@@ -23,16 +23,17 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from lmdistill.data import load_examples
 from lmdistill.generation import SamplingConfig, generate
 from lmdistill.generation.engine import pad_left
 from lmdistill.generation.noise import NoiseSource, keys_from_seed
 from lmdistill.generation.runner import CachedLM
 from lmdistill.generation.sampling import pick
-from lmdistill.data import load_examples
 from lmdistill.losses import per_token_divergence
 from lmdistill.models import build_model, build_tokenizer, load_model
 
@@ -94,7 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--switch_tau0", type=float, default=None, help="switch threshold (default: about half teacher tokens)")
+    ap.add_argument("--switch-tau0", "--tau0", dest="switch_tau0", type=float, default=None,
+                    help="switch threshold (default: about half teacher tokens)")
     ap.add_argument("--no-naive", action="store_true", help="skip the (slow) naive switch")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="also write the markdown table to this file")
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
     rows = []
     for n in args.new_tokens:
         cfg = SamplingConfig(max_new_tokens=n, seed=0, switch_tau0=switch_tau0, switch_decay=0.0, scrg_rounds=1)
-        cfg_hf = SamplingConfig(max_new_tokens=n, seed=0, switch_tau0=switch_tau0, switch_decay=0.0, scrg_rounds=1, decoder="hf")
+        cfg_hf = replace(cfg, decoder="hf")
         sw_out = generate(student, prompts, "switch", teacher=teacher, config=cfg, **kw)  # also warms up
         sc_out = generate(student, prompts, "scrg", teacher=teacher, config=cfg, **kw)
         scored = sc_out.input_ids[:, sc_out.prompt_width:]
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
         f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, full-length sampling (no EOS), CPU "
         f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
         f"torch {torch.__version__}; "
-        f"switch switch_tau0={switch_tau0:.4g}, switch_decay=0.",
+        f"switch_tau0={switch_tau0:.4g}, switch_decay=0.",
         "",
         "| new tokens | switch (s) | floor: HF student + teacher generate (s) | **switch / floor** | naive switch (s) "
         "| **naive / switch** | switch, hf decoder (s) | hf-decoder switch / floor | teacher-token share |",

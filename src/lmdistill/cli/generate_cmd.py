@@ -17,6 +17,7 @@ import math
 import sys
 from pathlib import Path
 
+from lmdistill.cli import COMMANDS
 from lmdistill.data import load_examples, tokenize_examples
 from lmdistill.errors import ConfigError
 from lmdistill.generation import NEEDS_TEACHER, POLICIES, SamplingConfig, generate, key_from
@@ -25,7 +26,7 @@ from lmdistill.models import load_model, load_tokenizer
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="generate responses with a policy (" + ", ".join(POLICIES) + ")",
+    p = sub.add_parser("generate", help=COMMANDS["generate"],
                        description="Generate one response per example to a JSONL file; rerun to resume.")
     p.add_argument("--policy", required=True, choices=list(POLICIES))
     p.add_argument("--student", required=True, help="student model folder or hub id (its tokenizer is used)")
@@ -63,10 +64,14 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+#: The SamplingConfig knobs the command line sets (the seed and greedy decoding come from --seed, --temperature 0).
+SAMPLING_KNOBS = ("max_new_tokens", "temperature", "top_k", "top_p", "mixed_student_prob", "switch_tau0",
+                  "switch_decay", "scrg_rounds", "teacher_mix_alpha", "decoder")
+
+
 def _settings(args) -> dict:
-    keys = ("policy", "student", "teacher", "data", "split", "seed", "max_new_tokens", "temperature", "top_k", "top_p",
-            "batch_size", "limit", "switch_tau0", "switch_decay", "mixed_student_prob", "scrg_rounds", "teacher_mix_alpha", "template",
-            "max_prompt_length", "dtype", "decoder")
+    keys = ("policy", "student", "teacher", "data", "split", "seed", *SAMPLING_KNOBS, "batch_size", "limit",
+            "template", "max_prompt_length", "dtype")
     s = {k: getattr(args, k) for k in keys}
     s["switch_tau0"] = repr(float(s["switch_tau0"]))  # inf is not JSON
     return s
@@ -119,10 +124,7 @@ def cmd_generate(args) -> int:
     meta = out.with_name(out.name + ".meta.json")
     settings = _settings(args)
     _check_resume(out, meta, settings)
-    base = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                seed=args.seed, do_sample=args.temperature > 0, mixed_student_prob=args.mixed_student_prob, switch_tau0=args.switch_tau0,
-                switch_decay=args.switch_decay, scrg_rounds=args.scrg_rounds, teacher_mix_alpha=args.teacher_mix_alpha,
-                decoder=args.decoder)
+    base = {**{k: getattr(args, k) for k in SAMPLING_KNOBS}, "seed": args.seed, "do_sample": args.temperature > 0}
     SamplingConfig(**base)  # reject bad values before loading anything
 
     examples = load_examples(args.data, split=args.split, require_output=False).examples

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 
+from lmdistill.cli import COMMANDS
 from lmdistill.train import config_yaml, load_config, train
 from lmdistill.train.config import builtin_recipes
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="distill a teacher into a student with a recipe",
-                       description=f"Train with a recipe (a YAML file or a built-in name: {', '.join(builtin_recipes())}). "
-                                   "Any key can be overridden as key=value; a term of the objective as "
+    p = sub.add_parser("train", help=COMMANDS["train"],
+                       description="Train with a recipe (a YAML file or a built-in name: "
+                                   f"{', '.join(builtin_recipes())}). Any key can be overridden as key=value; a term of the objective as "
                                    "objective.NAME.KEY=VALUE, a sampling setting as sampling.KEY=VALUE.")
     p.add_argument("recipe", help="recipe YAML file or built-in recipe name")
     p.add_argument("overrides", nargs="*",

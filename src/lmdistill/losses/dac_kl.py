@@ -40,8 +40,6 @@ student's optimiser and save its ``state_dict`` with the checkpoint.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -198,14 +196,11 @@ class DACKLTerm(Term):
     parameters (they train with the student and are saved in checkpoints). Parameters: those of :class:`DACKL`."""
 
     needs_teacher = True
+    params_of = DACKL.__init__
 
     def __init__(self, **params):
         super().__init__()
         self.dac = DACKL(**params)
-
-    @classmethod
-    def param_names(cls) -> dict[str, object]:
-        return {p.name: p.default for p in list(inspect.signature(DACKL.__init__).parameters.values())[1:]}
 
     @classmethod
     def check_params(cls, params: dict, where: str) -> None:

@@ -36,10 +36,13 @@ class Term(nn.Module):
     whole_logits: bool = False
     chunkable: bool = False
 
+    #: The callable whose keyword parameters are the term's recipe parameters (default: the term's ``__init__``).
+    params_of = None
+
     @classmethod
     def param_names(cls) -> dict[str, object]:
         """The recipe parameters this term accepts, with their defaults."""
-        sig = inspect.signature(cls.__init__)
+        sig = inspect.signature(cls.params_of or cls.__init__)
         return {p.name: p.default for p in list(sig.parameters.values())[1:]
                 if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
@@ -85,6 +88,10 @@ class TermInputs:
     @cached_property
     def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
         return shifted(self.sequences)
+
+    def token_count(self, tokens: str) -> torch.Tensor:
+        """The number of trained tokens of token set ``tokens`` (``gold`` or ``sequences``) in this micro-batch."""
+        return (self.gold_targets if tokens == "gold" else self.targets)[1].sum()
 
     def flat(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``x`` laid out like the logits: whole, or at trained positions only."""

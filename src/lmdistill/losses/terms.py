@@ -68,7 +68,7 @@ class DivergenceTerm(Term):
 
     @classmethod
     def param_names(cls) -> dict[str, object]:
-        return {"temperature": 1.0, **{k: v for k, v in DIVERGENCE_PARAMS.get(cls.divergence, {}).items()}}
+        return {"temperature": 1.0, **DIVERGENCE_PARAMS.get(cls.divergence, {})}
 
     @classmethod
     def check_params(cls, params: dict, where: str) -> None:

@@ -25,10 +25,11 @@ from lmdistill.errors import ConfigError
 from lmdistill.generation import POLICIES as GENERATION_POLICIES
 from lmdistill.generation import NEEDS_TEACHER, SamplingConfig
 from lmdistill.losses.objective import TERMS, check_objective, entry_name, term_class
+from lmdistill.train.sequences import SOURCES
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 BASE_RECIPE = "base"
-POLICIES = ("gold", *GENERATION_POLICIES, "replay")
+POLICIES = (*SOURCES, *GENERATION_POLICIES)   # sequence sources of their own, then the engine's policies
 #: Sampling keys the trainer sets itself (per step and micro-batch).
 SAMPLING_SET_BY_TRAINER = ("seed",)
 
@@ -146,7 +147,7 @@ def check_sampling(values: dict) -> dict:
     hints = typing.get_type_hints(SamplingConfig)
     values = dict(values)
     for k, v in values.items():   # "inf", "0.3" from the command line
-        if isinstance(v, str) and hints[k] in (float, int, "float | None", "int | None"):
+        if isinstance(v, str) and hints[k] in (float, int):
             try:
                 values[k] = hints[k](v)
             except ValueError:

@@ -64,6 +64,8 @@ class Run:
         student = load_student(cfg, device)
         self.teacher = load_teacher(cfg, device)
         self.objective = Objective(cfg.objective).to(device)   # after the models: its parameters draw random numbers
+        self.whole_logits = self.objective.whole_logits(student)
+        self.sampling = cfg.sampling_config(cfg.seed)   # what the terms may read of how sequences are drawn
         optimizer = make_optimizer(cfg, self.params(student))
         self.scheduler = make_scheduler(cfg, optimizer)
         self.student, self.optimizer = self.acc.prepare(student, optimizer)
@@ -123,13 +125,13 @@ class Run:
         for m, (gold, seqs) in enumerate(prepared):
             inputs = TermInputs(self.student, self.teacher, {k: v.to(acc.device) for k, v in gold.batch.items()},
                                 {k: v.to(acc.device) for k, v in seqs.batch.items()}, same=seqs.is_gold,
-                                whole=self.objective.whole_logits(self.student), rows=seqs.rows,
-                                tokenizer=self.tokenizer, sampling=cfg.sampling_config(cfg.seed))
+                                whole=self.whole_logits, rows=seqs.rows, tokenizer=self.tokenizer,
+                                sampling=self.sampling)
             ctx = acc.no_sync(self.student) if m < len(prepared) - 1 else nullcontext()
             with ctx, acc.autocast():
                 loss = torch.zeros((), device=acc.device)
                 for name, (mean, tokens) in self.objective(inputs, chunked=cfg.chunked_loss).items():
-                    part = mean * shifted(inputs.gold if tokens == "gold" else inputs.sequences)[1].sum() / totals[tokens]
+                    part = mean * inputs.token_count(tokens) / totals[tokens]
                     loss = loss + weights[name] * part * self.world
                     logged[name] += float(part.detach())
                 acc.backward(loss)
