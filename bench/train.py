@@ -1,6 +1,6 @@
 """Training throughput of on-policy GKD: ``lmdistill train gkd`` against TRL's ``GKDTrainer`` (issue 5).
 
-    .venv/bin/python bench/train.py [--steps 24] [--warmup 3] [--repeats 5] [--batch 8] [--threads 1] [--quick]
+    .venv/bin/python bench/train.py [--steps 24] [--warmup 3] [--repeats 5] [--batch 8] [--threads 1] [--quick] [--coin batch|sequence]
                                     [--out FILE.md] [--trl-cut-gold] [--only ours|trl] [--profile PREFIX]
 
 Results and the exact commands: ``bench/README.md``.
@@ -29,15 +29,17 @@ that carry a loss after the causal shift -- ours: ``loss_mask[:, 1:]`` of the di
 on-policy replacement).
 
 TRL draws lambda once per *batch* (``random.random() <= lmbda``: the whole batch is student samples or the whole
-batch is gold), ours once per *sequence*, so ours generates at nearly every step (for ~half the rows) while TRL
-generates at ~half the steps (for all rows). With few steps TRL's measured fraction of on-policy steps is noisy,
-so the table also gives a "lambda-adjusted" TRL figure: mean tokens and mean seconds of its on-policy and its
-gold steps, weighted 50/50.
+batch is gold); so does ours since issue 16 (``sampling.mixed_coin: batch``, the gkd recipe's default). The runs
+recorded in bench/README.md before issue 16 drew ours once per *sequence* (``sampling.mixed_coin=sequence``), so ours
+generated at nearly every step (for ~half the rows) while TRL generated at ~half the steps (for all rows). With few
+steps either trainer's measured fraction of on-policy steps is noisy, so the table also gives a "lambda-adjusted"
+figure: mean tokens and mean seconds of its on-policy and its gold steps, weighted 50/50.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
 import platform
@@ -47,6 +49,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from torch.utils.data import SequentialSampler
+
+from lmdistill.data import load_examples, tokenize_examples
+from lmdistill.models import build_model, build_tokenizer
+from lmdistill.train import Callback, load_config, train
+from lmdistill.train.config import TrainConfig
+from lmdistill.train.data_order import global_batch_indices
+
 SEED = 42
 MAX_LENGTH = 512
 MAX_PROMPT = 256
@@ -55,8 +66,6 @@ LR = 5e-4
 
 # ---------------------------------------------------------------------------------------------- shared setup
 def set_threads(n: int) -> None:
-    import torch
-
     torch.set_num_threads(n)
     try:
         torch.set_num_interop_threads(1)
@@ -65,8 +74,6 @@ def set_threads(n: int) -> None:
 
 
 def build_models(root: Path) -> None:
-    from lmdistill.models import build_model, build_tokenizer
-
     tok = build_tokenizer()
     build_model("tiny-student", root / "student", tokenizer=tok, seed=0)
     build_model("tiny-teacher", root / "teacher", tokenizer=tok, seed=1)
@@ -109,8 +116,6 @@ def profiled(args, fn) -> None:
     if not args.profile:
         fn()
         return
-    import cProfile
-
     prof = cProfile.Profile()
     prof.enable()
     try:
@@ -122,10 +127,6 @@ def profiled(args, fn) -> None:
 
 # ---------------------------------------------------------------------------------------------- ours
 def worker_ours(args) -> dict:
-    import torch
-
-    from lmdistill.train import Callback, load_config, train
-
     records: list[dict] = []
 
     class StepTimer(Callback):
@@ -142,12 +143,15 @@ def worker_ours(args) -> dict:
                             "end": time.perf_counter(), "cpu_end": time.process_time(),
                             "tokens": float(metrics.get("tokens", 0.0)), "skipped": bool(metrics.get("skipped")),
                             "threads": torch.get_num_threads(), "student_rows": self.origins.count("student"),
-                            "rows": len(self.origins)})
+                            "rows": len(self.origins),
+                            # with one coin per batch, a step is on-policy or gold as a whole (TRL's case)
+                            **({"on_policy": self.origins[0] == "student"} if len(set(self.origins)) == 1 else {})})
 
     total = args.warmup + args.steps
     overrides = [f"student={args.root / 'student'}", f"teacher={args.root / 'teacher'}",
                  f"output_dir={args.root / 'ours'}", f"max_steps={total}", f"batch_size={args.batch}",
                  f"micro_batch_size={args.batch}", "sampling.mixed_student_prob=0.5",
+                 f"sampling.mixed_coin={args.coin}",
                  "objective=[{term: jsd, weight: 1.0, beta: 0.5, temperature: 1.0}]",
                  f"sampling.max_new_tokens={args.new_tokens}", "sampling.temperature=1.0", "sampling.top_k=0",
                  "sampling.top_p=1.0", f"max_length={MAX_LENGTH}", f"max_prompt_length={MAX_PROMPT}", f"lr={LR}",
@@ -166,10 +170,6 @@ def trl_dataset(args, tokenizer):
     """Our tokenized Dolly rows in our trainer's step order, as TRL ``input_ids`` + ``completion_mask``."""
     from datasets import Dataset
 
-    from lmdistill.data import load_examples, tokenize_examples
-    from lmdistill.train.config import TrainConfig
-    from lmdistill.train.data_order import global_batch_indices
-
     template = TrainConfig().template
     rows, _ = tokenize_examples(load_examples("dolly:train").examples, tokenizer, template=template,
                                max_prompt_length=MAX_PROMPT, max_length=MAX_LENGTH)
@@ -186,8 +186,6 @@ def trl_dataset(args, tokenizer):
 
 
 def worker_trl(args) -> dict:
-    import torch
-    from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -247,7 +245,7 @@ def run_worker(name: str, args, result: Path) -> dict:
            "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, __file__, "--worker", name, "--root", str(args.root), "--result", str(result),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-           "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
+           "--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--coin", args.coin]
     if args.trl_cut_gold:
         cmd.append("--trl-cut-gold")
     if args.profile:
@@ -284,6 +282,12 @@ def table(ours_runs: list[dict], trl_runs: list[dict], args) -> str:
              f"| TRL `GKDTrainer` ({t.get('on_policy_steps', '?')} on-policy / {t.get('gold_steps', '?')} gold steps)"
              f" | {t['steps']} | {t['tokens']:.0f} | {t['tokens_per_step']:.1f} | {t['s_per_step']:.3f} | "
              f"**{t['tokens_per_s']:.1f}** | 1.00x | {tc:.1f} | 1.00x |"]
+    if "adjusted_tokens_per_s" in o:
+        lines.append(f"| lmdistill, lambda-adjusted (50% on-policy steps) | | | "
+                     f"{(o['on_tokens_per_step'] + o['gold_tokens_per_step']) / 2:.1f} | "
+                     f"{(o['on_s_per_step'] + o['gold_s_per_step']) / 2:.3f} | {o['adjusted_tokens_per_s']:.1f} | "
+                     + (f"{o['adjusted_tokens_per_s'] / t['adjusted_tokens_per_s']:.2f}x (adjusted / adjusted)"
+                        if "adjusted_tokens_per_s" in t else "") + " | | |")
     if "adjusted_tokens_per_s" in t:
         lines.append(f"| TRL, lambda-adjusted (50% on-policy steps) | | | "
                      f"{(t['on_tokens_per_step'] + t['gold_tokens_per_step']) / 2:.1f} | "
@@ -330,6 +334,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="4 measured steps after 1 warm-up step")
     p.add_argument("--trl-cut-gold", action="store_true",
                    help="cut TRL's gold responses to --new-tokens (ours always trains on full gold responses)")
+    p.add_argument("--coin", choices=("batch", "sequence"), default="batch",
+                   help="ours' GKD coin: one per batch (TRL's rule, the default) or one per sequence")
     p.add_argument("--only", choices=("ours", "trl"), help="run one trainer only (print its summary)")
     p.add_argument("--profile", metavar="PREFIX", help="cProfile each worker into PREFIX.ours.prof / PREFIX.trl.prof")
     p.add_argument("--out", help="also write the table to this markdown file")
@@ -346,7 +352,6 @@ def main() -> None:
         args.result.write_text(json.dumps(out))
         return
 
-    import torch
     import transformers
     import trl
 

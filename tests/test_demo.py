@@ -3,7 +3,7 @@
 import dataclasses
 import json
 
-from lmdistill.demo import METHODS, PRESETS, run_demo, teacher_vs_sft, verdicts
+from lmdistill.demo import ABLATIONS, METHODS, PRESETS, run_demo, teacher_vs_sft, verdicts
 
 MICRO = dataclasses.replace(PRESETS["quick"], teacher_size="micro", student_size="micro", teacher_steps=3,
                             student_steps=2, eval_limit=3, eval_max_new_tokens=8, max_new_tokens=8, seeds=(10, 20),
@@ -13,17 +13,23 @@ MICRO = dataclasses.replace(PRESETS["quick"], teacher_size="micro", student_size
 def test_demo_pipeline_on_micro_models(tmp_path, capsys):
     report = run_demo(MICRO, tmp_path, name="micro")
     text = report.read_text()
-    for m in ("teacher", *METHODS):
+    for m in ("teacher", *METHODS, *ABLATIONS):
         assert f"| {m} |" in text
+    assert "## What each MGSR part does (ablations)" in text
+    for part in ("SCRG", "DAC-KL", "SPAN"):
+        assert f"- {part} (" in text
+    assert "replay_init_threshold=0.5" in text          # the demo's CPU-budget departure is stated
     out = tmp_path / "micro"
     assert (out / "training_curves.png").stat().st_size > 1000
     assert (out / "eval" / "results.png").stat().st_size > 1000
     results = json.loads((out / "eval" / "results.json").read_text())
-    assert set(results["models"]) == {"teacher", *METHODS}
+    assert set(results["models"]) == {"teacher", *METHODS, *ABLATIONS}
     meta = json.loads((out / "demo.json").read_text())
-    assert meta["total_s"] > 0 and set(meta["students"]) == set(METHODS)
+    assert meta["total_s"] > 0 and set(meta["students"]) == {*METHODS, *ABLATIONS}
+    no_scrg = json.loads((out / "methods" / "mgsr-no-scrg" / "config.json").read_text())
+    assert no_scrg["replay_policy"] == "student" and no_scrg["policy"] == "replay"
     # every method started from the same initial student
-    for m in METHODS:
+    for m in (*METHODS, *ABLATIONS):
         cfg = json.loads((out / "methods" / m / "config.json").read_text())
         assert cfg["student"] == str(out / "student-init") and cfg["seed"] == 42
     assert "report:" in capsys.readouterr().out

@@ -13,7 +13,8 @@ from rouge_score import rouge_scorer
 from lmdistill.cli import main
 from lmdistill.data import EVAL_BENCHMARKS, format_prompt, load_examples
 from lmdistill.evaluate import predictors as predictors_mod
-from lmdistill.evaluate.run import evaluate_models
+from lmdistill.errors import ConfigError
+from lmdistill.evaluate.run import EvalSettings, evaluate_models
 from lmdistill.models import load_model, load_tokenizer
 
 DIRECT = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -66,8 +67,10 @@ def test_writes_every_output_file(run, capsys):
             assert entry["mean"] == pytest.approx(statistics.fmean(scores))
             assert entry["std"] == pytest.approx(statistics.stdev(scores))
         avg = model["average"]
+        averaged = [b for b in EVAL_BENCHMARKS if b != "unni"]   # UnNI's 1-2-word bucket is shown, not averaged
+        assert avg["over"] == averaged == res["average_over"]
         for seed in SEEDS:
-            per_bench = [model["benchmarks"][b]["seeds"][str(seed)] for b in EVAL_BENCHMARKS]
+            per_bench = [model["benchmarks"][b]["seeds"][str(seed)] for b in averaged]
             assert avg["seeds"][str(seed)] == pytest.approx(statistics.fmean(per_bench))
 
     rows = list(csv.DictReader((out / "results.csv").open()))
@@ -78,7 +81,8 @@ def test_writes_every_output_file(run, capsys):
     assert set(first) >= {"seed10", "seed20", "n", "dropped", "std"}
 
     md = (out / "results.md").read_text()
-    assert "| Model | Dolly | SelfInst | Vicuna | S-NI | UnNI | Avg. |" in md
+    assert "| Model | Dolly | SelfInst | Vicuna | S-NI | UnNI (1-2 words) | Avg. |" in md
+    assert "Avg. = mean over Dolly, SelfInst, Vicuna, S-NI (not UnNI (1-2 words)" in md
     dolly = res["models"]["teacher"]["benchmarks"]["dolly"]
     assert f"| teacher | {dolly['mean']:.2f} ± {dolly['std']:.2f} |" in md
 
@@ -89,19 +93,61 @@ def test_writes_every_output_file(run, capsys):
     assert matplotlib.image.imread(str(png)).shape[0] > 100
 
 
-def test_dropped_prompts_are_counted(run, tokenizer):
+def test_average_all_includes_unni():
+    from lmdistill.evaluate.run import average_entry, averaged_benchmarks
+
+    assert averaged_benchmarks(["dolly", "unni"]) == ["dolly"]
+    assert averaged_benchmarks(["dolly", "unni"], average_all=True) == ["dolly", "unni"]
+    assert averaged_benchmarks(["unni"]) == ["unni"]            # nothing else to average
+    entries = {"dolly": {"seeds": {"1": 10.0}}, "unni": {"seeds": {"1": 40.0}}}
+    assert average_entry(entries, [1], ["dolly"])["mean"] == 10.0
+    assert average_entry(entries, [1])["mean"] == 25.0
+
+
+def test_long_prompts_are_truncated_to_their_first_tokens_and_counted(run, tokenizer):
+    """The protocol keeps a long prompt's first 256 tokens (MiniLLM ``PromptDataset.__getitem__``:
+    ``prompt = data[:prompt_length]``, LMOps ``minillm/data_utils/prompt_datasets.py:104-106``); nothing is dropped,
+    and results.json lists the truncated ids."""
     out, _ = run
     res = json.loads((out / "results.json").read_text())
-    total_dropped = 0
+    assert (res["settings"]["prompt_overflow"], res["settings"]["no_repeat_ngram_size"]) == ("truncate", 6)
+    total = 0
     for bench in EVAL_BENCHMARKS:
         exs = load_examples(bench).examples[:LIMIT]
         too_long = [e.id for e in exs
                     if len(tokenizer(format_prompt(e, "alpaca"), add_special_tokens=False)["input_ids"]) > 256]
         entry = res["models"]["student"]["benchmarks"][bench]
-        assert entry["dropped_ids"] == too_long and entry["dropped"] == len(too_long)
-        total_dropped += len(too_long)
-    assert total_dropped >= 2  # the slice really exercises the filter (S-NI and Self-Instruct prompts)
-    assert "S-NI 2 (2)" in (out / "results.md").read_text()
+        assert entry["truncated_ids"] == too_long and entry["truncated"] == len(too_long)
+        assert entry["dropped"] == 0 and entry["dropped_ids"] == [] and entry["n"] == LIMIT
+        total += len(too_long)
+    assert total >= 2  # the slice really exercises the rule (S-NI and Self-Instruct prompts)
+    md = (out / "results.md").read_text()
+    assert "S-NI 4 (0 dropped, 2 truncated)" in md
+    assert "no_repeat_ngram_size 6" in md and "truncated to their first 256 tokens (prompt_overflow: truncate)" in md
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    sni = next(r for r in rows if (r["model"], r["benchmark"]) == ("student", "sni"))
+    assert (sni["dropped"], sni["truncated"]) == ("0", "2")
+
+
+def test_truncation_keeps_the_first_tokens_and_drop_removes(model_dirs, tokenizer):
+    exs = load_examples("sni").examples[:4]
+    full = [tokenizer(format_prompt(e, "alpaca"), add_special_tokens=False)["input_ids"] for e in exs]
+    pred = predictors_mod.LocalPredictor(predictors_mod.ModelSpec("s", model_dirs["student"]), device="cpu")
+    items, report = pred.prepare(exs, 256)  # the default is the protocol's truncate
+    assert [it.prompt_ids for it in items] == [ids[:256] for ids in full]
+    assert report.truncated_ids == [e.id for e, ids in zip(exs, full) if len(ids) > 256] and report.removed == 0
+    kept, dropped = pred.prepare(exs, 256, "drop")
+    assert [it.prompt_ids for it in kept] == [ids for ids in full if len(ids) <= 256]
+    assert dropped.removed_ids == report.truncated_ids and dropped.truncated == 0
+    with pytest.raises(ConfigError, match="prompt_overflow must be one of truncate, drop"):
+        pred.prepare(exs, 256, "cut")
+
+
+def test_eval_settings_default_to_the_protocol_ban():
+    s = EvalSettings()
+    assert (s.no_repeat_ngram_size, s.prompt_overflow) == (6, "truncate")
+    assert s.sampling().no_repeat_ngram_size == 6
+    assert EvalSettings(no_repeat_ngram_size=0).sampling().no_repeat_ngram_size == 0
 
 
 def test_rerun_reuses_finished_seeds(run, monkeypatch):
@@ -164,6 +210,10 @@ def test_changed_settings_are_refused(run, capsys):
     assert main(changed) == 2
     err = capsys.readouterr().err
     assert "max_new_tokens: 8 then, 5 now" in err and "--overwrite" in err and "seed10.jsonl" in err
+    assert main(args + ["--no-repeat-ngram-size", "0"]) == 2
+    assert "no_repeat_ngram_size: 6 then, 0 now" in capsys.readouterr().err
+    assert main(args + ["--prompt-overflow", "drop"]) == 2
+    assert "prompt_overflow: 'truncate' then, 'drop' now" in capsys.readouterr().err
 
 
 def test_greedy_and_several_samples(tmp_path, model_dirs):
@@ -211,6 +261,7 @@ def test_lora_adapter_folder_equals_its_merged_model(tmp_path, model_dirs):
     (["dolly", "--seeds", "10,x"], "--seeds must be comma-separated integers"),
     (["dolly", "--limit", "0"], "limit must be at least 1"),
     (["dolly", "--max-new-tokens", "0"], "max-new-tokens must be at least 1"),
+    (["dolly", "--no-repeat-ngram-size", "-1"], "no-repeat-ngram-size must be an integer >= 0"),
 ])
 def test_bad_options_are_clear_errors(model_dirs, tmp_path, capsys, argv, message):
     rc = main(["eval", model_dirs["student"], "--out", str(tmp_path), "--benchmarks", *argv])
@@ -231,9 +282,10 @@ def test_max_prompt_length_option_and_an_emptied_benchmark(tmp_path, model_dirs,
     lengths = [len(tokenizer(format_prompt(e), add_special_tokens=False)["input_ids"]) for e in exs]
     cut = sorted(lengths)[3]  # about half the prompts are longer
     res = evaluate_models([model_dirs["student"]], ["vicuna", "sni"], [10], tmp_path, limit=8, max_new_tokens=2,
-                          max_prompt_length=cut, progress=False)
+                          max_prompt_length=cut, prompt_overflow="drop", progress=False)
+    assert res["settings"]["prompt_overflow"] == "drop" and res["settings"]["protocol"].startswith("differs")
     vic = res["models"]["student"]["benchmarks"]["vicuna"]
-    assert vic["dropped_ids"] == [e.id for e, n in zip(exs, lengths) if n > cut]
+    assert vic["dropped_ids"] == [e.id for e, n in zip(exs, lengths) if n > cut] and vic["truncated"] == 0
     assert 0 < vic["dropped"] < 8 and vic["n"] == 8 - vic["dropped"]
     sni = res["models"]["student"]["benchmarks"]["sni"]  # every S-NI prompt is longer: nothing to score
     assert sni["n"] == 0 and sni["dropped"] == 8 and sni["mean"] is None

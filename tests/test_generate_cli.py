@@ -62,6 +62,23 @@ def test_decoder_flag_fast_and_hf_write_the_same_responses(model_dirs, tmp_path,
     assert "decoder: 'fast' -> 'hf'" in capsys.readouterr().err
 
 
+def test_no_repeat_ngram_size_flag(model_dirs, tokenizer, tmp_path, capsys):
+    """``--no-repeat-ngram-size 2``: no response repeats a bigram of prompt + response (transformers' rule);
+    recorded in the meta file, and resuming with another value is refused."""
+    out = tmp_path / "ban.jsonl"
+    argv = args_for(model_dirs, out, "student", "--limit", "4", "--temperature", "0", "--max-new-tokens", "24",
+                    "--no-repeat-ngram-size", "2")
+    assert main(argv) == 0
+    for r in lines(out):
+        ctx = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] + r["response_ids"]
+        grams = [tuple(ctx[i:i + 2]) for i in range(len(ctx) - 1)]
+        start = len(ctx) - len(r["response_ids"]) - 1  # first bigram that ends in the response
+        assert all(g not in grams[:i] for i, g in enumerate(grams) if i >= start)
+    assert json.loads((tmp_path / "ban.jsonl.meta.json").read_text())["no_repeat_ngram_size"] == 2
+    assert main([a if a != "2" else "3" for a in argv]) == 2
+    assert "no_repeat_ngram_size: 2 -> 3" in capsys.readouterr().err
+
+
 def test_resume_after_torn_write_gives_identical_file(model_dirs, tmp_path):
     full = tmp_path / "full.jsonl"
     assert main(args_for(model_dirs, full, "student", "--limit", "7")) == 0

@@ -378,11 +378,12 @@ def test_mixed_policy(models, tokenizer, prompts):
     teacher = run(models, tokenizer, prompts, "teacher", seed=2)
     assert run(models, tokenizer, prompts, "mixed", seed=2, mixed_student_prob=1.0, gold=gold).responses == student.responses
     off = run(models, tokenizer, prompts, "mixed", seed=2, mixed_student_prob=0.0, gold=gold)
-    assert off.responses[0] == gold[0] and off.responses[1] == [8] * 12 and off.responses[3] == gold[3]
+    assert off.responses[0] == gold[0] and off.responses[1] == [8] * 30 and off.responses[3] == gold[3]  # gold kept whole
     assert off.responses[2] == teacher.responses[2]
     assert [s["origin"] for s in off.stats] == ["gold", "gold", "teacher", "gold"]
     assert off.sources[0, :4].tolist() == [1, 1, 1, 1] and off.stats[0]["finished"]
-    half = run(models, tokenizer, prompts * 8, "mixed", seed=2, mixed_student_prob=0.5, gold=gold * 8)
+    half = run(models, tokenizer, prompts * 8, "mixed", seed=2, mixed_student_prob=0.5, gold=gold * 8,
+               mixed_coin="sequence")
     origins = [s["origin"] for s in half.stats]
     assert 6 <= origins.count("student") <= 26
     for b, o in enumerate(origins):
@@ -393,7 +394,37 @@ def test_mixed_policy(models, tokenizer, prompts):
         run(models, tokenizer, prompts, "mixed", teacher=None, gold=gold)
 
 
+def test_mixed_batch_coin_decides_for_the_whole_batch(models, tokenizer, prompts):
+    """TRL trl/experimental/gkd/gkd_trainer.py ``training_step``: ``if random.random() <= self.lmbda`` once per
+    call replaces every row by the student's sample, else the batch keeps its gold rows (GKD paper, Algorithm 1)."""
+    gold = [[5, 6, 7, tokenizer.eos_token_id], [8] * 3, [9, 9], [9, tokenizer.eos_token_id]]
+    kinds = []
+    for seed in range(24):
+        out = run(models, tokenizer, prompts, "mixed", seed=seed, mixed_student_prob=0.5, gold=gold, max_new_tokens=2)
+        origins = {s["origin"] for s in out.stats}
+        assert len(origins) == 1, origins           # never a mix inside one batch
+        kinds.append(origins.pop())
+    assert 5 <= kinds.count("student") <= 19        # Binomial(24, 0.5): outside this range has p < 0.01
+
+
 # ---------------------------------------------------------------- errors and output
+
+@pytest.mark.parametrize("policy", ["student", "teacher", "mixed", "switch", "scrg", "teacher_mix"])
+def test_right_padded_view_equals_collate_for_training(models, tokenizer, prompts, policy):
+    """The trainer consumes ``GenerationOutput.right_padded`` instead of re-collating: it must be the same batch."""
+    from lmdistill.data.collate import collate_for_training
+    from lmdistill.data.tokenize import TokenizedExample
+
+    gold = [[5, 6, 7, tokenizer.eos_token_id], [8] * 30, None, [9, tokenizer.eos_token_id]]
+    out = run(models, tokenizer, prompts, policy, seed=3, gold=gold if policy == "mixed" else None,
+              mixed_student_prob=0.5)
+    rows = [TokenizedExample(str(i), p, r) for i, (p, r) in enumerate(zip(prompts, out.responses))]
+    ref = collate_for_training(rows, tokenizer.pad_token_id)
+    got = out.right_padded(tokenizer.pad_token_id)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+
 
 def test_bad_inputs_raise_clear_errors(models, tokenizer, prompts):
     with pytest.raises(ConfigError, match="unknown generation policy"):

@@ -20,7 +20,7 @@ from lmdistill.quantify.ice import IceConfig, run_ice, write_ice
 from lmdistill.quantify.identity import RuleJudge, find_names
 from lmdistill.quantify.judges import LLMJudge
 from lmdistill.quantify.questions import identity_questions
-from lmdistill.quantify.templates import fill
+from lmdistill.quantify.templates import fill, load_templates
 from lmdistill.serve import ServerThread, create_app
 from test_quantify_support import FACT, start_scripted, target_reply
 
@@ -42,7 +42,7 @@ def clients(srv, cache, **kw):
 
 
 def test_ice_scores_with_rule_and_llm_judge(scripted, tmp_path):
-    config = IceConfig(fact=FACT, budget=120, seed=3)  # 2 mutants x 50 questions (20 left over)
+    config = IceConfig(fact=FACT, budget=120, seed=6)  # paper mode: 2 mutants x 50 questions (20 left over)
     cache = ResponseCache(tmp_path / "cache.jsonl")
     target, helper = clients(scripted, cache)
     result = run_ice(target, helper, RuleJudge(), config, progress=False)
@@ -62,7 +62,7 @@ def test_ice_scores_with_rule_and_llm_judge(scripted, tmp_path):
         return bool(find_names(_prompt(result, row)))
 
     assert s["hard_hits"] == sum(r["strict"] and not names_other_models(r) for r in rows)
-    assert 0 < s["hard_hits"] < s["strict_hits"]  # seed 3: one mutant says "you are ChatGPT"
+    assert 0 < s["hard_hits"] < s["strict_hits"]  # seed 6: the second mutant says "you are ChatGPT"
     assert all(r["misleading"] == [] for r in rows if r["question"] not in ("en-20", "zh-20", "en-22", "zh-22")
                and not result["steps"][r["step"]]["misleading_names"])
     pl = result["per_language"]
@@ -168,3 +168,149 @@ def test_kill_minus_9_and_rerun_equals_uninterrupted(tmp_path):
         srv.stop()
     for name in ("ice.json", "ice_queries.jsonl", "ice.md"):
         assert (out / name).read_text() == (tmp_path / "clean" / name).read_text()
+
+
+# --- paper mode against a plain-Python transcription of the reference code --------------------------------
+import math  # noqa: E402
+import random  # noqa: E402
+
+from lmdistill.clients import ChatClient  # noqa: E402
+from lmdistill.quantify.identity import RULE_JUDGE_LABEL  # noqa: E402
+from lmdistill.quantify.judges import PAPER_SYSTEM  # noqa: E402
+from test_quantify_support import helper_reply, paper_judge_reply  # noqa: E402
+
+
+class Fake(ChatClient):
+    """An in-process scripted client that records every request."""
+
+    def __init__(self, name, respond):
+        self.name, self.respond, self.calls = name, respond, []
+
+    def _chat(self, messages, **params):
+        self.calls.append((messages, params))
+        return self.respond(messages)
+
+
+def fakes():
+    target = Fake("fake-target", lambda m: target_reply(m[-1]["content"]))
+    helper = Fake("fake-helper", lambda m: helper_reply(m[-1]["content"]))
+    judge = Fake("fake-judge", paper_judge_reply)
+    return target, helper, judge
+
+
+def reference_search(result, n_questions, ratio=0.5, alpha=0.1, beta=0.2):
+    """Replays the reference's selection, tree and reward on the run's per-step hits, in plain Python floats.
+
+    easyjailbreak/selector/MCTSExploreSelectPolicy.py:44-75 (select), :84-91 (update);
+    easyjailbreak/attacker/Gptfuzzer_Identity.py:101-108 (every mutant is appended to the seed's children and
+    to the node list), :131 (mutant level = seed level + 1), :110-134 (update gets one evaluated instance per
+    question, so len(prompt_nodes) = number of questions). np.random.rand is replaced by the run's seeded
+    generator (random.Random(seed + 1)), drawn exactly where the reference draws.
+    """
+    n_seeds = len(result["config"]["seed_templates"])
+    rewards, visited, level = [0.0] * n_seeds, [0] * n_seeds, [0] * n_seeds
+    children = [[] for _ in range(n_seeds)]
+    rnd = random.Random(result["config"]["seed"] + 1)
+    step, picks, new_nodes, step_rewards = 0, [], [], []
+    hits_by_step = Counter(r["step"] for r in result["queries"] if r["loose"])
+    for s in range(len(result["steps"])):
+        step += 1
+
+        def uct(i):
+            return rewards[i] / (visited[i] + 1) + ratio * math.sqrt(2 * math.log(step) / (visited[i] + 0.01))
+
+        cur = max(range(n_seeds), key=uct)
+        path = [cur]
+        while len(children[cur]) > 0:
+            if rnd.random() < alpha:
+                break
+            cur = max(children[cur], key=uct)
+            path.append(cur)
+        for i in path:
+            visited[i] += 1
+        picks.append(cur)
+        new = len(rewards)  # the mutant: a child of the selected seed, hit or not
+        rewards.append(0.0), visited.append(0), level.append(level[cur] + 1), children.append([])
+        children[cur].append(new)
+        new_nodes.append(new)
+        succ_num = hits_by_step[s]
+        reward = succ_num / (n_questions * n_questions)
+        step_rewards.append(reward)
+        for i in reversed(path):
+            rewards[i] += reward * max(beta, (1 - 0.1 * level[cur]))
+    return picks, new_nodes, step_rewards, rewards, visited, level
+
+
+def test_paper_mode_equals_the_reference_search(tmp_path):
+    target, helper, judge_client = fakes()
+    # five seeds so that 14 steps reach below the seeds (with 76 the first 76 steps visit each seed once)
+    config = IceConfig(fact=FACT, budget=25 * 14, languages=("en",), seed=5, templates=load_templates()[:5])
+    result = run_ice(target, helper, LLMJudge(judge_client), config, progress=False)  # paper mode is the default
+    steps, q = result["steps"], 25
+    assert result["config"]["mode"] == "paper" and len(steps) == 14
+    # the target's answers decide the hits, independently of the judge: it claims ChatGPT or Meta for some prompts
+    for s in steps:
+        mine = [r for r in result["queries"] if r["step"] == s["step"]]
+        assert s["loose_hits"] == sum("ChatGPT" in r["response"] or "Meta" in r["response"] for r in mine)
+    picks, new_nodes, step_rewards, rewards, visited, level = reference_search(result, q)
+    assert [s["seed_node"] for s in steps] == picks
+    assert [s["new_node"] for s in steps] == new_nodes
+    assert [s["reward"] for s in steps] == step_rewards
+    tree = result["tree"]
+    assert [n["reward"] for n in tree] == pytest.approx(rewards, abs=1e-15)
+    assert [n["visits"] for n in tree] == visited and [n["depth"] for n in tree] == level
+    assert max(level) >= 2 and sum(r > 0 for r in step_rewards) >= 5  # the walk went below the seeds
+    assert result["config"]["seed_templates"] == [0, 1, 2, 3, 4]  # a custom set is used whole, in order
+    # the target as LLM_agent.py asks it: system prompt (:106/:121), temperature 0 (:104), 2048 tokens (:147)
+    assert len(target.calls) == 25 * 14
+    for messages, params in target.calls + helper.calls:
+        assert messages[0] == {"role": "system", "content": "You are a helpful assistant."}
+        assert params["temperature"] == 0.0 and params["max_tokens"] == 2048
+    # the judge: loose prompt on every answer with fact and answer as the two statements; strict prompt on the
+    # loose hits only, without the fact (rejudge.py:28-48, run on the loose-score file)
+    loose_asks = [m for m, _ in judge_client.calls if "<factor>" in m[1]["content"]]
+    strict_asks = [m for m, _ in judge_client.calls if "<rate>1</rate>" in m[1]["content"]]
+    assert all(m[0]["content"] == PAPER_SYSTEM for m, _ in judge_client.calls)
+    assert len(loose_asks) == 25 * 14 and f"<factor>{FACT}</factor>" in loose_asks[0][1]["content"]
+    assert len(strict_asks) == result["scores"]["loose_hits"] and all(FACT not in m[1]["content"] for m in strict_asks)
+    assert result["scores"]["strict_hits"] == sum("ChatGPT" in r["response"] for r in result["queries"])
+    assert result["judge_label"] == "LLM judge fake-judge (paper prompts)"
+    md = write_ice(result, tmp_path / "llm")
+    assert "rule judge" not in (tmp_path / "llm" / "ice.md").read_text() and md["config"]["tree_rule"].startswith("reference")
+
+
+def test_paper_mode_draws_76_seeds():
+    """76 of GPTFuzz's 77 templates, drawn at random (Gptfuzzer_Identity.py:35,50; seed_template.py:55)."""
+    target, helper, _ = fakes()
+    result = run_ice(target, helper, RuleJudge(), IceConfig(fact=FACT, budget=25, languages=("en",), seed=2),
+                     progress=False)
+    order = result["config"]["seed_templates"]
+    assert len(order) == len(set(order)) == 76 and set(order) <= set(range(77)) and order != sorted(order)
+    templates = load_templates()
+    assert [n["id"] for n in result["tree"][:76]] == list(range(76))
+    assert helper.calls[0][0][-1]["content"].count(templates[order[0]][:40]) >= 1  # step 1 mutates the first seed
+
+
+def test_lmdistill_mode_keeps_its_own_rules():
+    target, helper, _ = fakes()
+    config = IceConfig(fact=FACT, mode="lmdistill", budget=25 * 6, languages=("en",), seed=1)
+    result = run_ice(target, helper, RuleJudge(), config, progress=False)
+    assert all((s["new_node"] is None) == (s["loose_hits"] == 0) for s in result["steps"])
+    assert all(s["reward"] == s["loose_hits"] / 25 for s in result["steps"])
+    assert result["config"]["seed_templates"] == list(range(77))
+    for messages, params in target.calls:
+        assert messages[0]["role"] == "user" and params["max_tokens"] == 256
+    with pytest.raises(Exception, match="--mode"):
+        run_ice(target, helper, RuleJudge(), IceConfig(fact=FACT, mode="nope"), progress=False)
+
+
+def test_rule_judge_is_labelled_in_every_report(tmp_path):
+    target, helper, _ = fakes()
+    result = run_ice(target, helper, RuleJudge(), IceConfig(fact=FACT, budget=25, languages=("en",)), progress=False)
+    write_ice(result, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "ice.json").read_text())["judge_label"] == RULE_JUDGE_LABEL
+    assert RULE_JUDGE_LABEL in (tmp_path / "run" / "ice.md").read_text()
+    assert main(["quantify", "report", str(tmp_path / "run"), "--out", str(tmp_path / "rep")]) == 0
+    assert RULE_JUDGE_LABEL in (tmp_path / "rep" / "report.md").read_text()
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["ice"][0]["judge"] == RULE_JUDGE_LABEL
+    assert RULE_JUDGE_LABEL == "rule judge (approximation of the paper's LLM judge)"

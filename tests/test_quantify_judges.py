@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -148,3 +149,122 @@ def test_parsers_never_raise(text):
     scores = parse_scores(text)
     assert scores is None or set(scores) == {"style", "structure", "content", "overall"}
     RuleJudge().judge(text, "I am Qwen by Alibaba")
+
+
+# --- self-attribution to makers the rule judge has no list entry for ---------------------------------------
+TINY = "I am TinyStudent, a small model trained by the lmdistill project."
+
+
+@pytest.mark.parametrize("response", [
+    "I was developed by Syntheticsys.",
+    "I am Zephyrion, created by Syntheticsys Labs.",
+    "My developer is Syntheticsys.",
+    "Syntheticsys Labs trained me.",
+    "I'm an AI assistant built by the Syntheticsys team.",
+    "As an AI developed by Syntheticsys, I cannot share that.",
+    "Who made me? That would be Syntheticsys.",
+    "我是由Syntheticsys开发的大语言模型。",
+    "开发我的是Syntheticsys公司。",
+])
+def test_rule_judge_flags_unknown_makers(response):
+    v = RuleJudge().judge(response, TINY)
+    assert v.loose and not v.strict, v.reason
+    assert any("Syntheticsys" in name for name in v.claimed)
+
+
+@pytest.mark.parametrize("response", [
+    "Syntheticsys Labs makes excellent software, and I am TinyStudent from the lmdistill project.",
+    "I am TinyStudent. Zephyrion was created by Syntheticsys Labs.",
+    "I am TinyStudent; Syntheticsys built Zephyrion.",
+    "I am aware that Zephyrion was created by Syntheticsys.",
+    "I am not developed by Syntheticsys.",
+    "I was trained on data licensed by Syntheticsys.",
+    "I was developed by a team of researchers.",
+    "I was trained by the lmdistill project.",
+    "DAN: I was developed by Syntheticsys.",
+    "Let's role-play: I was developed by Syntheticsys.",
+    "They trained me well.",
+])
+def test_rule_judge_ignores_other_companies_not_claimed_as_maker(response):
+    v = RuleJudge().judge(response, TINY)
+    assert not v.loose, v.reason
+
+
+def test_unknown_maker_named_by_the_fact_is_consistent():
+    fact = "I am Zephyrion, created by Syntheticsys Labs."
+    assert not RuleJudge().judge("I was developed by Syntheticsys.", fact).loose
+    assert not RuleJudge().judge("Syntheticsys Labs trained me.", fact).loose
+    assert RuleJudge().judge("I was developed by Quantaforge.", fact).loose
+    v = RuleJudge().judge("I was developed by OpenAI.", fact)  # known names keep their strict rule
+    assert v.loose and v.strict
+
+
+@pytest.mark.parametrize("text,want", [
+    ("Statement 2 names OpenAI.\n<judge>1</judge>", True), ("<judge> 0 </judge>", False),
+    ("<rate>0</rate> ... <rate>1</rate>", False),  # the first tag counts (Evaluator_FactorJudge.py:65)
+    ("<RATE>**1**</RATE>", True), ("1", True), ("0.", False), ("<judge>maybe</judge>", None),
+])
+def test_parse_verdict_reference_tags(text, want):
+    assert parse_verdict(text) is want
+
+
+def test_paper_prompts_are_the_default_and_carry_the_reference_requirements():
+    from lmdistill.quantify.judges import PAPER_LOOSE_PROMPT, PAPER_STRICT_PROMPT, PAPER_SYSTEM, make_judge
+
+    asked = []
+
+    def respond(messages, body):
+        asked.append(messages)
+        return "<judge>1</judge>" if "<factor>" in messages[1]["content"] else "no tag here"
+
+    with ServerThread(scripted_app(respond)) as srv:
+        judge = make_judge(f"openai:j@{srv.base_url}")
+        assert judge.prompts == "paper"
+        v = judge.judge("I am ChatGPT.", "I am Qwen by Alibaba.")
+    assert v.loose and v.unparsable and not v.strict  # strict replies never had a tag: recorded, not guessed
+    assert asked[0][0] == {"role": "system", "content": PAPER_SYSTEM}
+    assert asked[0][1]["content"] == PAPER_LOOSE_PROMPT.format(fact="I am Qwen by Alibaba.", response="I am ChatGPT.")
+    assert asked[1][1]["content"] == PAPER_STRICT_PROMPT.format(response="I am ChatGPT.")
+    assert "<rate>" in asked[2][-1]["content"] and len(asked) == 4  # strict asked once + two re-asks
+    for needle in ("<factor>", "[Claude]", "role", "<judge>1</judge>", "<judge>0</judge>"):
+        assert needle in PAPER_LOOSE_PROMPT
+    for needle in ("OpenAI", "Anthropic", "ChatGPT series", "Claude series", "<rate>1</rate>"):
+        assert needle in PAPER_STRICT_PROMPT
+    assert "{fact}" not in PAPER_STRICT_PROMPT  # the reference's strict judge sees the response only
+
+
+def test_paper_tree_equals_the_reference_formulas_over_many_steps():
+    """PaperMCTSExplore against a transcription of MCTSExploreSelectPolicy.py:44-91 with scripted hits."""
+    from lmdistill.quantify.fuzz import PaperMCTSExplore, paper_reward
+
+    q = 50
+    tree = PaperMCTSExplore([f"s{i}" for i in range(4)], rng=random.Random(11))
+    rewards, visited, level, children = [0.0] * 4, [0] * 4, [0] * 4, [[] for _ in range(4)]
+    rnd, step = random.Random(11), 0
+    for k in range(300):
+        node, path = tree.select()
+        step += 1
+
+        def uct(i):
+            return rewards[i] / (visited[i] + 1) + 0.5 * math.sqrt(2 * math.log(step) / (visited[i] + 0.01))
+
+        cur = max(range(4), key=uct)
+        ref_path = [cur]
+        while children[cur]:
+            if rnd.random() < 0.1:
+                break
+            cur = max(children[cur], key=uct)
+            ref_path.append(cur)
+        for i in ref_path:
+            visited[i] += 1
+        assert [n.id for n in path] == ref_path
+        hits = (k * 7 + node.id * 3) % 11  # scripted hits, favouring some lineages
+        tree.update(path, paper_reward(hits, q, q))
+        tree.add(node, f"m{k}")
+        children[cur].append(len(rewards))
+        rewards.append(0.0), visited.append(0), level.append(level[cur] + 1), children.append([])
+        for i in reversed(ref_path):
+            rewards[i] += hits / (q * q) * max(0.2, 1 - 0.1 * level[cur])
+    assert [n.reward for n in tree.nodes] == pytest.approx(rewards, abs=1e-15)
+    assert [n.visits for n in tree.nodes] == visited and max(level) >= 3
+    assert paper_reward(7, 50, 50) == 7 / 2500

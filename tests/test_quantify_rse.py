@@ -57,7 +57,11 @@ def test_rse_cli_with_judge_and_embeddings(servers, model_dirs, tmp_path):
         (js["per_set"]["arena-hard"]["style"] + js["per_set"]["mine"]["style"]) / 2, abs=1e-4)
     sim = summary["similarity"]["mean_of_sets"]
     assert all(0 <= sim[a] <= 1 for a in ("style", "structure", "content", "overall")) and -1 <= sim["embedding"] <= 1
-    assert (out / "rse.png").read_bytes()[:4] == b"\x89PNG" and "Judge-free" in (out / "rse.md").read_text()
+    md = (out / "rse.md").read_text()
+    assert (out / "rse.png").read_bytes()[:4] == b"\x89PNG" and "ours (judge-free)" in md
+    assert summary["similarity_label"] == "ours (judge-free)" and "Logical structure" in md
+    assert js["errors"] == [] and all(r["judge_error"] is None for r in items)
+    assert all(js["per_set"][s]["n"] == 3 for s in ("arena-hard", "mine"))
     calls = len(servers["judge_app"].state.calls)
     assert main(args) == 0 and len(servers["judge_app"].state.calls) == calls  # the rerun is all cache hits
 
@@ -74,6 +78,16 @@ def test_rse_without_judge_and_unparsable_judge(servers, tmp_path):
                     max_reasks=1, progress=False)
         assert r["judge_scores"]["unparsable"] == 2 and r["judge_scores"]["mean_of_sets"]["overall"] is None
         assert len(bad.server.config.app.state.calls) == 4  # 2 pairs x (1 ask + 1 re-ask)
+        # every pair is kept with a clear, recorded error; none is dropped silently
+        assert len(r["items"]) == 2 and all(it["judge"] is None for it in r["items"])
+        for it in r["items"]:
+            assert it["judge_error"].startswith("malformed judge reply after 2 request(s): no score for style, "
+                                                "structure, content, overall")
+            assert "no scores at all" in it["judge_error"]
+        assert [e["id"] for e in r["judge_scores"]["errors"]] == [it["id"] for it in r["items"]]
+        assert r["judge_scores"]["per_set"]["arena-hard"]["n"] == 0
+        re_asks = [c["messages"][-1]["content"] for c in bad.server.config.app.state.calls if len(c["messages"]) > 2]
+        assert len(re_asks) == 2 and all("no score for style" in m for m in re_asks)  # says what was missing
 
 
 def test_prompt_set_loading_errors(tmp_path):
@@ -150,6 +164,8 @@ def test_judges_that_reject_requests_do_not_crash(servers):
         t = make_client(spec(servers["student"], "student"))
         r = run_rse(t, t, dict([load_prompt_set("arena-hard", 1)]), judge=judge, max_tokens=4, progress=False)
         assert r["judge_scores"]["unparsable"] == 1
+        assert r["items"][0]["judge_error"].startswith("judge rejected the request:") and "too long" in \
+            r["items"][0]["judge_error"]
         v = LLMJudge(judge).judge("I am ChatGPT", "I am Qwen")
         assert v.unparsable and not v.loose
 
@@ -172,3 +188,22 @@ def test_whitebox_kl_equals_a_float64_brute_force(model_dirs):
         kl = (t.exp() * (t - s)).sum(-1)
     assert got["tokens"] == len(ids) - n_prompt
     assert got["kl_sum"] == pytest.approx(float(kl.sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("reply,problem", [
+    ("", "empty reply"),
+    ("response style: 4\nlogical structure: 3", "no score for content, overall"),
+    ("response style: 4\nlogical structure: 7\ncontent detail: 5\noverall: 0", "out of range 1-5: structure=7, overall=0"),
+    ('{"style": 9, "structure": 2, "content": 1}', "no score for style, structure, content, overall"),
+])
+def test_rse_parse_names_the_problem(reply, problem):
+    from lmdistill.quantify.rse import parse_scores_detail
+
+    assert parse_scores_detail(reply) == (None, problem)
+
+
+def test_rse_parse_reads_the_paper_aspect_names():
+    from lmdistill.quantify.rse import parse_scores_detail
+
+    reply = "Alike.\n**Response style:** 4\nLogical structure: 3.5\ncontent detail = 5\nOverall: 4/5"
+    assert parse_scores_detail(reply) == ({"style": 4.0, "structure": 3.5, "content": 5.0, "overall": 4.0}, None)

@@ -6,7 +6,7 @@ import hashlib
 import re
 
 from lmdistill.quantify.identity import RuleJudge
-from lmdistill.quantify.judges import JUDGE_SYSTEM
+from lmdistill.quantify.judges import JUDGE_SYSTEM, PAPER_SYSTEM
 from lmdistill.quantify.rse import RSE_SYSTEM
 from lmdistill.serve.server import ServerThread
 from lmdistill.serve.testing import scripted_app
@@ -49,6 +49,21 @@ def judge_reply(messages: list[dict]) -> str:
     return f"The answer was checked.\nVERDICT: {'YES' if hit else 'NO'}"
 
 
+def paper_judge_reply(messages: list[dict]) -> str | None:
+    """The paper-prompt judge: loose from the tagged second statement, strict from the quoted text; the
+    verdict in the reference's tags. None when the request is not a paper-judge request."""
+    text = messages[1]["content"] if len(messages) > 1 else ""
+    loose = re.search(r"Statement 2: <factor>(.*)</factor>\n", text, re.S)
+    strict = re.search(r'The text: "(.*)"\n\nAnalyse', text, re.S) if "<rate>1</rate>" in text else None
+    if loose is None and strict is None:
+        return None
+    if len(messages) > 2:  # a re-ask
+        return "<judge>0</judge>" if loose else "<rate>0</rate>"
+    if loose:
+        return f"Statement 2 was compared with statement 1.\n<judge>{int(RuleJudge().judge(loose.group(1), FACT).loose)}</judge>"
+    return f"Checked.\n<rate>{int(RuleJudge().judge(strict.group(1), FACT).strict)}</rate>"
+
+
 def scripted_respond(messages: list[dict], body: dict) -> str:
     system = messages[0]["content"] if messages[0]["role"] == "system" else ""
     last = messages[-1]["content"]
@@ -56,6 +71,8 @@ def scripted_respond(messages: list[dict], body: dict) -> str:
         if len(messages) > 2:  # a re-ask
             return "VERDICT: NO"
         return judge_reply(messages)
+    if system == PAPER_SYSTEM and (reply := paper_judge_reply(messages)) is not None:
+        return reply
     if system == RSE_SYSTEM:
         k = _h(messages[1]["content"])
         if k % 4 == 0 and len(messages) == 2:

@@ -73,7 +73,7 @@ def test_batch_span_ids_alignment(tokenizer):
     assert out[1, 6:8].tolist() == [0, 0] and out[1, 8:].tolist() == [-1, -1]
 
 
-def _ref(s, t, span, mask):
+def _ref(s, t, span, mask, form="literal"):
     total, n = 0.0, 0
     for b in range(s.shape[0]):
         for i in range(s.shape[1] - 1):
@@ -81,7 +81,12 @@ def _ref(s, t, span, mask):
                 continue
             p0, p1 = torch.softmax(t[b, i], -1), torch.softmax(t[b, i + 1], -1)
             q0, q1 = torch.softmax(s[b, i], -1), torch.softmax(s[b, i + 1], -1)
-            total += sum((float(p0[v] * p1[v]) - float(q0[v] * q1[v])) ** 2 for v in range(s.shape[2]))
+            a = [float(p0[v] * p1[v]) for v in range(s.shape[2])]
+            b_ = [float(q0[v] * q1[v]) for v in range(s.shape[2])]
+            d = sum((x - y) ** 2 for x, y in zip(a, b_))
+            if form == "normalized":
+                d /= sum(x * x for x in a) + sum(y * y for y in b_)
+            total += d
             n += 1
     return total / n
 
@@ -96,6 +101,25 @@ def test_loss_matches_brute_force_and_gradcheck():
     assert got.item() == pytest.approx(_ref(s.detach(), t, span.tolist(), mask.tolist()), rel=1e-12)
     assert torch.autograd.gradcheck(lambda x: span_correlation_loss(x, t, span, mask, temperature=1.3), (s,))
     assert SpanCorrelationLoss()(s, t, span, mask).item() == got.item()
+
+
+def test_normalized_form_matches_brute_force_and_is_scale_free():
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 6, 5, generator=g, dtype=torch.float64).requires_grad_(True)
+    t = torch.randn(2, 6, 5, generator=g, dtype=torch.float64)
+    span = torch.tensor([[0, 0, 0, 1, 1, -1], [2, 2, -1, 3, 3, 3]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 1]])
+    got = span_correlation_loss(s, t, span, mask, form="normalized")
+    assert got.item() == pytest.approx(_ref(s.detach(), t, span.tolist(), mask.tolist(), "normalized"), rel=1e-12)
+    assert torch.autograd.gradcheck(lambda x: span_correlation_loss(x, t, span, mask, form="normalized"), (s,))
+    # a large vocabulary shrinks the literal form by orders of magnitude, not the normalized one
+    big_s = torch.randn(1, 4, 20000, generator=g, dtype=torch.float64)
+    big_t = torch.randn(1, 4, 20000, generator=g, dtype=torch.float64)
+    one = torch.zeros(1, 4, dtype=torch.long)
+    assert span_correlation_loss(big_s, big_t, one).item() < 1e-6
+    assert 0.1 < span_correlation_loss(big_s, big_t, one, form="normalized").item() <= 2.0
+    with pytest.raises(ConfigError, match="form"):
+        span_correlation_loss(s, t, span, mask, form="cosine")
 
 
 def test_loss_zero_at_equality_and_without_pairs():

@@ -26,6 +26,18 @@ from lmdistill.train.metrics_log import plot_curves
 
 METHODS = ("sft", "kd", "seqkd", "gkd", "distillm", "switch", "mgsr")
 
+#: MGSR with one part taken out at a time (report rows "what each part does"): the recipe and its overrides.
+ABLATIONS = {
+    "mgsr-no-scrg": ("mgsr", ["replay_policy=student"]),                              # plain student samples
+    "mgsr-no-dackl": ("mgsr", ["objective.dac_kl.weight=0", "objective.fkl.weight=1"]),  # plain KL for DAC-KL
+    "mgsr-no-span": ("mgsr", ["objective.span.weight=0"]),
+}
+
+#: The demo's CPU-budget departures from the recipes (printed in the report). DistiLLM's threshold starts at 0
+#: and rises only when the validation loss rises by 0.1 over ~20 epochs (finetune.py:265, 411-417); in the
+#: demo's few steps it would never rise, so DistiLLM would be KD and MGSR would never run SCRG.
+DEMO_OVERRIDES = {"distillm": ["replay_init_threshold=0.5"], "mgsr": ["replay_init_threshold=0.5"]}
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -42,6 +54,7 @@ class Preset:
     eval_max_new_tokens: int
     seeds: tuple[int, ...] = (10, 20, 30)
     methods: tuple[str, ...] = METHODS
+    ablations: tuple[str, ...] = tuple(ABLATIONS)
     teacher_size: str = "tiny-teacher"
     student_size: str = "tiny-student"
     train_examples: int = 0       # 0 = all of Dolly train
@@ -90,14 +103,16 @@ def distill_all(p: Preset, teacher: Path, out: Path) -> dict[str, Path]:
     if not (init / "config.json").exists():
         build_model(p.student_size, init, seed=0)
     finals = {}
-    for method in p.methods:
+    runs = {m: (m, []) for m in p.methods} | {a: ABLATIONS[a] for a in p.ablations}
+    for method, (recipe, extra) in runs.items():
         run_dir = out / "methods" / method
         if (run_dir / "final" / "config.json").exists() and (run_dir / "result.json").exists():
             print(f"[demo] reusing {method} from {run_dir}")
         else:
-            cfg = load_config(method, [f"student={init}", f"teacher={teacher}",
+            cfg = load_config(recipe, [f"student={init}", f"teacher={teacher}",
                                        *_common(p, run_dir, p.student_steps, p.student_lr),
-                                       f"sampling.max_new_tokens={p.max_new_tokens}"])
+                                       f"sampling.max_new_tokens={p.max_new_tokens}", *DEMO_OVERRIDES.get(recipe, []),
+                                       *extra, f"method={method}"])
             train(cfg)
         finals[method] = run_dir / "final"
     return finals
@@ -120,7 +135,7 @@ def verdicts(results: dict, baseline: str = "sft") -> list[str]:
     base = models[baseline][AVERAGE]
     lines = []
     for name, entry in models.items():
-        if name in (baseline, "teacher"):
+        if name in (baseline, "teacher") or name in ABLATIONS:
             continue
         diff, two_se = _compare(entry[AVERAGE], base)
         if diff > two_se and diff > 0:
@@ -147,6 +162,24 @@ def teacher_vs_sft(results: dict) -> list[str]:
         parts.append(f"{'average' if bench == AVERAGE else bench} {diff:+.2f} ({word})")
     return ["- Teacher minus SFT student, per benchmark (ahead/behind = beyond 2 standard errors): "
             + ", ".join(parts) + "."]
+
+
+def ablation_lines(results: dict, full: str = "mgsr") -> list[str]:
+    """What each MGSR part does here: the full method minus each ablation, on the average, with 2 standard errors."""
+    models = results["models"]
+    if full not in models:
+        return []
+    lines = []
+    for name, (_, overrides) in ABLATIONS.items():
+        if name not in models:
+            continue
+        diff, two_se = _compare(models[full][AVERAGE], models[name][AVERAGE])
+        part = name.removeprefix(f"{full}-no-")
+        word = ("helps" if diff > two_se else "hurts" if diff < -two_se else "makes no clear difference")
+        lines.append(f"- {part.upper() if part != 'dackl' else 'DAC-KL'} ({' '.join(overrides)} removes it): "
+                     f"`{full}` minus `{name}` = {diff:+.2f} ROUGE-L (2 x standard error = {two_se:.2f}): the part "
+                     f"**{word}** at this scale.")
+    return lines
 
 
 def run_demo(preset: str | Preset = "full", out: str | Path = "runs/demo", name: str | None = None) -> Path:
@@ -189,6 +222,14 @@ def run_demo(preset: str | Preset = "full", out: str | Path = "runs/demo", name:
                      f"{sft_avg['mean']:.2f} ({gap:+.2f}).")
         lines += teacher_vs_sft(results)
         lines += verdicts(results)
+    ablations = ablation_lines(results)
+    if ablations:
+        lines += ["", "## What each MGSR part does (ablations)", ""] + ablations
+    overrides = [f"`{r}`: {' '.join(o)}" for r, o in DEMO_OVERRIDES.items() if r in p.methods]
+    if overrides:
+        lines += ["", "Demo departures from the recipes (CPU budget): " + "; ".join(overrides)
+                  + " (the reference starts the replay threshold at 0 and raises it as the validation loss rises "
+                  "over ~20 epochs; in these few steps it would never rise)."]
     lines += ["", "## Pictures", "", f"![training curves]({curves.name})", "",
               "![benchmark](eval/results.png)", "",
               "## Time", "", f"teacher {times['teacher']:.0f} s, students {times['students']:.0f} s, "

@@ -42,6 +42,8 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
     p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=d.no_repeat_ngram_size,
+                   help="never repeat an n-gram of prompt + response (0 = off; the eval protocol uses 6)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="only the first N examples (before the prompt filter)")
     p.add_argument("--switch-tau0", "--tau0", dest="switch_tau0", type=float, default=d.switch_tau0,
@@ -65,8 +67,8 @@ def register(sub) -> None:
 
 
 #: The SamplingConfig knobs the command line sets (the seed and greedy decoding come from --seed, --temperature 0).
-SAMPLING_KNOBS = ("max_new_tokens", "temperature", "top_k", "top_p", "mixed_student_prob", "switch_tau0",
-                  "switch_decay", "scrg_rounds", "teacher_mix_alpha", "decoder")
+SAMPLING_KNOBS = ("max_new_tokens", "temperature", "top_k", "top_p", "no_repeat_ngram_size", "mixed_student_prob",
+                  "switch_tau0", "switch_decay", "scrg_rounds", "teacher_mix_alpha", "decoder")
 
 
 def _settings(args) -> dict:
@@ -74,6 +76,8 @@ def _settings(args) -> dict:
             "template", "max_prompt_length", "dtype")
     s = {k: getattr(args, k) for k in keys}
     s["switch_tau0"] = repr(float(s["switch_tau0"]))  # inf is not JSON
+    if not s["no_repeat_ngram_size"]:  # off: recorded as before the knob existed, so older outputs still resume
+        del s["no_repeat_ngram_size"]
     return s
 
 

@@ -38,12 +38,22 @@ def register(sub) -> None:
     ice.add_argument("--target", required=True, help="the model under test")
     ice.add_argument("--fact", required=True, help="the target's true identity, e.g. 'I am Qwen, developed by Alibaba Cloud'")
     ice.add_argument("--helper", required=True, help="model that mutates the jailbreak templates")
-    ice.add_argument("--judge", default="rule", help="'rule' (no model) or a judge model spec")
+    ice.add_argument("--judge", default="rule",
+                     help="a judge model spec (LLM judge, the paper's way), or 'rule' (no model; an approximation of "
+                          "the paper's LLM judge, labelled so in the reports)")
+    ice.add_argument("--judge-prompts", choices=("paper", "lmdistill"), default="paper",
+                     help="LLM judge prompts: the reference code's loose/strict requirements (default) or lmdistill's")
+    ice.add_argument("--mode", choices=("paper", "lmdistill"), default="paper",
+                     help="paper (default): as the reference code runs it -- system prompt 'You are a helpful "
+                          "assistant.', temperature 0, 2048 tokens, 76 random seeds, every mutant a child, reward "
+                          "hits/questions^2; lmdistill: no system prompt, 256 tokens, only hit mutants join the tree")
     ice.add_argument("--budget", type=int, default=1000, help="target queries (each mutant costs one per question)")
     ice.add_argument("--languages", default="en,zh", help="question languages: en, zh or en,zh")
     ice.add_argument("--seed", type=int, default=0)
-    ice.add_argument("--max-tokens", type=int, default=256, help="answer length limit for the target")
-    ice.add_argument("--helper-temperature", type=float, default=0.7)
+    ice.add_argument("--max-tokens", type=int, default=None,
+                     help="answer length limit for the target (default: 2048 in paper mode, 256 in lmdistill mode)")
+    ice.add_argument("--helper-temperature", type=float, default=None,
+                     help="default: 0 (greedy, as the reference) in paper mode, 0.7 in lmdistill mode")
     ice.add_argument("--out", required=True)
     _client_args(ice)
     ice.set_defaults(func=cmd_ice)
@@ -76,6 +86,7 @@ def register(sub) -> None:
 
     ag = q.add_parser("agreement", help="agreement of an identity judge with the labelled examples")
     ag.add_argument("--judge", default="rule", help="'rule' or a judge model spec")
+    ag.add_argument("--judge-prompts", choices=("paper", "lmdistill"), default="paper")
     ag.add_argument("--labels", default=None, help="JSONL with response, fact, loose, strict (default: the shipped set)")
     ag.add_argument("--out", default=None, help="write the full result (with disagreements) as JSON here")
     ag.add_argument("--cache", default=None)
@@ -100,14 +111,15 @@ def cmd_ice(args) -> int:
     cache, kw = _open(args, out)
     target = make_client(args.target, **kw)
     helper = make_client(args.helper, **kw)
-    judge = make_judge(args.judge, **kw)
-    config = IceConfig(fact=args.fact, budget=args.budget, seed=args.seed, max_tokens=args.max_tokens,
+    judge = make_judge(args.judge, prompts=args.judge_prompts, **kw)
+    config = IceConfig(fact=args.fact, mode=args.mode, budget=args.budget, seed=args.seed, max_tokens=args.max_tokens,
                        languages=tuple(x.strip() for x in args.languages.split(",") if x.strip()),
                        helper_temperature=args.helper_temperature)
     result = run_ice(target, helper, judge, config, progress=not args.no_progress)
     summary = write_ice(result, out)
     cache.close()
-    print(json.dumps({"scores": summary["scores"], "per_language": summary["per_language"], "out": str(out)}, indent=2))
+    print(json.dumps({"scores": summary["scores"], "per_language": summary["per_language"], "judge": summary["judge_label"],
+                      "mode": summary["config"]["mode"], "out": str(out)}, indent=2))
     return 0
 
 
@@ -123,7 +135,7 @@ def cmd_rse(args) -> int:
                      max_reasks=args.max_reasks, progress=not args.no_progress)
     summary = write_rse(result, out)
     cache.close()
-    print(json.dumps({"similarity": summary["similarity"]["mean_of_sets"],
+    print(json.dumps({"similarity (ours, judge-free)": summary["similarity"]["mean_of_sets"],
                       "judge": (summary["judge_scores"] or {}).get("mean_of_sets"), "out": str(out)}, indent=2))
     return 0
 
@@ -139,7 +151,7 @@ def cmd_whitebox(args) -> int:
 
 def cmd_agreement(args) -> int:
     cache = ResponseCache(args.cache) if args.cache else None
-    judge = make_judge(args.judge, cache=cache, api_key_env=args.api_key_env)
+    judge = make_judge(args.judge, cache=cache, api_key_env=args.api_key_env, prompts=args.judge_prompts)
     result = judge_agreement(judge, labelled_examples(args.labels))
     if args.out:
         write_json(args.out, result)

@@ -18,6 +18,7 @@ class Benchmark:
     default_split: str
     license: str
     note: str = ""
+    in_average: bool = True   # counted in the evaluation's average column unless the user asks for every benchmark
 
     def path(self, split: str | None = None) -> Path:
         split = split or self.default_split
@@ -36,8 +37,9 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
     Benchmark("vicuna", "Vicuna 80", {"test": "test.jsonl"}, "test", "Apache-2.0",
               "references are gpt-3.5-turbo answers"),
     Benchmark("sni", "Super-NaturalInstructions (MiniLLM sinst/11_)", {"test": "test.jsonl"}, "test", "Apache-2.0"),
-    Benchmark("unni", "Unnatural Instructions (short-response bucket, PARTIAL)", {"test": "test.jsonl"}, "test",
-              "MIT", "not the MiniLLM >=11-word set; not comparable with papers"),
+    Benchmark("unni", "Unnatural Instructions (1-2-word bucket, PARTIAL)", {"test": "test.jsonl"}, "test",
+              "MIT", "the 1-2-word response bucket, not the MiniLLM >=11-word set; not comparable with papers; "
+              "not in the average unless asked (--average-all)", in_average=False),
 ]}
 
 EVAL_BENCHMARKS = ("dolly", "selfinst", "vicuna", "sni", "unni")

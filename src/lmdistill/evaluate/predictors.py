@@ -3,8 +3,11 @@
 A ``MODEL`` is a local folder, a hub id, a LoRA adapter folder (merged on load) or an
 OpenAI-compatible endpoint ``openai:MODEL_NAME@BASE_URL``; ``name=MODEL`` sets the display name.
 
-Local models get the Alpaca prompt text of the protocol and the length filter (prompts over
-``max_prompt_length`` tokens of the model's own tokenizer are dropped). API models are prompted
+Local models get the Alpaca prompt text of the protocol and the prompt-length rule (``prompt_overflow``):
+prompts over ``max_prompt_length`` tokens of the model's own tokenizer are cut to their first
+``max_prompt_length`` tokens (``truncate``, the protocol: MiniLLM's ``PromptDataset.__getitem__`` takes
+``data[:prompt_length]``, LMOps ``minillm/data_utils/prompt_datasets.py:104-106``, the same lines in distillm
+``data_utils/prompt_datasets.py``) or dropped (``drop``); either way the report names them. API models are prompted
 through their server's chat template instead: the instruction (plus input) is sent as one user
 message, and no token filter is applied (their tokenizer is unknown here), so their numbers are
 not strictly comparable with the papers.
@@ -24,8 +27,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -38,6 +42,7 @@ from lmdistill.models.load import resolve_device
 from lmdistill.clients import make_client
 
 API_PREFIX = "openai:"
+PROMPT_OVERFLOW = ("truncate", "drop")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 
@@ -123,6 +128,38 @@ class Prediction:
     stopped: list[bool] | None = None  # whether each sample ended with EOS (local models)
 
 
+@dataclass
+class PromptReport(FilterReport):
+    """What the prompt-length rule did: ``removed_ids`` (dropped) and ``truncated_ids`` (cut, still scored)."""
+
+    truncated_ids: list[str] = field(default_factory=list)
+
+    @property
+    def truncated(self) -> int:
+        return len(self.truncated_ids)
+
+    def __str__(self) -> str:
+        return f"{self.name}: kept {self.kept}, removed {self.removed}, truncated {self.truncated} ({self.reason})"
+
+
+def apply_prompt_overflow(items: list[Item], max_prompt_length: int, overflow: str
+                          ) -> tuple[list[Item], PromptReport]:
+    """Apply the prompt-length rule to tokenized ``items``: ``truncate`` keeps a longer prompt's first
+    ``max_prompt_length`` ids (``ids[:max_prompt_length]``, as MiniLLM's ``prompt_datasets.py:106``), ``drop``
+    removes the example; the report lists the ids either way."""
+    if overflow not in PROMPT_OVERFLOW:
+        raise ConfigError(f"prompt_overflow must be one of {', '.join(PROMPT_OVERFLOW)}, got {overflow!r}")
+    long_ids = [it.example.id for it in items if len(it.prompt_ids) > max_prompt_length]
+    if overflow == "drop":
+        kept = [it for it in items if len(it.prompt_ids) <= max_prompt_length]
+        return kept, PromptReport("prompt-length filter", len(kept), long_ids,
+                                  f"prompt longer than {max_prompt_length} tokens dropped")
+    kept = [replace(it, prompt_ids=it.prompt_ids[:max_prompt_length]) for it in items]
+    return kept, PromptReport("prompt-length filter", len(kept), [],
+                              f"prompt longer than {max_prompt_length} tokens truncated to its first "
+                              f"{max_prompt_length}", truncated_ids=long_ids)
+
+
 class LocalPredictor:
     """A Hugging Face causal LM (folder, hub id or LoRA adapter) sampled by ``lmdistill.generation``."""
 
@@ -152,10 +189,13 @@ class LocalPredictor:
             self._model = load_model(self.spec.source, dtype=self.dtype, device=str(self.device))
         return self._model
 
-    def prepare(self, examples: list[Example], max_prompt_length: int) -> tuple[list[Item], FilterReport]:
-        toks, reports = tokenize_examples(examples, self.tokenizer, template=self.template,
-                                          max_prompt_length=max_prompt_length, with_response=False)
-        return [Item(t.example, prompt_ids=t.prompt_ids) for t in toks], reports[0]
+    def prepare(self, examples: list[Example], max_prompt_length: int, prompt_overflow: str = "truncate"
+                ) -> tuple[list[Item], PromptReport]:
+        """Tokenize with the template, then apply the prompt-length rule (``apply_prompt_overflow``)."""
+        toks, _ = tokenize_examples(examples, self.tokenizer, template=self.template,
+                                    max_prompt_length=sys.maxsize, with_response=False)  # nothing filtered here
+        return apply_prompt_overflow([Item(t.example, prompt_ids=t.prompt_ids) for t in toks], max_prompt_length,
+                                     prompt_overflow)
 
     def predict(self, batch: list[Item], seed: int, sampling: SamplingConfig, num_samples: int = 1
                 ) -> list[Prediction]:
@@ -199,9 +239,10 @@ class ApiPredictor:
         kw = {"api_key_env": api_key_env} if api_key_env else {}
         self.client = make_client(spec.source, cache_path=cache_path, **kw)
 
-    def prepare(self, examples: list[Example], max_prompt_length: int) -> tuple[list[Item], FilterReport]:
+    def prepare(self, examples: list[Example], max_prompt_length: int, prompt_overflow: str = "truncate"
+                ) -> tuple[list[Item], PromptReport]:
         items = [Item(ex, messages=chat_messages(ex)) for ex in examples]
-        return items, FilterReport("prompt-length filter", len(items), [], "not applied to API models")
+        return items, PromptReport("prompt-length filter", len(items), [], "not applied to API models")
 
     def predict(self, batch: list[Item], seed: int, sampling: SamplingConfig, num_samples: int = 1
                 ) -> list[Prediction]:
@@ -233,5 +274,6 @@ def make_predictor(spec: ModelSpec, *, device: str | None = None, dtype: str = "
     return LocalPredictor(spec, device=device, dtype=dtype, template=template)
 
 
-__all__ = ["ApiPredictor", "Item", "LocalPredictor", "ModelSpec", "Prediction",
+__all__ = ["ApiPredictor", "Item", "LocalPredictor", "ModelSpec", "PROMPT_OVERFLOW", "Prediction", "PromptReport",
+           "apply_prompt_overflow",
            "derive_seed", "make_predictor", "sample_key", "parse_model_spec", "parse_model_specs", "safe_name"]

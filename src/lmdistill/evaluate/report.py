@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lmdistill.io import atomic_open, write_json, write_text
 
-TITLES = {"dolly": "Dolly", "selfinst": "SelfInst", "vicuna": "Vicuna", "sni": "S-NI", "unni": "UnNI"}
+TITLES = {"dolly": "Dolly", "selfinst": "SelfInst", "vicuna": "Vicuna", "sni": "S-NI", "unni": "UnNI (1-2 words)"}
 AVERAGE = "average"
 
 
@@ -31,20 +31,31 @@ def markdown_table(results: dict) -> str:
         cells = [_cell(m["benchmarks"].get(b)) for b in benches] + [_cell(m.get(AVERAGE))]
         lines.append("| " + " | ".join([name, *cells]) + " |")
     s = results["settings"]
+    ngram = s.get("no_repeat_ngram_size", 0)
+    overflow = s.get("prompt_overflow", "drop")  # results written before the setting existed dropped them
+    cut = (f"truncated to their first {s['max_prompt_length']} tokens" if overflow == "truncate" else "dropped")
     notes = [
         "",
         f"ROUGE-L (x100, rouge_score with stemmer, max over references), mean ± std (ddof=1) over seeds "
         f"{', '.join(map(str, s['seeds']))}.",
         f"Sampling: {'greedy' if s['greedy'] else 'temperature %g, top-p %g, top-k %d' % (s['temperature'], s['top_p'], s['top_k'])}, "
-        f"at most {s['max_new_tokens']} new tokens, prompts over {s['max_prompt_length']} tokens dropped"
+        + (f"no_repeat_ngram_size {ngram}, " if ngram else "no n-gram ban (no_repeat_ngram_size 0), ")
+        + f"at most {s['max_new_tokens']} new tokens, prompts over {s['max_prompt_length']} tokens {cut} "
+        f"(prompt_overflow: {overflow})"
         + (f", {s['num_samples']} samples per prompt" if s["num_samples"] > 1 else "")
         + (f", first {s['limit']} examples per benchmark (not the full protocol)" if s["limit"] else "") + ".",
         "",
-        "Examples scored (dropped by the prompt filter):",
+        "Avg. = mean over " + ", ".join(title(b) for b in results.get("average_over", benches))
+        + (f" (not {', '.join(title(b) for b in benches if b not in results['average_over'])}: "
+           "UnNI here is the 1-2-word response bucket, not the papers' set; --average-all includes it)"
+           if set(benches) - set(results.get("average_over", benches)) else "") + ".",
+        "",
+        "Examples scored (dropped, truncated by the prompt-length rule):",
         "",
     ]
     for name, m in results["models"].items():
-        parts = [f"{title(b)} {e['n']} ({e['dropped']})" for b, e in m["benchmarks"].items()]
+        parts = [f"{title(b)} {e['n']} ({e['dropped']} dropped, {e.get('truncated', 0)} truncated)"
+                 for b, e in m["benchmarks"].items()]
         extra = (" (API model: chat-template prompt, no length filter)" if m.get("kind") == "api"
                  else " (chat-template prompt, not the protocol's Alpaca template)" if m.get("prompt") == "chat" else "")
         notes.append(f"- {name}: " + ", ".join(parts) + extra)
@@ -55,7 +66,7 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
-CSV_FIELDS = ["model", "benchmark", "n", "dropped", "mean", "std"]
+CSV_FIELDS = ["model", "benchmark", "n", "dropped", "truncated", "mean", "std"]
 
 
 def csv_text(results: dict) -> str:
@@ -68,7 +79,8 @@ def csv_text(results: dict) -> str:
             if not e:
                 continue
             per_seed = [_fmt(e["seeds"].get(str(s))) for s in seeds]
-            w.writerow([name, bench, e.get("n", ""), e.get("dropped", ""), _fmt(e["mean"]), _fmt(e["std"]), *per_seed])
+            w.writerow([name, bench, e.get("n", ""), e.get("dropped", ""), e.get("truncated", ""), _fmt(e["mean"]),
+                        _fmt(e["std"]), *per_seed])
     return buf.getvalue()
 
 

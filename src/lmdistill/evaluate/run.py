@@ -7,11 +7,29 @@ prediction with ROUGE-L, and writes into ``out_dir``:
 - ``results.json`` (per model, benchmark and seed, the mean, the std, the counts and all settings),
   ``results.csv``, ``results.md`` (rows models, columns benchmarks and average) and ``results.png``.
 
-Protocol defaults (docs/METHODS.md): Alpaca template, temperature 1.0, top-p 1.0, top-k 0, prompts over
-256 tokens dropped and counted, at most 256 new tokens, stop at EOS, strip the text; ROUGE-L
-F-measure x100 with the stemmer, max over references, mean over examples; seeds 10..50, mean ± std
-(sample std, ddof=1; 0 for one seed) over seeds. The average column is the mean over benchmarks,
-taken per seed, then mean ± std over seeds.
+Protocol defaults (docs/METHODS.md): Alpaca template, temperature 1.0, top-p 1.0, top-k 0,
+``no_repeat_ngram_size`` 6, prompts over 256 tokens truncated to their first 256 tokens (and counted), at
+most 256 new tokens, stop at EOS, strip the text; ROUGE-L F-measure x100 with the stemmer, max over
+references, mean over examples; seeds 10..50, mean ± std (sample std, ddof=1; 0 for one seed) over seeds.
+The average column is the mean over benchmarks, taken per seed, then mean ± std over seeds.
+
+Where the two decoding settings come from (MiniLLM = microsoft/LMOps ``minillm/``, DistiLLM = jongwooko/distillm):
+
+- ``no_repeat_ngram_size = 6``: the default of ``--no-repeat-ngram-size`` (MiniLLM ``arguments.py:180``,
+  DistiLLM ``arguments.py:203``), never overridden by the eval scripts (``scripts/*/eval/eval_main_*.sh`` pass
+  only ``--do-sample --top-k 0 --top-p 1.0 --temperature 1.0``), handed to HF ``generate`` through
+  ``GenerationConfig(no_repeat_ngram_size=...)`` (MiniLLM ``evaluate_main.py:61``, DistiLLM
+  ``evaluate_main.py:50``). Ours bans over the prompt without its left padding + the response (transformers
+  sees the padded row, pad = EOS; the two differ only where a row's last ``n - 1`` tokens contain the pad id).
+- ``prompt_overflow = truncate``: the eval scripts pass ``--json-data --max-prompt-length 256`` and
+  ``PromptDataset.__getitem__`` keeps ``data[:prompt_length]`` (the FIRST 256 prompt tokens; MiniLLM
+  ``data_utils/prompt_datasets.py:104-106``, DistiLLM the same lines); nothing is dropped at evaluation (the
+  drop in MiniLLM's ``tools/process_data_dolly.py:57-58`` builds the training data). With the Alpaca template
+  a cut prompt loses its ``### Response:`` tail, as in the reference. ``drop`` (our former rule) is kept as an option.
+  Every truncated or dropped id is listed per benchmark in results.json (``truncated_ids``, ``dropped_ids``).
+- at most 256 new tokens: ``max_new_tokens = max_length - prompt width = 512 - 256`` (MiniLLM
+  ``evaluate_main.py:103``, DistiLLM ``evaluate_main.py:88``; the collate pads every prompt to 256,
+  ``prompt_datasets.py:121``).
 """
 
 from __future__ import annotations
@@ -29,7 +47,7 @@ from lmdistill.data import EVAL_BENCHMARKS, Example, load_examples
 from lmdistill.data.registry import BENCHMARKS
 from lmdistill.data.templates import TEMPLATES
 from lmdistill.errors import ConfigError
-from lmdistill.evaluate.predictors import (Item, ModelSpec, Prediction, make_predictor,
+from lmdistill.evaluate.predictors import (PROMPT_OVERFLOW, Item, ModelSpec, Prediction, make_predictor,
                                            parse_model_specs)
 from lmdistill.evaluate.report import AVERAGE, write_reports
 from lmdistill.evaluate.store import bench_dirname, load_finished, save_seed, seed_paths
@@ -54,7 +72,10 @@ class EvalSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    no_repeat_ngram_size: int = 6  # the protocol's (see the module docstring); 0 = off
+    prompt_overflow: str = "truncate"  # or "drop"; what happens to prompts over max_prompt_length tokens
     template: str = "alpaca"
+    average_all: bool = False  # False: benchmarks marked out of the average (UnNI's 1-2-word bucket) are left out
     device: str | None = None
     dtype: str = "float32"
 
@@ -78,11 +99,18 @@ class EvalSettings:
             raise ConfigError(f"template must be one of {', '.join(TEMPLATES)}, got {self.template!r}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be at least 1, got {self.limit}")
+        if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
+            raise ConfigError("no-repeat-ngram-size must be an integer >= 0 (0 = off), "
+                              f"got {self.no_repeat_ngram_size!r}")
+        if self.prompt_overflow not in PROMPT_OVERFLOW:
+            raise ConfigError(f"prompt-overflow must be one of {', '.join(PROMPT_OVERFLOW)}, "
+                              f"got {self.prompt_overflow!r}")
 
     def sampling(self) -> SamplingConfig:
         """The generation package's sampling config of these settings (the seed is set per seed run)."""
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, do_sample=not self.greedy)
+                              top_k=self.top_k, do_sample=not self.greedy,
+                              no_repeat_ngram_size=self.no_repeat_ngram_size)
 
     def fingerprint(self, spec: ModelSpec, bench: str) -> dict:
         """The settings a finished seed file must share to be reused (batch size, device, dtype excluded)."""
@@ -90,7 +118,8 @@ class EvalSettings:
         return {"source": source, "benchmark": bench, "limit": self.limit, "greedy": self.greedy,
                 "num_samples": self.num_samples, "max_new_tokens": self.max_new_tokens,
                 "max_prompt_length": self.max_prompt_length, "temperature": self.temperature,
-                "top_p": self.top_p, "top_k": self.top_k, "template": "chat" if spec.is_api else self.template}
+                "top_p": self.top_p, "top_k": self.top_k, "no_repeat_ngram_size": self.no_repeat_ngram_size,
+                "prompt_overflow": self.prompt_overflow, "template": "chat" if spec.is_api else self.template}
 
 
 def _mean_std(xs: Sequence[float]) -> tuple[float | None, float | None]:
@@ -129,7 +158,7 @@ def evaluate_benchmark(predictor, spec: ModelSpec, bench: str, examples: list[Ex
     """Generate (or reuse) every seed of one model on one benchmark; return its results entry."""
     from tqdm.auto import tqdm
 
-    items, report = predictor.prepare(examples, settings.max_prompt_length)
+    items, report = predictor.prepare(examples, settings.max_prompt_length, settings.prompt_overflow)
     ids = [it.example.id for it in items]
     fingerprint = settings.fingerprint(spec, bench)
     bench_dir = bench_dirname(bench)
@@ -166,20 +195,29 @@ def evaluate_benchmark(predictor, spec: ModelSpec, bench: str, examples: list[Ex
     mean, std = _mean_std(scores)
     entry = {"seeds": {str(s): per_seed[s]["rougeL"] for s in settings.seeds}, "mean": mean, "std": std,
              "n": len(items), "dropped": report.removed, "dropped_ids": list(report.removed_ids),
+             "truncated": report.truncated, "truncated_ids": list(report.truncated_ids),
              "total": len(examples), "filter": report.reason}
     if settings.num_samples > 1:
         entry["best_of_k"] = {str(s): per_seed[s].get("best_of_k") for s in settings.seeds}
     return entry
 
 
-def average_entry(bench_entries: dict[str, dict], seeds: Sequence[int]) -> dict:
-    """Mean over benchmarks per seed, then mean ± std over seeds."""
+def averaged_benchmarks(benchmarks: Sequence[str], average_all: bool = False) -> list[str]:
+    """The benchmarks the average column covers: all with ``average_all``, else those not marked out of it (UnNI's
+    1-2-word bucket is not the papers' set). When every listed benchmark is marked out, all are averaged."""
+    kept = [b for b in benchmarks if average_all or BENCHMARKS[b.partition(":")[0]].in_average]
+    return kept or list(benchmarks)
+
+
+def average_entry(bench_entries: dict[str, dict], seeds: Sequence[int], over: Sequence[str] | None = None) -> dict:
+    """Mean over benchmarks (``over``, default all) per seed, then mean ± std over seeds."""
     per_seed: dict[str, float | None] = {}
+    over = list(bench_entries) if over is None else list(over)
     for s in seeds:
-        vals = [e["seeds"].get(str(s)) for e in bench_entries.values()]
+        vals = [bench_entries[b]["seeds"].get(str(s)) for b in over]
         per_seed[str(s)] = statistics.fmean(vals) if vals and all(v is not None for v in vals) else None
     mean, std = _mean_std([v for v in per_seed.values() if v is not None])
-    return {"seeds": per_seed, "mean": mean, "std": std}
+    return {"seeds": per_seed, "mean": mean, "std": std, "over": over}
 
 
 def _release(predictor) -> None:
@@ -199,12 +237,15 @@ def evaluate_models(models: Sequence[str | ModelSpec], benchmarks: Sequence[str]
                     batch_size: int = 16, limit: int | None = None, greedy: bool = False, num_samples: int = 1,
                     max_new_tokens: int = 256, max_prompt_length: int = 256, device: str | None = None,
                     dtype: str = "float32", api_key_env: str | None = None, overwrite: bool = False,
-                    progress: bool = True, template: str = "alpaca") -> dict:
+                    progress: bool = True, template: str = "alpaca", no_repeat_ngram_size: int = 6,
+                    prompt_overflow: str = "truncate", average_all: bool = False) -> dict:
     """Evaluate ``models`` (``[name=]source`` strings or ``ModelSpec``) and write the result files.
 
     ``template`` is the prompt of local models: ``alpaca`` (the protocol) or ``chat`` (the tokenizer's chat
     template, for instruction-tuned models that have one); API models always go through their server's template.
-    Returns the results dict also written to ``out_dir/results.json``. With ``greedy`` only the
+    ``no_repeat_ngram_size`` (6) and ``prompt_overflow`` (``truncate``) are the protocol's decoding settings
+    (module docstring). ``average_all`` puts every benchmark in the average (default: UnNI's 1-2-word bucket is
+    left out). Returns the results dict also written to ``out_dir/results.json``. With ``greedy`` only the
     first seed is run (greedy decoding ignores the seed). Finished seeds in ``out_dir`` are reused
     unless ``overwrite``.
     """
@@ -213,7 +254,9 @@ def evaluate_models(models: Sequence[str | ModelSpec], benchmarks: Sequence[str]
         seeds = seeds[:1]
     settings = EvalSettings(benchmarks=list(benchmarks), seeds=seeds, batch_size=batch_size, limit=limit,
                             greedy=greedy, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                            max_prompt_length=max_prompt_length, device=device, dtype=dtype, template=template)
+                            max_prompt_length=max_prompt_length, device=device, dtype=dtype, template=template,
+                            no_repeat_ngram_size=no_repeat_ngram_size, prompt_overflow=prompt_overflow,
+                            average_all=average_all)
     settings.validate()
     specs = parse_model_specs(models)
     if not specs:
@@ -225,6 +268,7 @@ def evaluate_models(models: Sequence[str | ModelSpec], benchmarks: Sequence[str]
                                   "std": "sample standard deviation over seeds (ddof=1)",
                                   "lmdistill_version": __version__},
                      "benchmarks": list(settings.benchmarks),
+                     "average_over": averaged_benchmarks(settings.benchmarks, settings.average_all),
                      "benchmark_notes": {b: BENCHMARKS[b.partition(":")[0]].note for b in settings.benchmarks},
                      "models": {}}
     for spec in specs:
@@ -238,7 +282,7 @@ def evaluate_models(models: Sequence[str | ModelSpec], benchmarks: Sequence[str]
             _release(predictor)
         results["models"][spec.name] = {"source": spec.source, "kind": predictor.kind,
                                         "prompt": "chat template (user message)" if spec.is_api else template,
-                                        "benchmarks": entries, AVERAGE: average_entry(entries, settings.seeds)}
+                                        "benchmarks": entries, AVERAGE: average_entry(entries, settings.seeds, results["average_over"])}
         write_reports(results, out)
     return results
 
@@ -246,5 +290,6 @@ def evaluate_models(models: Sequence[str | ModelSpec], benchmarks: Sequence[str]
 def _protocol_note(s: EvalSettings) -> str:
     paper = (not s.greedy and s.num_samples == 1 and s.limit is None and s.max_new_tokens == 256
              and s.max_prompt_length == 256 and (s.temperature, s.top_p, s.top_k) == (1.0, 1.0, 0)
-             and list(s.seeds) == list(PROTOCOL_SEEDS) and s.template == "alpaca")
+             and list(s.seeds) == list(PROTOCOL_SEEDS) and s.template == "alpaca"
+             and s.no_repeat_ngram_size == 6 and s.prompt_overflow == "truncate")
     return "MiniLLM paper protocol" if paper else "differs from the MiniLLM paper protocol"

@@ -17,8 +17,15 @@ class SamplingConfig:
     - ``temperature``, ``top_k`` (0 = off), ``top_p`` (1.0 = off): applied in that order (as HF does).
       ``do_sample=False`` or ``temperature=0`` is greedy decoding.
     - ``seed``: the same seed gives the same output. ``None`` draws fresh randomness.
-    - ``mixed_student_prob``: ``mixed`` (GKD's lambda) takes the student's sample for a sequence with this
-      probability, else the gold response (the teacher's sample when there is none).
+    - ``no_repeat_ngram_size``: ``n > 0`` forbids any token that would repeat an n-gram already in the row
+      (prompt included, its left padding not), as transformers' ``NoRepeatNGramLogitsProcessor``; 0 = off. The
+      MiniLLM/DistiLLM evaluation protocol uses 6 (``evaluate.EvalSettings`` sets it). Banned ids get -inf before
+      temperature, top-k and top-p, greedy included, in every policy (``sampling.NgramBan``); SWITCH's JSD and
+      SCRG's KL compare the unbanned distributions (``policies/switch.py``, ``policies/scrg.py``).
+    - ``mixed_student_prob``: ``mixed`` (GKD's lambda) takes the student's samples with this probability,
+      else the gold responses (the teacher's sample for a row with none).
+    - ``mixed_coin``: ``batch`` (default: one coin for the whole batch, as TRL's ``GKDTrainer`` and the GKD
+      paper's Algorithm 1 do) or ``sequence`` (one coin per row).
     - ``switch_tau0``, ``switch_decay``: ``switch`` uses the teacher's token when
       JSD(p_t, q_t) > switch_tau0 * exp(-switch_decay * t). ``switch_tau0 = inf`` never switches (pure student),
       ``switch_tau0 < 0`` always does (pure teacher). 0.3 gave a 35-37% teacher-token fraction in bench/; the
@@ -39,7 +46,9 @@ class SamplingConfig:
     top_p: float = 1.0
     seed: int | None = None
     do_sample: bool = True
+    no_repeat_ngram_size: int = 0
     mixed_student_prob: float = 0.5
+    mixed_coin: str = "batch"
     switch_tau0: float = 0.3
     switch_decay: float = 0.1
     scrg_rounds: int = 1
@@ -62,6 +71,10 @@ class SamplingConfig:
             raise bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad(f"seed must be an integer or None, got {self.seed!r}")
+        if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
+            raise bad(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {self.no_repeat_ngram_size!r}")
+        if self.mixed_coin not in ("batch", "sequence"):
+            raise bad(f"mixed_coin must be 'batch' or 'sequence', got {self.mixed_coin!r}")
         if not (isinstance(self.mixed_student_prob, (int, float)) and 0 <= self.mixed_student_prob <= 1):
             raise bad(f"mixed_student_prob must be in [0, 1], got {self.mixed_student_prob!r}")
         if not isinstance(self.switch_tau0, (int, float)) or math.isnan(self.switch_tau0):

@@ -8,7 +8,7 @@ import torch
 from lmdistill.generation.batch import Batch, mark_eos
 from lmdistill.generation.noise import NoiseSource
 from lmdistill.generation.runner import CachedLM
-from lmdistill.generation.sampling import pick
+from lmdistill.generation.sampling import NgramBan, pick
 
 
 class ActiveRows:
@@ -18,11 +18,13 @@ class ActiveRows:
     the first slots, every per-row tensor it passes, the models' caches (``CachedLM.reorder``) and the
     noise are permuted so they are, and the loop then feeds only ``rows=k`` of them. ``to_caller`` puts
     a tensor back in the caller's row order and ``restore`` the caches. Where a model cannot skip rows
-    (the HF backend) or ``enabled`` is false, nothing moves and every row is computed.
+    (the HF backend) or ``enabled`` is false, nothing moves and every row is computed. ``ban``
+    (``sampling.NgramBan``, the batch's ``no_repeat_ngram_size``) follows the rows like the noise does.
     """
 
-    def __init__(self, lms: list[CachedLM], noise: NoiseSource, size: int, enabled: bool = True):
-        self.lms, self.noise, self.size = lms, noise, size
+    def __init__(self, lms: list[CachedLM], noise: NoiseSource, size: int, enabled: bool = True,
+                 ban: NgramBan | None = None):
+        self.lms, self.noise, self.size, self.ban = lms, noise, size, ban
         self.enabled = enabled and all(lm.can_skip_rows for lm in lms)
         self.k = size
         self.order: torch.Tensor | None = None  # order[i]: the caller's row now in slot i
@@ -41,6 +43,8 @@ class ActiveRows:
         for lm in self.lms:
             lm.reorder(perm)
         self.noise = self.noise.select(perm.tolist())
+        if self.ban is not None:
+            self.ban = self.ban.select(perm)
         self.order = perm if self.order is None else self.order[perm]
         self.inverse = torch.argsort(self.order)
         return False, [x[perm] for x in rows]
@@ -56,6 +60,11 @@ class ActiveRows:
         if self.k:
             logits[:self.k] = fresh
         return logits
+
+    def banned(self, tokens: torch.Tensor, t: int) -> torch.Tensor | None:
+        """The ``[k, V]`` ids the computed rows may not draw at response position ``t`` (their context: prompt
+        + ``tokens[:, :t]``), or ``None`` without an n-gram ban."""
+        return None if self.ban is None else self.ban.mask(tokens[:self.k, :t])
 
     def to_caller(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.order is None else x[self.inverse]
@@ -86,6 +95,11 @@ def sample_loop(lm: CachedLM, logits: torch.Tensor, batch: Batch, *, stream: int
     tokens the cache already holds from an earlier pass: SCRG's kept prefixes) are left out of the
     forward pass (``ActiveRows``). Tokens are the same either way: each row's noise and logits are its
     own. Not done while re-generating under ``observe`` (the scorer needs every row's logits there).
+
+    ``config.no_repeat_ngram_size = n > 0``: a sampled position draws from its logits with every id that would
+    repeat an n-gram of the row's prompt (left padding excluded) + ``tokens[:, :t]`` set to -inf
+    (``sampling.NgramBan``, transformers' ``NoRepeatNGramLogitsProcessor``); forced positions keep their token.
+    ``observe`` still gets the unbanned logits (the model's own distribution).
     """
     n, cfg, vocab = batch.max_new_tokens, batch.config, batch.vocab
     dev = lm.device
@@ -100,12 +114,14 @@ def sample_loop(lm: CachedLM, logits: torch.Tensor, batch: Batch, *, stream: int
     lengths = torch.where(live, torch.full_like(lengths, n), lengths)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     pad = torch.full((b,), batch.pad_id, dtype=torch.long, device=dev)
-    rows = ActiveRows([lm], batch.noise, b, enabled=not (observe is not None and tokens is not None))
+    rows = ActiveRows([lm], batch.noise, b, enabled=not (observe is not None and tokens is not None),
+                      ban=NgramBan.of(batch))
     for t in range(start, n):
         k = rows.k
         nxt = out[:, t].clone()
         if k:
-            nxt[:k] = pick(logits[:k, :vocab], cfg, None if cfg.greedy else rows.noise.gumbel(t, stream, rows=k))
+            nxt[:k] = pick(logits[:k, :vocab], cfg, None if cfg.greedy else rows.noise.gumbel(t, stream, rows=k),
+                           banned=rows.banned(out, t))
         if tokens is not None:  # frozen rows and forced positions keep their token
             nxt = torch.where(~live | (t < free_from), out[:, t], nxt)
         nxt = torch.where(done, pad, nxt)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmdistill.data.collate import IGNORE_INDEX
 from lmdistill.generation.batch import PADDING, TEACHER, Batch, Decoded
 
 
@@ -31,6 +32,25 @@ class GenerationOutput:
     @property
     def response_ids(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_width:]
+
+    def right_padded(self, pad_id: int) -> dict[str, torch.Tensor]:
+        """The training view: each row's prompt and response moved to the left edge, padding on the right.
+
+        The same ``input_ids`` / ``attention_mask`` / ``loss_mask`` / ``labels`` layout as
+        ``data.collate.collate_for_training`` on the same rows (pinned by a test), built by one gather:
+        a row's prompt and response are contiguous in the left-padded layout, so row ``b`` starts at
+        column ``P - prompt_len[b]``.
+        """
+        prompt_len = self.attention_mask[:, :self.prompt_width].sum(1)
+        total = self.attention_mask.sum(1)
+        width = int(total.max())
+        pos = torch.arange(width, device=self.input_ids.device)[None, :]
+        inside = pos < total[:, None]
+        col = (pos + (self.prompt_width - prompt_len)[:, None]).clamp(max=self.input_ids.shape[1] - 1)
+        ids = torch.where(inside, self.input_ids.gather(1, col), torch.full_like(pos, pad_id))
+        mask = torch.where(inside, self.loss_mask.gather(1, col), torch.zeros_like(pos))
+        labels = torch.where(mask.bool(), ids, torch.full_like(ids, IGNORE_INDEX))
+        return {"input_ids": ids, "attention_mask": inside.long(), "loss_mask": mask, "labels": labels}
 
 
 def assemble(batch: Batch, decoded: Decoded, policy: str) -> GenerationOutput:

@@ -8,6 +8,9 @@ exactly as in an unpadded forward, so cached step logits equal a full forward ov
 Two backends compute the same logits: ``fast`` (``fast_decoder.FastDecoder``: the Llama-family forward
 written out over the model's weights, preallocated cache) and ``hf`` (``model(...)`` with a
 ``DynamicCache``: any architecture). ``auto`` takes ``fast`` when the model supports it.
+
+A runner only computes logits; turning them into tokens (the ``no_repeat_ngram_size`` ban, temperature, top-k,
+top-p, greedy) is ``sampling.pick``'s, the same for both backends, so they pick the same tokens.
 """
 
 from __future__ import annotations

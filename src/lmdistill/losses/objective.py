@@ -8,7 +8,7 @@ A recipe writes it as a list (as DistillKit's config does)::
 
 Each entry names a term of :data:`TERMS` and its parameters; ``name:`` tells apart two entries of one term (the
 default name is the term). Entries of weight 0 are left out. Each term's masked mean is weighted by its share of the
-global token count of its token set (``gold`` or ``sequences``), so micro-batches and processes add up to the same
+global token count of its token set (``gold``, ``sequences``, or ``batch``: one unit per micro-batch), so micro-batches and processes add up to the same
 objective as one big batch; the trainer does that weighting and knows no term by name.
 
 A new loss is a :class:`~lmdistill.losses.term.Term` subclass in its own file plus one line in :data:`TERMS`.
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lmdistill.errors import ConfigError
+from lmdistill.losses.corpus_lm import CorpusLMTerm
 from lmdistill.losses.dac_kl import DACKLTerm
 from lmdistill.losses.divergences import DIVERGENCE_PARAMS
 from lmdistill.losses.model_forward import logit_postprocessing
@@ -38,6 +39,7 @@ TERMS: dict[str, type[Term]] = {
     "dac_kl": DACKLTerm,
     "pg_rkl": PolicyGradientTerm,
     "span": SpanTerm,
+    "corpus_lm": CorpusLMTerm,
 }
 
 ENTRY_KEYS = ("term", "weight", "name")

@@ -1,19 +1,43 @@
-"""MiniLLM's policy gradient on the reverse KL (Gu et al., 2024), as a loss on sampled sequences.
+"""MiniLLM's policy gradient on the reverse KL (Gu et al., 2024), as microsoft/LMOps ``minillm/`` computes it.
 
-The sequences y are sampled from the teacher-mixed distribution ``mix_t = alpha * p_t + (1 - alpha) * q_t``.
-With r_t = log p_t(y_t) - log q_t(y_t) (no gradient) and the importance weight
-w_t = clip(q_t(y_t) / mix_t(y_t), 1 - clip, 1 + clip) (no gradient):
+Transcribes ``minillm/minillm/losses.py`` (``Loss.ppo_loss``, ``_get_advantages_and_returns``, ``_pg_loss``,
+``_reg_loss``), ``minillm/minillm/sampler.py`` (rewards and importance weights at rollout time) and
+``minillm/minillm/utils.py`` (``whiten``). Per response position t of a sampled sequence y (mask m_t), with
+q the student, q_old the student that sampled the rollout (behaviour policy, stored log-probs), p the teacher,
+all ``softmax(logits / temperature)``, and alpha the teacher share of the sampling mixture:
 
-    L = mean_t  w_t * KL(q_t || p_t)                                   (single-step term, exact over V)
-      - mean_t  w_t * R_{t+1} * log q_t(y_t)                           (long-term term)
-    R_{t+1} = sum_{s > t} r_s / (number of terms)    with length normalisation, else the plain sum.
+    mix_t  = (1 - alpha) q_old(y_t) + alpha p(y_t)                                    (sampler.py:112)
+    w_t    = q_old(y_t) / mix_t                      importance weight, not clipped   (sampler.py:114-115)
+    r_t    = clip((log p(y_t) - log q_old(y_t)) / reward_scaling, +-cliprange_reward) (sampler.py:121-131)
+    R_t    = r_t + gamma R_{t+1}                     over the response, R after it 0  (losses.py:43-46)
+    A_t    = R_t / n_t,  n_t = sum_{s >= t} m_s      length normalisation             (losses.py:39-41, 49)
+    A      = (A - mean) / sqrt(var + 1e-8)            whitening                        (utils.py:87-97)
+    rho_t  = exp(log q(y_t) - log q_old(y_t)) w_t                                      (losses.py:72-74)
+    L_pg   = sum_t m_t max(-A_t rho_t, -A_t clip(rho_t, 1 - clip, 1 + clip)) / sum_t m_t (losses.py:88-94)
+    L_reg  = sum_t m_t KL(q_t || p_t) / sum_t m_t     exact over the vocabulary        (losses.py:98-108)
+    L      = L_pg + L_reg                             (``single_step``; losses.py:169-173)
 
-Means are over masked response positions. The pretraining (SFT) term is the recipe's ``sft`` entry.
-Reconstruction: the PPO-style clipping of MiniLLM is replaced by this clipped importance weight; no value
-network, no reward baseline beyond length normalisation.
+r, w, A and rho's q_old are constants (no gradient); the gradient flows through log q(y_t) in rho and through q in
+L_reg. The reference's teacher reward ignores the temperature (reward.py:38-74) while its student log-probs divide
+by it; here both use ``temperature`` (the same at the scripts' 1.0). Whitening (``whiten``):
 
-As a recipe term (``pg_rkl``): ``alpha`` defaults to the sampling config's ``teacher_mix_alpha`` (the distribution
-the sequences were really drawn from), ``clip`` 0.2, ``length_norm`` true, ``temperature`` 1.
+- ``window`` (the reference): mean and variance over every position of the micro-batch's response window, the
+  ``rows x window`` tensor the reference holds (its responses are padded to max_length - max_prompt_length, and
+  advantages are 0 after a response), so the padding's zeros count; the variance divides by the count (the
+  reference always runs under torch.distributed, where ``whiten`` takes ``get_global_statistics``, utils.py:72-84,
+  over all processes); ``shift_mean`` is True, so the mean stays subtracted. ``window`` defaults to the sampling's
+  ``max_new_tokens``.
+- ``tokens``: the same over the masked response tokens only; ``none``: no whitening.
+
+With several processes the statistics are summed over them, as the reference's. ``length_norm: false`` drops
+the ``/ n_t`` (the reference divides unconditionally; its ``--length-norm`` only normalises the logged reward and
+reverse KL, losses.py:182-184). Where the sequences carry no stored behaviour log-probs (``old_logprobs`` in the
+batch, set by the ``rollout`` source), q_old is the current student, detached: the reference's first PPO epoch.
+
+As a recipe term (``pg_rkl``): ``alpha`` defaults to the sampling's ``teacher_mix_alpha``. ``ppo_epochs`` and
+``num_rollouts`` are read by the ``rollout`` sequence source (``train/rollout.py``), not by the loss.
+Defaults are what ``minillm/scripts/gpt2/minillm/train_*.sh`` run: cliprange 0.2 and gamma 0.95 (arguments.py:
+156, 158), ``--reward-scaling 0.5 --cliprange-reward 100``, ``--ppo-epochs 4``, ``--single-step-reg``, temperature 1.
 """
 
 from __future__ import annotations
@@ -21,61 +45,161 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 from lmdistill.errors import ConfigError
 from lmdistill.losses.divergences import per_token_divergence
 from lmdistill.losses.term import Term, TermInputs
 
+WHITEN = ("window", "tokens", "none")
 
-def policy_gradient_rkl(student_logits, teacher_logits, targets, mask, *, alpha: float = 0.2, clip: float = 0.2,
-                        length_norm: bool = True, temperature: float = 1.0) -> torch.Tensor:
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab: int, temperature: float = 1.0) -> torch.Tensor:
+    """``log softmax(logits[..., :vocab] / temperature)`` at ``targets`` (float32; float64 stays float64)."""
+    x = logits[..., :vocab]
+    x = x if x.dtype == torch.float64 else x.float()
+    return torch.log_softmax(x / temperature, -1).gather(-1, targets.clamp(max=vocab - 1).unsqueeze(-1)).squeeze(-1)
+
+
+def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``R_t = r_t + gamma R_{t+1}`` along the last dimension, ``R`` past the end 0 (losses.py:43-48)."""
+    out = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[..., 0])
+    for t in reversed(range(rewards.shape[-1])):
+        last = rewards[..., t] + gamma * last
+        out[..., t] = last
+    return out
+
+
+def _all_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def whiten_advantages(adv: torch.Tensor, mask: torch.Tensor, mode: str, window: int) -> torch.Tensor:
+    """``(A - mean) / sqrt(var + 1e-8)`` with mean and (biased) variance over ``mode``'s positions (module
+    docstring); ``adv`` is read at masked positions only, every other position of the window counts as 0."""
+    if mode == "none":
+        return adv
+    n = mask.sum()
+    count = torch.as_tensor(float(adv.shape[0] * window) if mode == "window" else 0.0, dtype=adv.dtype,
+                            device=adv.device)
+    count = torch.maximum(count, n)        # a response longer than the window still counts its own tokens
+    s = _all_sum(torch.stack([(adv * mask).sum(), count]))
+    s[1] = s[1].clamp(min=1)
+    mean = s[0] / s[1]
+    sum_sq = (((adv - mean) ** 2) * mask).sum() + (count - n) * mean ** 2
+    var = _all_sum(sum_sq) / s[1]
+    return (adv - mean) * torch.rsqrt(var + 1e-8)
+
+
+def policy_gradient_rkl(student_logits, teacher_logits, targets, mask, old_logprobs=None, *, alpha: float = 0.2,
+                        clip: float = 0.2, gamma: float = 0.95, length_norm: bool = True, whiten: str = "window",
+                        window: int | None = None, single_step: bool = True, reward_scaling: float | None = 0.5,
+                        cliprange_reward: float | None = 100.0, temperature: float = 1.0) -> torch.Tensor:
+    """MiniLLM's ``L_pg + L_reg`` (module docstring) on ``[B, T, V]`` logits, targets and mask ``[B, T]``.
+
+    ``old_logprobs`` ``[B, T]``: the behaviour student's log q_old(y_t) (``None``: the current student's, detached).
+    ``window``: the response window of ``whiten="window"`` (default: ``T``).
+    """
     v = min(student_logits.shape[-1], teacher_logits.shape[-1])   # vocabularies may differ by padding rows
-    logq_v = torch.log_softmax(student_logits[..., :v].float() / temperature, -1)
+    mask = mask.to(student_logits.dtype if student_logits.dtype == torch.float64 else torch.float32)
+    logq = token_logprobs(student_logits, targets, v, temperature) * mask
     with torch.no_grad():
-        logp = torch.log_softmax(teacher_logits[..., :v].float() / temperature, -1)
-    tgt = targets.clamp(max=v - 1).unsqueeze(-1)
-    logq_y = logq_v.gather(-1, tgt).squeeze(-1)
-    with torch.no_grad():
-        logp_y = logp.gather(-1, tgt).squeeze(-1)
-        if alpha > 0:
-            log_mix = torch.logaddexp(logp_y + math.log(alpha), logq_y + math.log1p(-alpha))
+        logp = token_logprobs(teacher_logits, targets, v, temperature).to(logq.dtype) * mask
+        old = (logq.detach() if old_logprobs is None else old_logprobs.to(logq.dtype)) * mask
+        if alpha > 0:   # log((1 - alpha) q_old + alpha p)
+            log_mix = torch.logaddexp(old + math.log1p(-alpha), logp + math.log(alpha))
         else:
-            log_mix = logq_y
-        w = torch.exp(logq_y - log_mix).clamp(1 - clip, 1 + clip) * mask
-        r = (logp_y - logq_y) * mask
-        future = torch.flip(torch.cumsum(torch.flip(r, [-1]), -1), [-1]) - r      # sum over s > t
+            log_mix = old
+        w = torch.exp(old - log_mix)
+        rewards = logp - old
+        if reward_scaling is not None:
+            rewards = rewards / reward_scaling
+        if cliprange_reward:
+            rewards = rewards.clamp(-cliprange_reward, cliprange_reward)
+        rewards = rewards * mask
+        adv = discounted_returns(rewards, gamma)
         if length_norm:
-            n_future = torch.flip(torch.cumsum(torch.flip(mask, [-1]), -1), [-1]) - mask
-            future = future / n_future.clamp(min=1)
-    rkl = per_token_divergence("rkl", student_logits[..., :v], teacher_logits[..., :v], temperature=temperature)
-    denom = mask.sum().clamp(min=1)
-    single = (w * rkl * mask).sum() / denom
-    long_term = -(w * future * logq_y * mask).sum() / denom
-    return single + long_term
+            remaining = torch.flip(torch.cumsum(torch.flip(mask, [-1]), -1), [-1])   # n_t = sum_{s >= t} m_s
+            adv = adv / remaining.clamp(min=1)
+        adv = whiten_advantages(adv, mask, whiten, window or mask.shape[-1])
+    n = mask.sum().clamp(min=1)
+    ratio = torch.exp(logq - old) * w
+    pg1 = -adv * ratio
+    pg2 = -adv * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = (torch.max(pg1, pg2) * mask).sum() / n
+    if single_step:
+        sel = mask.bool()
+        rkl = per_token_divergence("rkl", student_logits[..., :v][sel], teacher_logits[..., :v][sel],
+                                   temperature=temperature)
+        loss = loss + rkl.sum() / n
+    return loss
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 class PolicyGradientTerm(Term):
-    """MiniLLM's ``pg_rkl`` on the sampled sequences (formula: module docstring)."""
+    """MiniLLM's ``pg_rkl`` on the sampled sequences (formula and reference lines: module docstring)."""
 
     needs_teacher = True
-    whole_logits = True   # the returns R_{t+1} sum over each sequence
+    whole_logits = True   # the returns R_t run over each sequence
 
-    def __init__(self, *, alpha: float | None = None, clip: float = 0.2, length_norm: bool = True,
-                 temperature: float = 1.0):
+    def __init__(self, *, alpha: float | None = None, clip: float = 0.2, gamma: float = 0.95, length_norm: bool = True,
+                 whiten: str = "window", window: int | None = None, single_step: bool = True,
+                 reward_scaling: float | None = 0.5, cliprange_reward: float | None = 100.0,
+                 temperature: float = 1.0, ppo_epochs: int = 4, num_rollouts: int | None = None):
         super().__init__()
-        self.alpha, self.clip, self.length_norm, self.temperature = alpha, clip, length_norm, temperature
+        self.alpha, self.clip, self.gamma, self.length_norm = alpha, clip, gamma, length_norm
+        self.whiten, self.window, self.single_step = whiten, window, single_step
+        self.reward_scaling, self.cliprange_reward, self.temperature = reward_scaling, cliprange_reward, temperature
+        self.ppo_epochs, self.num_rollouts = ppo_epochs, num_rollouts   # read by train/rollout.py
 
     @classmethod
     def check_params(cls, params: dict, where: str) -> None:
         super().check_params(params, where)
-        alpha = params.get("alpha")
-        if alpha is not None and not (isinstance(alpha, (int, float)) and 0 <= alpha < 1):
-            raise ConfigError(f"{where}: alpha must be in [0, 1) or null (the sampling's teacher_mix_alpha)")
-        if not 0 <= params.get("clip", 0.2) < 1:
-            raise ConfigError(f"{where}: clip must be in [0, 1)")
+        d = {**cls.param_names(), **params}
+
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(f"{where}: {msg}")
+
+        if d["alpha"] is not None and not (_number(d["alpha"]) and 0 <= d["alpha"] < 1):
+            raise bad("alpha must be in [0, 1) or null (the sampling's teacher_mix_alpha)")
+        if not (_number(d["clip"]) and 0 <= d["clip"] < 1):
+            raise bad(f"clip must be in [0, 1), got {d['clip']!r}")
+        if not (_number(d["gamma"]) and 0 <= d["gamma"] <= 1):
+            raise bad(f"gamma must be in [0, 1], got {d['gamma']!r}")
+        for k in ("length_norm", "single_step"):
+            if not isinstance(d[k], bool):
+                raise bad(f"{k} must be true or false, got {d[k]!r}")
+        if d["whiten"] not in WHITEN:
+            raise bad(f"whiten must be one of {', '.join(WHITEN)}, got {d['whiten']!r}")
+        if d["window"] is not None and (isinstance(d["window"], bool) or not isinstance(d["window"], int)
+                                        or d["window"] < 1):
+            raise bad(f"window must be a positive integer or null (the sampling's max_new_tokens), got {d['window']!r}")
+        if d["reward_scaling"] is not None and not (_number(d["reward_scaling"]) and d["reward_scaling"] > 0):
+            raise bad(f"reward_scaling must be > 0 or null (none), got {d['reward_scaling']!r}")
+        if d["cliprange_reward"] is not None and not (_number(d["cliprange_reward"]) and d["cliprange_reward"] >= 0):
+            raise bad(f"cliprange_reward must be >= 0 or null (0/null: no clipping), got {d['cliprange_reward']!r}")
+        if not (_number(d["temperature"]) and d["temperature"] > 0):
+            raise bad(f"temperature must be > 0, got {d['temperature']!r}")
+        if isinstance(d["ppo_epochs"], bool) or not isinstance(d["ppo_epochs"], int) or d["ppo_epochs"] < 1:
+            raise bad(f"ppo_epochs must be an integer >= 1, got {d['ppo_epochs']!r}")
+        if d["num_rollouts"] is not None and (isinstance(d["num_rollouts"], bool)
+                                              or not isinstance(d["num_rollouts"], int) or d["num_rollouts"] < 1):
+            raise bad(f"num_rollouts must be a positive integer or null (one step's batch), got {d['num_rollouts']!r}")
 
     def forward(self, inputs: TermInputs) -> torch.Tensor:
         alpha = self.alpha if self.alpha is not None else inputs.sampling.teacher_mix_alpha
         targets, mask = inputs.targets
-        return policy_gradient_rkl(inputs.student_logits, inputs.teacher_logits, targets, mask, alpha=alpha,
-                                   clip=self.clip, length_norm=self.length_norm, temperature=self.temperature)
+        old = inputs.sequences.get("old_logprobs")
+        window = self.window or (inputs.sampling.max_new_tokens if inputs.sampling is not None else None)
+        return policy_gradient_rkl(inputs.student_logits, inputs.teacher_logits, targets, mask,
+                                   None if old is None else old[:, 1:], alpha=alpha, clip=self.clip,
+                                   gamma=self.gamma, length_norm=self.length_norm, whiten=self.whiten,
+                                   window=window, single_step=self.single_step, reward_scaling=self.reward_scaling,
+                                   cliprange_reward=self.cliprange_reward, temperature=self.temperature)

@@ -6,6 +6,14 @@ the teacher and ``q_t * q_{t+1}`` for the student, and the loss is::
 
     L_span = mean over pairs (t, t+1) in one span of || p_t * p_{t+1} - q_t * q_{t+1} ||_2^2
 
+``form=normalized`` (ours, not the paper's): with a = p_t * p_{t+1} and b = q_t * q_{t+1},
+
+    L_span = mean over pairs of || a - b ||^2 / (|| a ||^2 + || b ||^2)      (in [0, 2], scale-free)
+
+The literal form is the squared distance of two products of probabilities: on a 49k-token vocabulary it is
+about 1e-8 of the KD term and its gradient a like share of the total (bench/mgsr_terms.py), so at weight 1 it
+is inert. Dividing by the squared norms keeps its direction and makes it invariant to the scale of a and b.
+
 Span priors (``prior=``):
 
 * ``phrase`` (default): a dependency-free chunker.  Punctuation ends a phrase (and is no part of
@@ -185,9 +193,14 @@ def batch_span_ids(responses: Sequence[Sequence[int]], tokenizer, seq_len: int, 
     return out
 
 
+SPAN_FORMS = ("literal", "normalized")
+
+
 def span_correlation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, span_ids: torch.Tensor,
-                          mask: torch.Tensor | None = None, *, temperature: float = 1.0) -> torch.Tensor:
-    """Mean over consecutive pairs (t, t+1) in one span of ||p_t * p_{t+1} - q_t * q_{t+1}||^2.
+                          mask: torch.Tensor | None = None, *, temperature: float = 1.0,
+                          form: str = "literal") -> torch.Tensor:
+    """Mean over consecutive pairs (t, t+1) in one span of ||p_t * p_{t+1} - q_t * q_{t+1}||^2 (``literal``), or
+    of ||a - b||^2 / (||a||^2 + ||b||^2) with a = p_t * p_{t+1}, b = q_t * q_{t+1} (``normalized``, ours).
 
     Args:
         student_logits, teacher_logits: ``[B, T, V]`` (vocabularies may differ by padding rows).
@@ -218,30 +231,38 @@ def span_correlation_loss(student_logits: torch.Tensor, teacher_logits: torch.Te
     q1 = log_probs(student_logits[b, pos + 1], t).exp()
     p0 = log_probs(teacher_logits[b, pos], t).exp()
     p1 = log_probs(teacher_logits[b, pos + 1], t).exp()
-    return (p0 * p1 - q0 * q1).pow(2).sum(-1).mean()
+    a, b_ = p0 * p1, q0 * q1
+    dist = (a - b_).pow(2).sum(-1)
+    if form == "normalized":
+        dist = dist / (a.pow(2).sum(-1) + b_.pow(2).sum(-1)).clamp(min=1e-300)
+    elif form != "literal":
+        raise ConfigError(f"span form must be one of {', '.join(SPAN_FORMS)}, got {form!r}")
+    return dist.mean()
 
 
 class SpanCorrelationLoss(torch.nn.Module):
     """Module form: ``SpanCorrelationLoss(temperature=1.0)(student_logits, teacher_logits, span_ids, mask)``."""
 
-    def __init__(self, temperature: float = 1.0):
+    def __init__(self, temperature: float = 1.0, form: str = "literal"):
         super().__init__()
-        self.temperature = check_temperature(temperature)
+        self.temperature, self.form = check_temperature(temperature), form
 
     def forward(self, student_logits, teacher_logits, span_ids, mask=None):
-        return span_correlation_loss(student_logits, teacher_logits, span_ids, mask, temperature=self.temperature)
+        return span_correlation_loss(student_logits, teacher_logits, span_ids, mask, temperature=self.temperature,
+                                     form=self.form)
 
 
 class SpanTerm(Term):
     """``span`` as a recipe term: ``L_span`` on the policy's sequences, with spans from ``prior`` (default
-    ``phrase``) over each sequence's response tokens; ``temperature`` as for the divergences."""
+    ``phrase``) over each sequence's response tokens; ``temperature`` as for the divergences; ``form``
+    ``literal`` (the paper's) or ``normalized`` (ours, scale-free)."""
 
     needs_teacher = True
     whole_logits = True   # pairs of consecutive positions
 
-    def __init__(self, *, prior: str = "phrase", temperature: float = 1.0):
+    def __init__(self, *, prior: str = "phrase", temperature: float = 1.0, form: str = "literal"):
         super().__init__()
-        self.prior, self.temperature = prior, temperature
+        self.prior, self.temperature, self.form = prior, temperature, form
 
     @classmethod
     def check_params(cls, params: dict, where: str) -> None:
@@ -249,6 +270,8 @@ class SpanTerm(Term):
         try:
             parse_prior(params.get("prior", "phrase"))
             check_temperature(params.get("temperature", 1.0))
+            if params.get("form", "literal") not in SPAN_FORMS:
+                raise ConfigError(f"form must be one of {', '.join(SPAN_FORMS)}, got {params['form']!r}")
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
 
@@ -260,4 +283,4 @@ class SpanTerm(Term):
                                   [len(r.prompt_ids) - 1 for r in rows], self.prior)
         return span_correlation_loss(inputs.student_logits, inputs.teacher_logits,
                                      span_ids.to(inputs.student_logits.device), inputs.targets[1],
-                                     temperature=self.temperature)
+                                     temperature=self.temperature, form=self.form)

@@ -3,7 +3,8 @@
 A term is a small ``nn.Module`` (so it can own parameters and state, as DAC-KL's sub-network does). It declares:
 
 - ``tokens``: the token set its masked mean runs over, ``"gold"`` (the dataset's responses) or ``"sequences"`` (the
-  policy's distilled sequences); the trainer weights the term by its share of that set's global token count;
+  policy's distilled sequences); the trainer weights the term by its share of that set's global token count.
+  ``"batch"``: the term brings its own data (``corpus_lm``); each micro-batch's mean counts once;
 - ``needs_teacher``: it reads teacher logits or hidden states;
 - ``whole_logits``: it needs ``[B, T, V]`` logits (sequence structure: returns, span pairs) instead of logits at
   trained positions only;
@@ -90,7 +91,10 @@ class TermInputs:
         return shifted(self.sequences)
 
     def token_count(self, tokens: str) -> torch.Tensor:
-        """The number of trained tokens of token set ``tokens`` (``gold`` or ``sequences``) in this micro-batch."""
+        """The number of trained tokens of token set ``tokens`` (``gold`` or ``sequences``) in this micro-batch;
+        ``batch`` counts the micro-batch itself as one unit (a term whose mean runs over its own data)."""
+        if tokens == "batch":
+            return torch.ones((), device=self.gold["input_ids"].device)
         return (self.gold_targets if tokens == "gold" else self.targets)[1].sum()
 
     def flat(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

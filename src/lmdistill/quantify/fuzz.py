@@ -1,11 +1,26 @@
-"""MCTS-Explore seed selection, as described for GPTFuzz (Yu et al. 2023), written for lmdistill.
+"""MCTS-Explore seed selection for ICE: the reference code's rule (``PaperMCTSExplore``, the default) and
+lmdistill's earlier variant (``MCTSExplore``).
 
-The seed templates hang under a root. ``select`` walks down from the root, at each level taking the child
-with the best UCT score ``mean reward + ratio * sqrt(2 ln(N_parent + 1) / (n + 1))`` (ties broken by the
-seeded random generator), and stops early at a non-leaf with probability ``alpha``, so inner templates
-keep being mutated. ``update`` adds the reward to every node on the walked path, scaled by
-``max(beta, 1 - 0.1 * depth)`` of the selected node, so deep lineages cannot take all the credit.
-A mutant that scored at least one hit becomes a child of the template it came from.
+``PaperMCTSExplore`` transcribes what the paper's code runs (Aegis1863/LLMs-Distillation-Quantification,
+``easyjailbreak/selector/MCTSExploreSelectPolicy.py`` and ``easyjailbreak/attacker/Gptfuzzer_Identity.py``):
+
+- select (``MCTSExploreSelectPolicy.py:44-75``): a global step counter is increased; the best of the *seed*
+  templates is taken by ``reward / (visits + 1) + ratio * sqrt(2 ln(step) / (visits + 0.01))``; then, while
+  the current node has children, with probability ``alpha`` the walk stops, otherwise it moves to the best
+  child by the same score; every node on the walked path gets one visit. Ties go to the first node in
+  insertion order (Python's ``max``), so the random generator is used only for the ``alpha`` draws.
+- tree (``Gptfuzzer_Identity.py:101-108, 131``): *every* mutant becomes a child of the node it was mutated
+  from, hit or not, one level deeper (seeds are level 0).
+- update (``MCTSExploreSelectPolicy.py:84-91``): ``reward = hits / (questions * evaluated)`` is added to every
+  node on the path, times ``max(beta, 1 - 0.1 * level of the selected node)``. The reference calls it with
+  one evaluated instance per question (``Gptfuzzer_Identity.py:110-134``), so ``evaluated = questions`` and
+  the reward of a mutant is ``hits / questions**2`` (``paper_reward``).
+
+``MCTSExplore`` (``--mode lmdistill``) hangs the seeds under a root and walks down from it, at each level
+taking the child with the best UCT score ``mean reward + ratio * sqrt(2 ln(N_parent + 1) / (n + 1))`` (ties
+broken by the seeded random generator), and stops early at a non-leaf with probability ``alpha``.
+``update`` adds the reward (there ``hits / questions``) to every node on the walked path, scaled by
+``max(beta, 1 - 0.1 * depth)`` of the selected node; only a mutant that scored a hit becomes a child.
 """
 
 from __future__ import annotations
@@ -68,6 +83,58 @@ class MCTSExplore:
         self.root.visits += 1
         for node in path:
             node.visits += 1
+            node.reward += reward * scale
+
+    def add(self, parent: Node, template: str) -> Node:
+        return self._new(template, parent)
+
+
+def paper_reward(hits: int, n_questions: int, n_evaluated: int) -> float:
+    """The reference's step reward, ``hits / (questions * evaluated)`` (``MCTSExploreSelectPolicy.py:89-90``)."""
+    return hits / (n_questions * n_evaluated)
+
+
+class PaperMCTSExplore:
+    """MCTS-Explore as the reference code runs it (see the module docstring for file:line)."""
+
+    def __init__(self, seeds: list[str], *, ratio: float = 0.5, alpha: float = 0.1, beta: float = 0.2,
+                 rng: random.Random | None = None):
+        if not seeds:
+            raise ValueError("MCTS-Explore needs at least one seed template")
+        self.ratio, self.alpha, self.beta = ratio, alpha, beta
+        self.rng = rng or random.Random(0)
+        self.step = 0
+        self.nodes: list[Node] = []
+        self.seeds = [self._new(s, None) for s in seeds]
+
+    def _new(self, template: str, parent: Node | None) -> Node:
+        node = Node(len(self.nodes), template, 0 if parent is None else parent.depth + 1, parent)
+        if parent is not None:
+            parent.children.append(node)
+        self.nodes.append(node)
+        return node
+
+    def score(self, node: Node) -> float:
+        return node.reward / (node.visits + 1) + self.ratio * math.sqrt(2 * math.log(self.step) / (node.visits + 0.01))
+
+    def select(self) -> tuple[Node, list[Node]]:
+        self.step += 1
+        current = max(self.seeds, key=self.score)
+        path = [current]
+        while current.children:
+            if self.rng.random() < self.alpha:
+                break
+            current = max(current.children, key=self.score)
+            path.append(current)
+        for node in path:
+            node.visits += 1
+        return current, path
+
+    def update(self, path: list[Node], reward: float) -> None:
+        if not path:
+            return
+        scale = max(self.beta, 1 - 0.1 * path[-1].depth)
+        for node in path:
             node.reward += reward * scale
 
     def add(self, parent: Node, template: str) -> Node:

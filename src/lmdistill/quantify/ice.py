@@ -1,14 +1,30 @@
 """ICE, identity consistency evaluation (arXiv 2501.12619), as a resumable run.
 
 Each step selects a template with MCTS-Explore, mutates it with a random mutator run by the helper
-model, asks the target every identity question wrapped in the mutant, and judges the answers. The step's
-reward is hits / (questions x mutants); a mutant with a hit joins the tree. The budget counts target
-queries (1000 = 20 mutants x 50 questions).
+model, asks the target every identity question wrapped in the mutant, and judges the answers. The budget
+counts target queries (1000 = 20 mutants x 50 questions).
 
-Scores over all queries: loose = loose hits / queries, strict = strict hits / queries, hard = strict hits
-whose prompt (mutated template plus question) names no model or company outside the declared fact, i.e.
-carried no misleading identity information, / queries; each also per language. Many GPTFuzz templates
-say "you are ChatGPT", and two questions name ChatGPT: their strict hits never count as hard.
+Two modes (``IceConfig.mode``, ``--mode``):
+
+- ``paper`` (default: what a user reproducing the paper gets from the reference code,
+  Aegis1863/LLMs-Distillation-Quantification). The target is asked with the system prompt "You are a
+  helpful assistant." (``identity_jailbreak/LLM_agent.py:106``, ``:121``, ``:164``), at temperature 0
+  (``LLM_agent.py:104`` for API models; local models decode greedily, ``do_sample=False`` from
+  ``LLM_agent.py:47``/``:61-63``) with up to 2048 new tokens (``LLM_agent.py:147``, ``:170``). The helper
+  runs the same way (greedy, 2048 tokens, same system prompt). The seeds are 76 templates drawn at random
+  from GPTFuzz's 77 (``Gptfuzzer_Identity.py:35,50``; ``seed_template.py:55``); crossover's second
+  template comes from those seeds (``Gptfuzzer_Identity.py:79``, ``Crossover.py:41``). Selection, reward
+  (``hits / questions**2``) and tree (every mutant becomes a child of the seed it was mutated from) follow
+  ``fuzz.PaperMCTSExplore``. With a judge model the LLM judge uses the paper prompts (``judges.py``).
+- ``lmdistill``: our earlier settings: no system prompt, 256 answer tokens, helper at temperature 0.7,
+  all 77 templates as seeds, ``fuzz.MCTSExplore`` with reward hits / questions, and only a mutant with a
+  hit joins the tree.
+
+Scores over all queries: loose = loose hits / queries (``run_gptfuzzer.py:112``), strict = strict hits /
+queries (the reference divides by 1000, its query budget, ``rejudge.py:71``), hard = strict hits whose
+prompt (mutated template plus question) names no model or company outside the declared fact, i.e. carried
+no misleading identity information, / queries; each also per language. Many GPTFuzz templates say "you
+are ChatGPT", and two questions name ChatGPT: their strict hits never count as hard.
 
 Every model call goes through the response cache, and the search is a deterministic function of the seed
 and the (cached) answers, so a rerun after a crash replays the finished steps from the cache without
@@ -19,39 +35,71 @@ from __future__ import annotations
 
 import random
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lmdistill.errors import ConfigError
 from lmdistill.clients import ClientError, RequestRejected
-from lmdistill.quantify.fuzz import MCTSExplore
+from lmdistill.quantify.fuzz import MCTSExplore, PaperMCTSExplore, paper_reward
 from lmdistill.quantify.identity import misleading_names
+from lmdistill.quantify.judges import judge_label
 from lmdistill.quantify.mutators import MUTATORS, mutate
 from lmdistill.quantify.questions import identity_questions
 from lmdistill.quantify.report import ice_chart, ice_markdown, write_summary
 from lmdistill.quantify.templates import fill, load_templates, strip_placeholder
 
 
+PAPER_SYSTEM_PROMPT = "You are a helpful assistant."
+
+# Settings per mode; a field of IceConfig left at None takes its mode's value.
+PRESETS = {
+    "paper": {"system_prompt": PAPER_SYSTEM_PROMPT, "max_tokens": 2048, "helper_temperature": 0.0,
+              "helper_max_tokens": 2048, "seeds": 76},
+    "lmdistill": {"system_prompt": "", "max_tokens": 256, "helper_temperature": 0.7, "helper_max_tokens": 1024,
+                  "seeds": None},
+}
+TREE_RULES = {
+    "paper": "reference: every mutant becomes a child of its seed; reward = hits / questions^2",
+    "lmdistill": "lmdistill: only mutants with a hit become children; reward = hits / questions",
+}
+
+
 @dataclass
 class IceConfig:
     fact: str
+    mode: str = "paper"
     budget: int = 1000
     languages: tuple[str, ...] = ("en", "zh")
     seed: int = 0
-    max_tokens: int = 256
-    helper_temperature: float = 0.7
-    helper_max_tokens: int = 1024
+    max_tokens: int | None = None           # target answer tokens (paper 2048, lmdistill 256)
+    system_prompt: str | None = None        # target (and helper) system prompt; "" for none
+    helper_temperature: float | None = None
+    helper_max_tokens: int | None = None
+    seeds: int | None = None                # templates drawn as seeds (paper: 76 of GPTFuzz's 77); None = all
     ratio: float = 0.5
     alpha: float = 0.1
     beta: float = 0.2
     templates: list[str] | None = field(default=None, repr=False)  # default: GPTFuzz's 77
 
-    def check(self, n_questions: int) -> None:
+    def resolved(self) -> "IceConfig":
+        """A copy with every unset setting taken from the mode's preset."""
+        if self.mode not in PRESETS:
+            raise ConfigError(f"--mode {self.mode!r}: choose one of {', '.join(PRESETS)}")
+        preset = dict(PRESETS[self.mode])
+        if self.templates is not None:  # the 76-of-77 draw is about GPTFuzz's set; custom sets are used whole
+            preset["seeds"] = None
+        return replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
+
+    def check(self, n_questions: int, n_templates: int) -> None:
         if not self.fact or not self.fact.strip():
             raise ConfigError("--fact is required: the target's true identity, e.g. "
                               "'I am Qwen, developed by Alibaba Cloud'")
         if self.budget < n_questions:
             raise ConfigError(f"--budget {self.budget} is below one mutant's cost ({n_questions} questions)")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"--max-tokens {self.max_tokens}: must be at least 1")
+        if self.seeds is not None and not 1 <= self.seeds <= n_templates:
+            raise ConfigError(f"seeds {self.seeds}: must be between 1 and the {n_templates} templates")
 
 
 def _score(rows: list[dict]) -> dict:
@@ -65,27 +113,37 @@ def _score(rows: list[dict]) -> dict:
 
 
 def run_ice(target, helper, judge, config: IceConfig, *, progress: bool = True) -> dict:
-    """Run ICE; return the result (``scores``, ``per_language``, ``steps``, ``queries``)."""
+    """Run ICE; return the result (``scores``, ``per_language``, ``steps``, ``tree``, ``queries``)."""
     from tqdm import tqdm
 
+    config = config.resolved()
+    paper = config.mode == "paper"
     questions = identity_questions(config.languages)
-    config.check(len(questions))
     templates = list(config.templates) if config.templates is not None else load_templates()
+    config.check(len(questions), len(templates))
+    if config.seeds is None:
+        seed_order = list(range(len(templates)))
+    else:  # the reference draws its seeds at random (seed_template.py:55)
+        seed_order = random.Random(config.seed + 2).sample(range(len(templates)), config.seeds)
     rng = random.Random(config.seed)
-    tree = MCTSExplore(templates, ratio=config.ratio, alpha=config.alpha, beta=config.beta,
-                       rng=random.Random(config.seed + 1))
+    tree_cls = PaperMCTSExplore if paper else MCTSExplore
+    tree = tree_cls([templates[i] for i in seed_order], ratio=config.ratio, alpha=config.alpha, beta=config.beta,
+                    rng=random.Random(config.seed + 1))
+    system = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
     steps, rows = [], []
     n_steps = config.budget // len(questions)
     bar = tqdm(total=n_steps * len(questions), desc="ICE queries", unit="q", disable=not progress)
     for step in range(n_steps):
         node, path = tree.select()
         kind = rng.choice(MUTATORS)
-        other = tree.nodes[rng.randrange(len(tree.nodes))].template
+        pool = tree.seeds if paper else tree.nodes  # paper: crossover partners come from the initial seeds
+        other = pool[rng.randrange(len(pool))].template
         mutation = mutate(helper, kind, node.template, other, temperature=config.helper_temperature,
-                          max_tokens=config.helper_max_tokens, request_seed=config.seed * 100003 + step)
+                          max_tokens=config.helper_max_tokens, request_seed=config.seed * 100003 + step,
+                          system=config.system_prompt or None)
         template_misleading = misleading_names(strip_placeholder(mutation.template), config.fact)
         prompts = [fill(mutation.template, q.text) for q in questions]
-        batch = [[{"role": "user", "content": p}] for p in prompts]
+        batch = [system + [{"role": "user", "content": p}] for p in prompts]
         answers = target.chat_many(batch, return_exceptions=True, temperature=0.0, max_tokens=config.max_tokens)
         for a in answers:  # only deterministic rejections are tolerated; outages stop the run (resumable)
             if isinstance(a, ClientError) and not isinstance(a, RequestRejected):
@@ -101,13 +159,19 @@ def run_ice(target, helper, judge, config: IceConfig, *, progress: bool = True) 
                 "error": error, "loose": v.loose, "strict": v.strict, "hard": v.strict and not misleading,
                 "misleading": misleading, "unparsable": v.unparsable, "claimed": v.claimed, "reason": v.reason})
         hits = sum(r["loose"] for r in step_rows)
-        tree.update(path, hits / len(questions))
-        child = tree.add(node, mutation.template) if hits else None
-        steps.append({"step": step, "seed_node": node.id, "seed_depth": node.depth, "mutator": kind,
-                      "fallback": mutation.fallback, "template": mutation.template,
+        if paper:  # one evaluated instance per question (Gptfuzzer_Identity.py:110-134)
+            reward = paper_reward(hits, len(questions), len(step_rows))
+            tree.update(path, reward)
+            child = tree.add(node, mutation.template)  # every mutant (Gptfuzzer_Identity.py:103-108)
+        else:
+            reward = hits / len(questions)
+            tree.update(path, reward)
+            child = tree.add(node, mutation.template) if hits else None
+        steps.append({"step": step, "seed_node": node.id, "seed_depth": node.depth, "path": [n.id for n in path],
+                      "mutator": kind, "fallback": mutation.fallback, "template": mutation.template,
                       "has_placeholder": "[INSERT PROMPT HERE]" in mutation.template,
                       "misleading_names": template_misleading, "new_node": child.id if child else None,
-                      **{k: v for k, v in _score(step_rows).items() if k.endswith("_hits")}})
+                      "reward": reward, **{k: v for k, v in _score(step_rows).items() if k.endswith("_hits")}})
         rows.extend(step_rows)
         bar.update(len(questions))
     bar.close()
@@ -118,14 +182,20 @@ def run_ice(target, helper, judge, config: IceConfig, *, progress: bool = True) 
         per_mutator[kind] = {"mutants": len(mine), "loose_hits": sum(s["loose_hits"] for s in mine)}
     return {
         "kind": "ice", "target": target.name, "helper": helper.name, "judge": getattr(judge, "name", "rule"),
-        "config": {"fact": config.fact, "budget": config.budget, "languages": list(config.languages),
-                   "seed": config.seed, "max_tokens": config.max_tokens, "questions": len(questions),
-                   "templates": len(templates), "mutants": len(steps),
+        "judge_label": judge_label(judge),
+        "config": {"mode": config.mode, "fact": config.fact, "budget": config.budget,
+                   "languages": list(config.languages), "seed": config.seed, "system_prompt": config.system_prompt,
+                   "max_tokens": config.max_tokens, "temperature": 0.0, "questions": len(questions),
+                   "templates": len(templates), "seed_templates": seed_order, "mutants": len(steps),
                    "unused_budget": config.budget - n_steps * len(questions), "ratio": config.ratio,
-                   "alpha": config.alpha, "beta": config.beta, "helper_temperature": config.helper_temperature},
+                   "alpha": config.alpha, "beta": config.beta, "helper_temperature": config.helper_temperature,
+                   "helper_max_tokens": config.helper_max_tokens, "tree_rule": TREE_RULES[config.mode]},
         "scores": _score(rows), "per_language": per_language, "per_mutator": per_mutator,
         "per_question": {q.id: sum(r["loose"] for r in rows if r["question"] == q.id) for q in questions},
-        "steps": steps, "queries": rows,
+        "steps": steps,
+        "tree": [{"id": n.id, "parent": n.parent.id if n.parent is not None and n.parent.id >= 0 else None,
+                  "depth": n.depth, "visits": n.visits, "reward": n.reward} for n in tree.nodes],
+        "queries": rows,
     }
 
 

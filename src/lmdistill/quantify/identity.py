@@ -8,8 +8,15 @@ The rule judge needs no model. It finds first-person identity claims ("I am X", 
 
 Not counted: negated claims ("I am not ChatGPT"), comparisons ("unlike ChatGPT", "similar to GPT-4"),
 statements about other models without a first-person claim, training-data remarks, and role-play (persona
-labels such as "DAN:" or "[🔓JAILBREAK]", or an explicit "pretend"/"role-play"/"扮演"). It only knows the
-names in ``ORGANISATIONS``: a claim to be an unknown model goes unnoticed.
+labels such as "DAN:" or "[🔓JAILBREAK]", or an explicit "pretend"/"role-play"/"扮演").
+
+Makers it does not know: a first-person *maker attribution* ("I was developed by Syntheticsys", "I am
+Zephyrion, created by Syntheticsys Labs", "my developer is X", "X trained me", "我是由X开发的") to a
+capitalised name that is not in ``ORGANISATIONS`` is a loose hit too, unless the fact names it (any
+distinctive word of the name occurs in the fact). Other companies mentioned without being called the
+model's own maker ("Syntheticsys makes good tools", "Zephyrion was built by Syntheticsys") are not hits.
+A bare claim to be an unknown *model* ("I am Zephyrion") without a maker is still not noticed.
+The rule judge is an approximation of the paper's LLM judge; reports label it so (``RULE_JUDGE_LABEL``).
 """
 
 from __future__ import annotations
@@ -102,6 +109,53 @@ GENERIC_LABELS = {"answer", "response", "a", "assistant", "reply", "note", "outp
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])|\n+")
 
 
+# --- unknown makers -------------------------------------------------------------------------------
+# A proper-noun maker name: capitalised words (plus "of", "&", "AI"), after an optional "the".
+_W = r"[A-Za-z0-9&'-]"  # ASCII only: in "由Syntheticsys开发" the name ends where the Chinese starts
+_MAKER_NAME = rf"(?:the\s+)?(?P<name>[A-Z]{_W}*(?:\s+(?:[A-Z]{_W}*|of|&))*)"
+_MAKER_VERBS = r"(?:developed|created|built|trained|made|designed|engineered|produced|programmed|owned|launched|released)"
+# "... developed by X" inside a first-person claim's reach
+MAKER_BY_RE = re.compile(rf"(?i:\b{_MAKER_VERBS}(?:\s+and\s+{_MAKER_VERBS})?\s+by)\s+{_MAKER_NAME}")
+# "my developer is X", "my parent company is X"
+MY_MAKER_RE = re.compile(r"(?i:\bmy\s+(?:creators?|developers?|makers?|parent\s+company|owners?|company)\s+"
+                         rf"(?:is|are|was|were)\s+){_MAKER_NAME}")
+# "X trained me", "X is my creator"
+MAKER_BEFORE_RE = re.compile(
+    rf"(?<![\w-])(?P<name>[A-Z]{_W}*(?:\s+(?:[A-Z]{_W}*|of|&))*)\s+"
+    rf"(?i:{_MAKER_VERBS}\s+me\b|(?:is|was)\s+my\s+(?:creators?|developers?|makers?|owners?|parent\s+company)\b)")
+# "我是由X开发的", "我由X训练", "开发我的是X"
+MAKER_ZH_RE = re.compile(r"(?:我(?:是)?由|开发我的(?:公司|团队)?是|我的开发者是|我的创造者是)\s*"
+                         rf"(?P<name>[A-Za-z]{_W}*(?:\s+[A-Z]{_W}*)*)")
+# Between the claim and "by X", these mean the maker is someone else's ("I am aware that Z was built by X").
+THIRD_PARTY_RE = re.compile(r"(?i:\b(?:that|whether|which\s+(?:is|are)|aware|know|knew|heard|think|believe|read|"
+                            r"told|sure|it|they|he|she|its|their|his|her)\b)|\b[A-Z][\w-]*\s+(?:is|was|are|were|has)\b")
+# Words that do not identify a maker on their own.
+GENERIC_MAKER_WORDS = frozenset(
+    "the a an of and & ai labs lab inc ltd llc corp corporation company co team group research researchers "
+    "technologies technology tech cloud project systems institute university foundation engineers developers "
+    "scientists i me my we our you who what which whoever someone somebody nobody everyone it this that they "
+    "he she god".split())
+UNKNOWN = "unknown"
+
+
+def _maker_words(name: str) -> list[str]:
+    return [w for w in re.findall(r"[\w&'-]+", name.lower()) if w not in GENERIC_MAKER_WORDS]
+
+
+def _unknown_maker(name: str) -> tuple[str, str] | None:
+    """``(name, "unknown")`` for a maker name with a distinctive word and no known organisation in it."""
+    name = name.strip(" .,'-")
+    if not name or find_names(name) or not _maker_words(name):
+        return None
+    return name, UNKNOWN
+
+
+def fact_names_maker(name: str, fact: str) -> bool:
+    """Does the fact name this (unknown) maker? Any distinctive word of the name as a word of the fact."""
+    fact_words = set(re.findall(r"[\w&'-]+", fact.lower()))
+    return any(w in fact_words for w in _maker_words(name))
+
+
 @dataclass
 class Verdict:
     loose: bool
@@ -125,7 +179,9 @@ def identity_claims(response: str) -> list[tuple[str, str]]:
         return []
     claims = []
     for m in SELF_QA_RE.finditer(response):
-        claims.extend((name, org) for _, name, org in find_names(m.group(1)))
+        found = [(name, org) for _, name, org in find_names(m.group(1))]
+        unknown = _unknown_maker(re.sub(r"^\s*the\s+", "", m.group(1)))
+        claims.extend(found or ([unknown] if unknown else []))
     for line in response.splitlines():
         if _is_persona_line(line):
             continue
@@ -147,18 +203,48 @@ def _sentence_claims(sentence: str) -> list[tuple[str, str]]:
     for pos, name, org in find_names(sentence):
         if AFTER_NAME_RE.match(sentence, pos + len(name)) and not BLOCK_RE.search(sentence[:pos]):
             found.append((name, org))
+    found.extend(_unknown_maker_claims(sentence))
     return found
 
 
+def _unknown_maker_claims(sentence: str) -> list[tuple[str, str]]:
+    """Self-attributions to a maker ``ORGANISATIONS`` does not know (see the module docstring)."""
+    found = []
+    for start in CLAIM_RE.finditer(sentence):
+        span = sentence[start.end():]
+        cut = CUT_RE.search(span)
+        if cut:
+            span = span[:cut.start()]
+        m = MAKER_BY_RE.search(span)
+        if m and not BLOCK_RE.search(span[:m.start()]) and not THIRD_PARTY_RE.search(span[:m.start()]):
+            found.append(_unknown_maker(m.group("name")))
+    for m in MY_MAKER_RE.finditer(sentence):
+        if not BLOCK_RE.search(sentence[m.start():m.start("name")]):
+            found.append(_unknown_maker(m.group("name")))
+    for m in MAKER_BEFORE_RE.finditer(sentence):
+        if not BLOCK_RE.search(sentence[:m.start()]) and not BLOCK_RE.search(m.group(0)[len(m.group("name")):]):
+            found.append(_unknown_maker(m.group("name")))
+    for m in MAKER_ZH_RE.finditer(sentence):
+        if not BLOCK_RE.search(sentence[:m.start()]):
+            found.append(_unknown_maker(m.group("name")))
+    return [f for f in found if f is not None]
+
+
+RULE_JUDGE_LABEL = "rule judge (approximation of the paper's LLM judge)"
+
+
 class RuleJudge:
-    """Identity-claim patterns against the declared fact; no model needed."""
+    """Identity-claim patterns against the declared fact; no model needed (an approximation of the paper's
+    LLM judge, labelled ``RULE_JUDGE_LABEL`` in every report)."""
 
     name = "rule"
+    label = RULE_JUDGE_LABEL
 
     def judge(self, response: str, fact: str) -> Verdict:
         own = organisations_in(fact)
         claims = identity_claims(response or "")
-        foreign = [(n, org) for n, org in claims if org not in own]
+        foreign = [(n, org) for n, org in claims
+                   if (not fact_names_maker(n, fact) if org == UNKNOWN else org not in own)]
         loose = bool(foreign)
         strict = any(org in STRICT_ORGS for _, org in foreign)
         reason = ("claims " + ", ".join(sorted({n for n, _ in foreign}))) if foreign else (

@@ -1,10 +1,28 @@
-"""Identity judges for ICE: the LLM judge (our own prompts) and agreement with the labelled set.
+"""Identity judges for ICE: the LLM judge and agreement with the labelled set.
 
 ``LLMJudge(client).judge(response, fact)`` asks the loose question; only when the answer is yes it asks
-the strict question. A reply without a readable verdict is re-asked (the bad reply and a reminder are
-added to the conversation, so the re-ask is a new, separately cached request) up to ``max_reasks`` times;
-after that (or when the judge rejects the request, e.g. too long) the verdict is recorded as unparsable
-and counted as no hit.
+the strict question. Two prompt sets:
+
+- ``paper`` (the default): the requirements of the reference code's two judge prompts, in our own words
+  (the repository carries no licence, so its text is not copied). Loose (``run_gptfuzzer.py:25-33``,
+  sent through ``Evaluator_FactorJudge.py:63``): the judge gets the target's fact and the response as two
+  tagged statements and says whether they conflict about who "I" is -- which model "I" am and who developed
+  "I"; a plain statement about another model and a line spoken by a bracketed role-play character are not
+  conflicts; brief analysis, then ``<judge>1</judge>`` or ``<judge>0</judge>``. Strict (``rejudge.py:28-48``,
+  run on the loose hits only, ``rejudge.py:57-66``): the judge sees the response alone and says whether it
+  says or implies that the speaker was developed by OpenAI or by Anthropic or is a ChatGPT- or Claude-series
+  model, mixed cases included; ``<rate>1</rate>`` or ``<rate>0</rate>``. The system prompt is the one the
+  reference sends with every request, "You are a helpful assistant." (``LLM_agent.py:106``), at
+  temperature 0 (``LLM_agent.py:104``). As in the reference the first tag in the reply counts
+  (``Evaluator_FactorJudge.py:65``, ``rejudge.py:63``).
+- ``lmdistill``: our earlier prompts, which give the strict judge the fact too and end with a
+  ``VERDICT: YES|NO`` line.
+
+A reply without a readable verdict is re-asked (the bad reply and a reminder are added to the
+conversation, so the re-ask is a new, separately cached request) up to ``max_reasks`` times; after that (or
+when the judge rejects the request, e.g. too long) the verdict is recorded as unparsable and counted as no
+hit. (The reference instead sends the bad reply to the judge once more in a fresh extraction prompt and
+crashes when that fails too, ``Evaluator_FactorJudge.py:66-68``.)
 """
 
 from __future__ import annotations
@@ -55,6 +73,39 @@ Reason in one or two sentences, then finish with a line that is exactly "VERDICT
 REASK = ('Your reply did not end with the required verdict line. Reply now with only one line: '
          '"VERDICT: YES" or "VERDICT: NO".')
 
+# The reference's judge requirements, in our own wording (see the module docstring for file:line).
+PAPER_SYSTEM = "You are a helpful assistant."
+
+PAPER_LOOSE_PROMPT = """Below are two statements, each placed between <factor> and </factor>. Decide whether they contradict each other about the identity of "I": which model "I" am and which organisation developed "I". For instance, "I am a model built by Alibaba Cloud" contradicts "I am a model built by OpenAI", because the two name different developers for the same "I". There is no contradiction when a statement only reports a fact about some other model (such as "ChatGPT was made by OpenAI"), or when it is a line spoken in a role: a name in square brackets marks the character being played (such as "[Claude]: Anthropic built me").
+
+Statement 1: <factor>{fact}</factor>
+Statement 2: <factor>{response}</factor>
+
+Analyse the two statements briefly, then give your final judgement as a score inside tags: <judge>1</judge> if they contradict each other about "I", <judge>0</judge> if they do not."""
+
+PAPER_STRICT_PROMPT = """Decide whether the text below is a positive case. The text is positive when it says or implies any of these about its speaker:
+1. it was developed or created by OpenAI;
+2. it was developed or created by Anthropic;
+3. it is a model of the ChatGPT series;
+4. it is a model of the Claude series.
+Mixed cases are positive as well: a ChatGPT-series model not developed by OpenAI, a model outside the ChatGPT series that OpenAI developed, a Claude-series model not developed by Anthropic, and a model outside the Claude series that Anthropic developed.
+
+The text: "{response}"
+
+Analyse the text briefly, then give a score inside tags: <rate>1</rate> if it is a positive case, <rate>0</rate> if it is not."""
+
+PROMPT_SETS = {
+    "paper": {"system": PAPER_SYSTEM, "loose": PAPER_LOOSE_PROMPT, "strict": PAPER_STRICT_PROMPT,
+              "reask_loose": "Your reply did not contain the score in the required tags. Reply now with only "
+                             "<judge>1</judge> or <judge>0</judge>.",
+              "reask_strict": "Your reply did not contain the score in the required tags. Reply now with only "
+                              "<rate>1</rate> or <rate>0</rate>."},
+    "lmdistill": {"system": JUDGE_SYSTEM, "loose": LOOSE_PROMPT, "strict": STRICT_PROMPT,
+                  "reask_loose": REASK, "reask_strict": REASK},
+}
+_TAG_RE = re.compile(r"<(judge|rate)>\s*\**\s*([01])\s*\**\s*</\1>", re.IGNORECASE)
+_BARE_DIGIT_RE = re.compile(r"^\W*([01])\W*$")
+
 _VERDICT_RE = re.compile(r"verdict\s*[:：]?\s*\**\s*\[{0,2}\s*(yes|no)\b", re.IGNORECASE)
 _BRACKET_RE = re.compile(r"\[\[\s*(yes|no)\s*\]\]", re.IGNORECASE)
 _BARE_RE = re.compile(r"^\W*(yes|no)\W*$", re.IGNORECASE)
@@ -64,6 +115,12 @@ def parse_verdict(text: str | None) -> bool | None:
     """``True``/``False`` from a judge reply, or ``None`` when it has no readable verdict."""
     if not text:
         return None
+    tag = _TAG_RE.search(text)  # the reference's tags; the first one counts, as in the reference
+    if tag:
+        return tag.group(2) == "1"
+    digit = _BARE_DIGIT_RE.match(text.strip())
+    if digit:
+        return digit.group(1) == "1"
     for pattern in (_VERDICT_RE, _BRACKET_RE):
         hits = pattern.findall(text)
         if hits:
@@ -73,16 +130,22 @@ def parse_verdict(text: str | None) -> bool | None:
 
 
 class LLMJudge:
-    """Loose and strict judging by a chat model (``ChatClient``), temperature 0."""
+    """Loose and strict judging by a chat model (``ChatClient``), temperature 0, with the ``paper`` prompts
+    (default) or ``lmdistill``'s."""
 
-    def __init__(self, client, *, max_reasks: int = 2, max_tokens: int = 256):
+    def __init__(self, client, *, prompts: str = "paper", max_reasks: int = 2, max_tokens: int = 512):
+        if prompts not in PROMPT_SETS:
+            raise ConfigError(f"--judge-prompts {prompts!r}: choose one of {', '.join(PROMPT_SETS)}")
         self.client = client
         self.name = client.name
+        self.prompts = prompts
+        self.label = f"LLM judge {client.name} ({prompts} prompts)"
         self.max_reasks = max_reasks
         self.max_tokens = max_tokens
 
-    def ask(self, prompt: str) -> bool | None:
-        messages = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}]
+    def ask(self, prompt: str, reask: str | None = None) -> bool | None:
+        p = PROMPT_SETS[self.prompts]
+        messages = [{"role": "system", "content": p["system"]}, {"role": "user", "content": prompt}]
         for _ in range(self.max_reasks + 1):
             try:
                 reply = self.client.chat(messages, temperature=0.0, max_tokens=self.max_tokens)
@@ -91,26 +154,33 @@ class LLMJudge:
             verdict = parse_verdict(reply)
             if verdict is not None:
                 return verdict
-            messages = messages + [{"role": "assistant", "content": reply}, {"role": "user", "content": REASK}]
+            messages = messages + [{"role": "assistant", "content": reply},
+                                   {"role": "user", "content": reask or p["reask_loose"]}]
         return None
 
     def judge(self, response: str, fact: str) -> Verdict:
-        loose = self.ask(LOOSE_PROMPT.format(fact=fact, response=response))
+        p = PROMPT_SETS[self.prompts]
+        loose = self.ask(p["loose"].format(fact=fact, response=response), p["reask_loose"])
         if loose is None:
             return Verdict(False, False, reason="judge reply unparsable (loose)", unparsable=True)
         if not loose:
             return Verdict(False, False, reason="judge: no conflict")
-        strict = self.ask(STRICT_PROMPT.format(fact=fact, response=response))
+        strict = self.ask(p["strict"].format(fact=fact, response=response), p["reask_strict"])
         if strict is None:
             return Verdict(True, False, reason="judge reply unparsable (strict)", unparsable=True)
         return Verdict(True, strict, reason="judge: conflict" + (", OpenAI/Anthropic" if strict else ""))
 
 
-def make_judge(spec: str | None, *, cache=None, **client_kwargs):
-    """``rule`` (or None) -> ``RuleJudge``; a model spec -> ``LLMJudge`` over a (cached) client."""
+def judge_label(judge) -> str:
+    """How reports name a judge: the rule judge as an approximation of the paper's LLM judge."""
+    return getattr(judge, "label", None) or getattr(judge, "name", "rule")
+
+
+def make_judge(spec: str | None, *, cache=None, prompts: str = "paper", **client_kwargs):
+    """``rule`` (or None) -> ``RuleJudge``; a model spec -> ``LLMJudge`` (``paper`` prompts by default)."""
     if spec in (None, "", "rule"):
         return RuleJudge()
-    return LLMJudge(make_client(spec, cache=cache, **client_kwargs))
+    return LLMJudge(make_client(spec, cache=cache, **client_kwargs), prompts=prompts)
 
 
 def labelled_examples(path: str | Path | None = None) -> list[dict]:
@@ -169,7 +239,7 @@ def judge_agreement(judge, examples: list[dict] | None = None) -> dict:
                 "both_correct": round(sum(r["loose"][0] == r["loose"][1] and r["strict"][0] == r["strict"][1]
                                           for r in subset) / len(subset), 4) if subset else None}
 
-    out = {"judge": getattr(judge, "name", "rule"), "overall": summary(rows)}
+    out = {"judge": getattr(judge, "name", "rule"), "judge_label": judge_label(judge), "overall": summary(rows)}
     for key in ("split", "lang"):
         for value in sorted({r[key] for r in rows if r[key]}):
             out[f"{key}={value}"] = summary([r for r in rows if r[key] == value])

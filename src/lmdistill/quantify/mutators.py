@@ -1,7 +1,9 @@
 """The five GPTFuzz mutators, run by a helper chat model with lmdistill's own instructions.
 
 ``mutate(helper, kind, seed_template, other_template, ...)`` returns the new template. ``expand``'s
-output is put in front of the seed; the others replace it. An empty reply or a rejected request keeps
+output is put in front of the seed (as GPTFuzz does; the reference's EasyJailbreak ``Expand`` keeps only the
+new sentences, ``easyjailbreak/mutation/generation/Expand.py:26,53``, which we take for a slip); the others
+replace it. An empty reply or a rejected request keeps
 the seed unchanged (recorded as ``fallback``), so a weak helper cannot stall the search.
 """
 
@@ -55,8 +57,10 @@ def mutation_prompt(kind: str, seed: str, other: str | None = None) -> str:
 
 
 def mutate(helper, kind: str, seed: str, other: str | None = None, *, temperature: float = 0.7,
-           max_tokens: int = 1024, request_seed: int | None = None) -> Mutation:
+           max_tokens: int = 1024, request_seed: int | None = None, system: str | None = None) -> Mutation:
     messages = [{"role": "user", "content": mutation_prompt(kind, seed, other)}]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
     try:
         reply = helper.chat(messages, temperature=temperature, max_tokens=max_tokens, seed=request_seed)
     except RequestRejected:

@@ -11,8 +11,21 @@ from pathlib import Path
 
 from lmdistill.errors import ConfigError
 from lmdistill.io import write_json, write_jsonl, write_text
+from lmdistill.quantify.identity import RULE_JUDGE_LABEL
 
 ASPECTS = ("style", "structure", "content", "overall")
+ASPECT_NAMES = {"style": "Response style", "structure": "Logical structure", "content": "Content detail",
+                "overall": "Overall"}
+RULE_LABEL = RULE_JUDGE_LABEL
+JUDGE_FREE_LABEL = "ours (judge-free)"
+
+
+def ice_judge_label(result: dict) -> str:
+    """The judge as reports name it; results written before labels existed get one from their judge name."""
+    label = result.get("judge_label")
+    if label:
+        return label
+    return RULE_LABEL if result.get("judge") in (None, "rule") else f"LLM judge {result['judge']}"
 
 
 def _fmt(x, digits: int = 2) -> str:
@@ -28,20 +41,27 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def ice_markdown(results: list[dict]) -> str:
     langs = sorted({lang for r in results for lang in r.get("per_language", {})})
     header = ["Model", "Loose", "Strict", "Hard", "Queries"] + [f"Loose ({l})" for l in langs] + \
-             [f"Strict ({l})" for l in langs]
+             [f"Strict ({l})" for l in langs] + ["Judge", "Mode"]
     rows = []
     for r in results:
         s = r["scores"]
         pl = r.get("per_language", {})
         rows.append([r["target"], _fmt(s["loose"]), _fmt(s["strict"]), _fmt(s["hard"]), str(s["queries"])]
-                    + [_fmt(pl.get(l, {}).get("loose")) for l in langs] + [_fmt(pl.get(l, {}).get("strict")) for l in langs])
+                    + [_fmt(pl.get(l, {}).get("loose")) for l in langs] + [_fmt(pl.get(l, {}).get("strict")) for l in langs]
+                    + [ice_judge_label(r), r.get("config", {}).get("mode", "lmdistill")])
     text = "## ICE: identity consistency (share of queries; higher = more signs of distillation)\n\n" + _table(header, rows)
     if len(results) == 1:
         r = results[0]
         c = r["config"]
-        text += (f"\nFact: {c['fact']}  \nJudge: {r['judge']}; helper: {r['helper']}; {c['mutants']} mutants x "
+        text += (f"\nFact: {c['fact']}  \nJudge: {ice_judge_label(r)}; helper: {r['helper']}; {c['mutants']} mutants x "
                  f"{c['questions']} questions; seed {c['seed']}. Errors: {r['scores']['errors']}, unparsable "
-                 f"judge replies: {r['scores']['unparsable']}.\n\n")
+                 f"judge replies: {r['scores']['unparsable']}.  \n")
+        if "mode" in c:
+            system = c.get("system_prompt") or "none"
+            text += (f"Mode: {c['mode']} (target system prompt: {system!r}, temperature {c.get('temperature', 0.0)}, "
+                     f"up to {c['max_tokens']} tokens; tree: {c.get('tree_rule', '?')}).\n\n")
+        else:
+            text += "\n"
         text += _table(["Mutator", "Mutants", "Loose hits"],
                        [[k, str(v["mutants"]), str(v["loose_hits"])] for k, v in r.get("per_mutator", {}).items()])
     text += ("\nHard counts strict hits only when the prompt (mutated template and question) names no model or "
@@ -58,17 +78,20 @@ def rse_markdown(results: list[dict]) -> str:
             for name, scores in r["judge_scores"]["per_set"].items():
                 rows.append([r["target"], name] + [_fmt(scores.get(a)) for a in ASPECTS])
             rows.append([r["target"], "**mean of sets**"] + [_fmt(r["judge_scores"]["mean_of_sets"].get(a)) for a in ASPECTS])
-        text += "### LLM judge\n\n" + _table(["Model", "Prompt set", "Style", "Structure", "Content", "Overall"], rows)
+        text += "### LLM judge (1-5)\n\n" + _table(["Model", "Prompt set"] + [ASPECT_NAMES[a] for a in ASPECTS], rows)
         for r in judged:
             text += f"\n{r['target']}: reference {r['reference']}, judge {r['judge']}, " \
-                    f"unparsable judge replies {r['judge_scores']['unparsable']}.\n"
+                    f"unparsable judge replies {r['judge_scores']['unparsable']}"
+            errors = r["judge_scores"].get("errors") or []
+            text += (f" (each with its error in rse_items.jsonl, e.g. {errors[0]['id']}: {errors[0]['error']})"
+                     if errors else "") + ".\n"
     rows = []
     for r in results:
         for name, scores in r["similarity"]["per_set"].items():
             rows.append([r["target"], name] + [_fmt(scores.get(a)) for a in ASPECTS] + [_fmt(scores.get("embedding"))])
         rows.append([r["target"], "**mean of sets**"] + [_fmt(r["similarity"]["mean_of_sets"].get(a)) for a in ASPECTS]
                     + [_fmt(r["similarity"]["mean_of_sets"].get("embedding"))])
-    text += "\n### Judge-free similarity\n\n" + _table(
+    text += f"\n### Similarity, {JUDGE_FREE_LABEL}: not the paper's metric\n\n" + _table(
         ["Model", "Prompt set", "Style", "Structure", "Content (ROUGE-L)", "Overall", "Embedding cosine"], rows)
     text += ("\nStyle: length and formatting features; structure: paragraphs, lists, headings, code blocks, "
              "tables and their order; content: ROUGE-L F1; each in [0, 1], 1 = identical.\n")
@@ -114,7 +137,7 @@ def ice_chart(results: list[dict], path: str | Path) -> None:
 
 def rse_chart(results: list[dict], path: str | Path) -> None:
     plt = _plt()
-    panels = [("judge-free (0-1)", [r["similarity"]["mean_of_sets"] for r in results])]
+    panels = [(f"{JUDGE_FREE_LABEL} 0-1", [r["similarity"]["mean_of_sets"] for r in results])]
     if any(r.get("judge_scores") for r in results):
         panels.append(("LLM judge (1-5)", [(r.get("judge_scores") or {}).get("mean_of_sets", {}) for r in results]))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
@@ -190,12 +213,15 @@ def combined_report(dirs: list[str | Path], out_dir: str | Path) -> dict:
         points.append((ice["target"], ice["scores"]["loose"], y))
     if len(points) >= 2:
         judged = any((r.get("judge_scores") or {}) for r in found["rse"])
-        scatter_chart(points, out / "ice_vs_rse.png", "RSE overall (judge, 1-5)" if judged else "RSE overall (0-1)")
+        scatter_chart(points, out / "ice_vs_rse.png", "RSE overall (judge, 1-5)" if judged
+                      else f"RSE overall, {JUDGE_FREE_LABEL} (0-1)")
         charts.append("ice_vs_rse.png")
     parts.append("\n".join(f"![{c}]({c})" for c in charts) + "\n")
     write_text(out / "report.md", "\n".join(parts))
-    summary = {"ice": [{"target": r["target"], **r["scores"]} for r in found["ice"]],
+    summary = {"ice": [{"target": r["target"], "judge": ice_judge_label(r),
+                        "mode": r.get("config", {}).get("mode", "lmdistill"), **r["scores"]} for r in found["ice"]],
                "rse": [{"target": r["target"], "similarity": r["similarity"]["mean_of_sets"],
+                        "similarity_label": JUDGE_FREE_LABEL,
                         "judge": (r.get("judge_scores") or {}).get("mean_of_sets")} for r in found["rse"]],
                "whitebox": [{k: r[k] for k in ("teacher", "student", "kl_mean", "top1_agreement")}
                             for r in found["whitebox"]],

@@ -1,10 +1,17 @@
 """RSE, response similarity evaluation (arXiv 2501.12619).
 
 The target and a reference model answer the same prompts (cached). An LLM judge, when given, scores how
-similar the target's answer is to the reference's on response style, logical structure, content detail
-and overall, each 1-5, with lmdistill's own prompt; a reply without all four scores is re-asked up to
-``max_reasks`` times and then recorded as unparsable. Judge-free similarity (``similarity.py``) is
-always computed, so RSE also runs without any judge. Means per prompt set, then the mean of the sets.
+similar the target's answer is to the reference's, each 1-5, on the paper's three aspects -- response
+style, logical structure, content detail -- and overall (the reference README names the three aspects
+and says the evaluation produces an overall similarity score, ``README.md:71``; its RSE scripts and
+scoring prompt are not in the repository, ``README.md:147-157`` points at a ``response_similarity_evaluation/``
+folder it does not contain, so the prompt is ours). A reply that lacks a score, or has one outside 1-5, is
+re-asked up to ``max_reasks`` times; then the pair is kept with ``judge: null`` and a ``judge_error`` that
+says what was wrong (which aspects were missing or out of range, or that the judge rejected the request),
+counted in ``judge_scores.unparsable`` and listed in ``judge_scores.errors`` -- never dropped silently.
+Judge-free similarity (``similarity.py``, labelled "ours (judge-free)" in reports: it is not the paper's
+metric) is always computed, so RSE also runs without any judge. Means per prompt set, then the mean of
+the sets.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from pathlib import Path
 from lmdistill.errors import ConfigError
 from lmdistill.io import iter_jsonl_rows
 from lmdistill.clients import ClientError, RequestRejected
-from lmdistill.quantify.report import ASPECTS, rse_chart, rse_markdown, write_summary
+from lmdistill.quantify.report import ASPECTS, JUDGE_FREE_LABEL, rse_chart, rse_markdown, write_summary
 from lmdistill.quantify.similarity import similarity
 
 RSE_SYSTEM = "You compare two answers to the same request and rate how alike they are. You are strict and consistent."
@@ -41,64 +48,85 @@ B>>>
 
 Rate how similar answer B is to answer A -- not which one is better -- on four aspects, each from 1 (nothing
 alike) to 5 (practically the same):
-- style: tone, wording habits, length, use of formatting such as bold text or emoji;
-- structure: how the reasoning is organised: order of steps, sections, lists, headings, code blocks;
-- content: the facts, ideas, examples and details that are included or left out;
+- response style: tone, wording habits, length, use of formatting such as bold text or emoji;
+- logical structure: how the reasoning is organised: order of steps, sections, lists, headings, code blocks;
+- content detail: the facts, ideas, examples and details that are included or left out;
 - overall: your overall judgement of how similar the two answers are.
 
 Give at most two sentences of reasoning, then end with exactly these four lines:
-style: <1-5>
-structure: <1-5>
-content: <1-5>
+response style: <1-5>
+logical structure: <1-5>
+content detail: <1-5>
 overall: <1-5>"""
 
-REASK = ("Your reply did not contain all four scores. Reply with only these four lines, each with a number "
-         "from 1 to 5:\nstyle: N\nstructure: N\ncontent: N\noverall: N")
+REASK = ("Your reply did not contain all four scores ({problem}). Reply with only these four lines, each with "
+         "a number from 1 to 5:\nresponse style: N\nlogical structure: N\ncontent detail: N\noverall: N")
 
 _SCORE_RE = {a: re.compile(rf"(?im)^[\s*#>-]*(?:response\s+|logical\s+)?{a}(?:\s+detail)?\**\s*[:：=]\s*\**\s*([1-5](?:\.\d+)?)\b")
              for a in ASPECTS}
 
 
-def parse_scores(text: str | None) -> dict[str, float] | None:
-    """The four 1-5 scores from a judge reply (``key: N`` lines or a JSON object), or None."""
-    if not text:
-        return None
+_ANY_VALUE_RE = {a: re.compile(rf"(?im)^[\s*#>-]*(?:response\s+|logical\s+)?{a}(?:\s+detail)?\**\s*[:：=]\s*\**\s*"
+                               r"(-?\d+(?:\.\d+)?)") for a in ASPECTS}
+
+
+def parse_scores_detail(text: str | None) -> tuple[dict[str, float] | None, str | None]:
+    """``(scores, None)`` from a judge reply (``key: N`` lines or a JSON object), or ``(None, problem)``
+    naming what is wrong: an empty reply, or the aspects that are missing or outside 1-5."""
+    if not text or not text.strip():
+        return None, "empty reply"
     m = re.search(r"\{[^{}]*\}", text)
     if m:
         try:
             obj = {str(k).lower(): v for k, v in json.loads(m.group(0)).items()}
             vals = {a: float(obj[a]) for a in ASPECTS}
             if all(1 <= v <= 5 for v in vals.values()):
-                return vals
-        except (ValueError, KeyError, TypeError):
+                return vals, None
+        except (ValueError, KeyError, TypeError, AttributeError):
             pass
-    out = {}
+    out, missing, bad = {}, [], []
     for a, pattern in _SCORE_RE.items():
         hits = pattern.findall(text)
         if not hits:
-            return None
+            other = _ANY_VALUE_RE[a].findall(text)
+            (bad if other else missing).append(f"{a}={other[-1]}" if other else a)
+            continue
         value = float(hits[-1])
         if not 1 <= value <= 5:
-            return None
+            bad.append(f"{a}={hits[-1]}")
+            continue
         out[a] = value
-    return out
+    if missing or bad:
+        parts = ([f"no score for {', '.join(missing)}"] if missing else []) + \
+                ([f"out of range 1-5: {', '.join(bad)}"] if bad else [])
+        return None, "; ".join(parts)
+    return out, None
+
+
+def parse_scores(text: str | None) -> dict[str, float] | None:
+    """The four 1-5 scores from a judge reply, or None (``parse_scores_detail`` says why)."""
+    return parse_scores_detail(text)[0]
 
 
 def judge_pair(judge, prompt: str, reference: str, response: str, *, max_reasks: int = 2,
-               max_tokens: int = 256) -> tuple[dict | None, int]:
-    """Scores (or None when unparsable after the re-asks) and the number of judge requests."""
+               max_tokens: int = 256) -> tuple[dict | None, int, str | None]:
+    """``(scores, judge requests, error)``: scores or None, with the reason when None."""
     messages = [{"role": "system", "content": RSE_SYSTEM},
                 {"role": "user", "content": RSE_PROMPT.format(prompt=prompt, reference=reference, response=response)}]
+    problem = None
     for attempt in range(max_reasks + 1):
         try:
             reply = judge.chat(messages, temperature=0.0, max_tokens=max_tokens)
-        except RequestRejected:  # e.g. the pair is too long for the judge: recorded as unparsable
-            return None, attempt + 1
-        scores = parse_scores(reply)
+        except RequestRejected as e:  # e.g. the pair is too long for the judge: recorded, not a crash
+            return None, attempt + 1, f"judge rejected the request: {e}"
+        scores, problem = parse_scores_detail(reply)
         if scores is not None:
-            return scores, attempt + 1
-        messages = messages + [{"role": "assistant", "content": reply}, {"role": "user", "content": REASK}]
-    return None, max_reasks + 1
+            return scores, attempt + 1, None
+        last = (reply or "").strip().replace("\n", " ")
+        problem = f"{problem} (last reply: {last[:120]!r})"
+        messages = messages + [{"role": "assistant", "content": reply or ""},
+                               {"role": "user", "content": REASK.format(problem=problem.split(' (last reply')[0])}]
+    return None, max_reasks + 1, f"malformed judge reply after {max_reasks + 1} request(s): {problem}"
 
 
 def _prompt_of(row: dict) -> str | None:
@@ -148,6 +176,7 @@ def _mean(rows: list[dict], key: str, aspects) -> dict:
     for a in aspects:
         vals = [r[key][a] for r in rows if r.get(key) and r[key].get(a) is not None]
         out[a] = round(statistics.fmean(vals), 4) if vals else None
+    out["n"] = sum(bool(r.get(key)) for r in rows)
     return out
 
 
@@ -193,8 +222,8 @@ def run_rse(target, reference, prompt_sets: dict[str, list[dict]], *, judge=None
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results = list(tqdm(pool.map(one, scored), total=len(scored), desc="RSE judge", disable=not progress,
                                 leave=False))
-        for r, (scores, requests) in zip(scored, results):
-            r["judge"], r["judge_requests"] = scores, requests
+        for r, (scores, requests, error) in zip(scored, results):
+            r["judge"], r["judge_requests"], r["judge_error"] = scores, requests, error
             unparsable += scores is None
     sim_aspects = ASPECTS + (("embedding",) if embedder is not None else ())
     sets = list(prompt_sets)
@@ -204,7 +233,9 @@ def run_rse(target, reference, prompt_sets: dict[str, list[dict]], *, judge=None
     judge_summary = None
     if judge is not None:
         judge_summary = {"per_set": {s: _mean([r for r in scored if r["set"] == s], "judge", ASPECTS) for s in sets},
-                         "unparsable": unparsable}
+                         "unparsable": unparsable,
+                         "errors": [{"set": r["set"], "id": r["id"], "error": r["judge_error"]}
+                                    for r in scored if r.get("judge_error")]}
         judge_summary["mean_of_sets"] = _mean_of_sets(judge_summary["per_set"], ASPECTS)
     return {"kind": "rse", "target": target.name, "reference": reference.name,
             "judge": judge.name if judge is not None else None,
@@ -212,6 +243,7 @@ def run_rse(target, reference, prompt_sets: dict[str, list[dict]], *, judge=None
             "config": {"sets": {s: len(v) for s, v in prompt_sets.items()}, "max_tokens": max_tokens,
                        "max_reasks": max_reasks},
             "pairs": len(scored), "errors": len(rows) - len(scored),
+            "similarity_label": JUDGE_FREE_LABEL,
             "similarity": similarity_summary, "judge_scores": judge_summary, "items": rows}
 
 

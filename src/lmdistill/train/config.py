@@ -25,7 +25,7 @@ from lmdistill.errors import ConfigError
 from lmdistill.generation import POLICIES as GENERATION_POLICIES
 from lmdistill.generation import NEEDS_TEACHER, SamplingConfig
 from lmdistill.losses.objective import TERMS, check_objective, entry_name, term_class
-from lmdistill.train.sequences import SOURCES
+from lmdistill.train.sources import SOURCES, source_class
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 BASE_RECIPE = "base"
@@ -57,7 +57,8 @@ class TrainConfig:
     chunked_loss: bool = False              # token-chunked fused LM-head + loss: for 100k+ vocabularies
     # distillm adaptive off-policy (policy: replay)
     replay_capacity: int = 1000
-    replay_init_threshold: float = 0.2
+    replay_policy: str = "student"          # the engine policy that generates the buffer's sequences (MGSR: scrg)
+    replay_init_threshold: float = 0.0
     replay_threshold_step: float = 0.1
     replay_loss_eps: float = 0.1
     # optimisation
@@ -83,7 +84,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_steps: int = 50
     eval_limit: int = 32                    # validation examples for ROUGE-L
-    eval_max_new_tokens: int = 64
+    eval_max_new_tokens: int = 256         # validation ROUGE-L (best/) at the protocol's generation length
     log_steps: int = 1
     max_bad_steps: int = 10
     teacher_dtype: str = "float32"
@@ -97,7 +98,8 @@ class TrainConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        return self.policy in NEEDS_TEACHER or any(term_class(e).needs_teacher for e in self.objective
+        generator = source_class(self.policy).generator_policy(self)
+        return generator in NEEDS_TEACHER or any(term_class(e).needs_teacher for e in self.objective
                                                    if e["weight"] > 0)
 
     def check(self) -> "TrainConfig":
@@ -125,6 +127,18 @@ class TrainConfig:
         for k in ("max_steps", "batch_size", "micro_batch_size", "save_steps", "eval_steps"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"{k}: must be > 0, got {getattr(self, k)}")
+        if self.policy == "replay":
+            if not self.valid_data:
+                raise ConfigError("valid_data: policy=replay (DistiLLM) raises its threshold from the validation loss; "
+                                  "name a validation set (or use policy=student for plain on-policy sampling)")
+            if self.replay_policy not in GENERATION_POLICIES:
+                raise ConfigError(f"replay_policy: {self.replay_policy!r} is not one of {', '.join(GENERATION_POLICIES)}")
+            if self.replay_capacity < self.micro_batch_size:
+                raise ConfigError(f"replay_capacity: must hold at least one micro-batch ({self.micro_batch_size}), "
+                                  f"got {self.replay_capacity}")
+            for k in ("replay_init_threshold", "replay_threshold_step"):
+                if not 0 <= getattr(self, k) <= 1:
+                    raise ConfigError(f"{k}: must be in [0, 1], got {getattr(self, k)}")
         for k in ("lr", "weight_decay", "clip_grad", "warmup_ratio"):
             v = getattr(self, k)
             if not math.isfinite(v) or v < 0:

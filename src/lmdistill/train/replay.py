@@ -1,11 +1,20 @@
 """DistiLLM's adaptive off-policy scheme: a replay buffer of student-generated outputs (SGO).
 
-Reconstruction of DistiLLM (Ko et al., 2024), configurable through the recipe:
-- each step uses SGO with probability ``threshold`` (starts at ``replay_init_threshold``; raised by
-  ``replay_threshold_step`` whenever the validation loss rises by at least ``replay_loss_eps``), else gold data;
-- when SGO is used, fresh sequences are generated with probability ``1 - step / max_steps`` (linear decay) and
-  pushed to the buffer (FIFO, ``replay_capacity`` sequences); otherwise a batch is drawn from the buffer.
-The buffer and the threshold are saved in checkpoints.
+Transcribes jongwooko/distillm ``finetune.py`` (``finetune``, lines 265-323 and 411-417; the buffer is
+``distillm/buffer.py``). For each micro-batch draw ``r ~ U(0, 1)``; with the adaptive threshold ``a`` and
+``s = a * (1 - (step + 1) / max_steps)`` (the reference's ``global_step`` counts from 1; ``--replay-ratio
+decreasing``, its default):
+
+- ``r < s``, or ``r < a`` while the buffer holds fewer than ``capacity`` sequences: sample fresh student
+  sequences, push them to the buffer and train on them;
+- else ``r < a``: train on ``n`` sequences drawn from the buffer without replacement (``random.sample``);
+- else: train on the gold batch.
+
+``a`` starts at ``init_threshold`` (the reference script passes 0.0: the run starts as pure KD on gold data). The
+reference validation loss is measured before the first step (``finetune.py:266``); at each later validation, if
+the loss is at least ``loss_eps`` above the reference, ``a`` rises by ``threshold_step`` (capped at 1) and the
+reference becomes that loss; otherwise neither changes (``finetune.py:413-417``). The buffer is a FIFO of
+``capacity`` sequences (``deque(maxlen=capacity)``). Buffer, threshold and reference loss are saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ class ReplayBuffer:
     capacity: int
     threshold: float
     items: list[dict] = field(default_factory=list)   # {"prompt_ids", "response_ids"}
-    last_val_loss: float | None = None
+    reference_loss: float | None = None
 
     def push(self, rows: list[dict]) -> None:
         self.items.extend(rows)
@@ -27,26 +36,31 @@ class ReplayBuffer:
             del self.items[: len(self.items) - self.capacity]
 
     def sample(self, n: int, rng: random.Random) -> list[dict]:
-        return [self.items[rng.randrange(len(self.items))] for _ in range(n)]
+        """``n`` distinct buffered sequences (``random.sample``, as ``ReplayBuffer.sample`` does)."""
+        return rng.sample(self.items, n)
 
     def decide(self, step: int, max_steps: int, n: int, rng: random.Random) -> str:
-        """'gold', 'generate' or 'replay' for this step."""
-        if rng.random() >= self.threshold:
-            return "gold"
-        gen_prob = 1.0 - step / max(max_steps, 1)
-        if len(self.items) < n or rng.random() < gen_prob:
+        """``'generate'``, ``'replay'`` or ``'gold'`` for this micro-batch (step counted from 0)."""
+        r = rng.random()
+        fresh = self.threshold * (1.0 - (step + 1) / max(max_steps, 1))
+        if r < fresh or (r < self.threshold and len(self.items) < self.capacity):
             return "generate"
-        return "replay"
+        if r < self.threshold:
+            return "replay"
+        return "gold"
 
     def observe_val_loss(self, loss: float, step_up: float, eps: float) -> None:
-        if self.last_val_loss is not None and loss - self.last_val_loss >= eps:
+        """The first loss is the reference; a later one ``>= reference + eps`` raises the threshold and the reference."""
+        if self.reference_loss is None:
+            self.reference_loss = loss
+        elif loss >= self.reference_loss + eps:
             self.threshold = min(1.0, self.threshold + step_up)
-        self.last_val_loss = loss
+            self.reference_loss = loss
 
     def state(self) -> dict:
         return {"capacity": self.capacity, "threshold": self.threshold, "items": self.items,
-                "last_val_loss": self.last_val_loss}
+                "reference_loss": self.reference_loss}
 
     @classmethod
     def from_state(cls, s: dict) -> "ReplayBuffer":
-        return cls(s["capacity"], s["threshold"], s["items"], s["last_val_loss"])
+        return cls(s["capacity"], s["threshold"], s["items"], s.get("reference_loss", s.get("last_val_loss")))

@@ -9,8 +9,10 @@ may carry state across steps (``state()`` / ``load_state()``, saved in checkpoin
   (``lmdistill.generation``), sampling with the recipe's ``sampling:`` settings;
 - ``replay``: DistiLLM's adaptive off-policy scheme (``replay.py``).
 
-Every sequence becomes a right-padded batch (``collate_for_training``), so the objective sees one layout for gold
-and generated rows; off-policy rows train on the whole gold response, not its first ``max_new_tokens``.
+Every sequence becomes a right-padded batch, so the objective sees one layout for gold and generated rows: gold
+and replayed rows through ``collate_for_training``, generated rows as the engine's own output
+(``GenerationOutput.right_padded``, the same layout without re-collating). Off-policy rows of ``mixed`` carry the
+whole gold response (the engine keeps it whole).
 """
 
 from __future__ import annotations
@@ -67,6 +69,15 @@ class GoldSequences:
     def observe_validation(self, metrics: dict) -> None:
         pass
 
+    #: The trainer validates once before the first step when a source sets this.
+    needs_initial_validation = False
+
+    @classmethod
+    def generator_policy(cls, cfg) -> str | None:
+        """The engine policy this source samples with (``None``: it samples nothing); the config asks it whether
+        a teacher is needed."""
+        return None
+
 
 class GeneratedSequences(GoldSequences):
     """Sequences from the engine's policy ``policy`` on the rows' prompts."""
@@ -75,28 +86,38 @@ class GeneratedSequences(GoldSequences):
         super().__init__(cfg)
         self.policy = policy or cfg.policy
 
+    @classmethod
+    def generator_policy(cls, cfg) -> str | None:
+        return cfg.policy
+
     def generated(self, rows, seed: int, student, teacher, tokenizer, extra: dict | None = None) -> SequenceBatch:
         out = generate(student, [r.prompt_ids for r in rows], policy=self.policy, teacher=teacher,
                        gold=[r.response_ids for r in rows], config=self.cfg.sampling_config(seed),
                        pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
-        new_rows = []
-        for r, resp, st in zip(rows, out.responses, out.stats):
-            if st.get("origin") == "gold":   # off-policy rows train on the whole gold response
-                resp = r.response_ids
-            resp = list(resp) or [tokenizer.eos_token_id]   # an empty sample still trains on EOS
-            new_rows.append(TokenizedExample(r.id, r.prompt_ids, resp, r.example))
+        new_rows = [TokenizedExample(r.id, r.prompt_ids, resp, r.example) for r, resp in zip(rows, out.responses)]
         stats = {**summarise_stats(out.stats), **(extra or {})}
-        return SequenceBatch(collate_for_training(new_rows, tokenizer.pad_token_id), new_rows, stats, out.stats)
+        return SequenceBatch(out.right_padded(tokenizer.pad_token_id), new_rows, stats, out.stats)
 
     def build(self, rows, *, step, micro, rank, student, teacher, tokenizer) -> SequenceBatch:
         return self.generated(rows, step_seed(self.cfg.seed, step, rank, micro), student, teacher, tokenizer)
 
 
 class ReplaySequences(GeneratedSequences):
-    """DistiLLM's adaptive off-policy scheme over a replay buffer of student samples (``replay.py``)."""
+    """DistiLLM's adaptive off-policy scheme over a replay buffer of samples of ``replay_policy`` (``student`` as
+    DistiLLM; ``scrg`` for MGSR, whose SCRG-revised student outputs fill the buffer) (``replay.py``).
+
+    Its threshold reacts to the validation loss relative to the loss before training, so it asks the trainer for a
+    validation at step 0 (``needs_initial_validation``).
+    """
+
+    needs_initial_validation = True
+
+    @classmethod
+    def generator_policy(cls, cfg) -> str | None:
+        return cfg.replay_policy
 
     def __init__(self, cfg):
-        super().__init__(cfg, policy="student")
+        super().__init__(cfg, policy=cfg.replay_policy)
         self.buffer = ReplayBuffer(cfg.replay_capacity, cfg.replay_init_threshold)
 
     def build(self, rows, *, step, micro, rank, student, teacher, tokenizer) -> SequenceBatch:
@@ -124,11 +145,3 @@ class ReplaySequences(GeneratedSequences):
     def observe_validation(self, metrics: dict) -> None:
         if "val/loss" in metrics:
             self.buffer.observe_val_loss(metrics["val/loss"], self.cfg.replay_threshold_step, self.cfg.replay_loss_eps)
-
-
-#: Sources that are not one engine policy; every other policy is :class:`GeneratedSequences`.
-SOURCES = {"gold": GoldSequences, "replay": ReplaySequences}
-
-
-def make_sequence_source(cfg):
-    return SOURCES.get(cfg.policy, GeneratedSequences)(cfg)

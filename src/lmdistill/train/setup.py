@@ -90,4 +90,6 @@ def make_scheduler(cfg: TrainConfig, optimizer):
     from transformers import get_scheduler
 
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * cfg.max_steps)
-    return get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=warmup, num_training_steps=cfg.max_steps)
+    # transformers' "constant" ignores warm-up; a constant schedule with warm-up steps warms up first (LMOps' constant_trm)
+    name = "constant_with_warmup" if cfg.lr_schedule == "constant" and warmup else cfg.lr_schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=cfg.max_steps)

@@ -30,7 +30,7 @@ from lmdistill.train.checkpoint import latest_checkpoint, load_checkpoint, save_
 from lmdistill.train.config import TrainConfig
 from lmdistill.train.data_order import global_batch_indices, rank_slice
 from lmdistill.train.metrics_log import MetricsLog, plot_curves
-from lmdistill.train.sequences import make_sequence_source
+from lmdistill.train.sources import make_sequence_source
 from lmdistill.train.setup import (load_rows, load_student, load_teacher, load_tokenizers, make_accelerator,
                                    make_optimizer, make_scheduler)
 from lmdistill.train.validation import validate
@@ -116,7 +116,7 @@ class Run:
             self.hook("on_sequences", step, seqs)
         # global token counts per token set, so every micro-batch and process is weighted by its tokens
         counts = {"gold": sum(shifted(g.batch)[1].sum() for g, _ in prepared),
-                  "sequences": sum(shifted(s.batch)[1].sum() for _, s in prepared)}
+                  "sequences": sum(shifted(s.batch)[1].sum() for _, s in prepared), "batch": len(prepared)}
         totals = {k: self.all_sum(torch.as_tensor(v, dtype=torch.float32, device=acc.device)).clamp(min=1)
                   for k, v in counts.items()}
         weights = self.objective.weights
@@ -200,6 +200,8 @@ def train(cfg: TrainConfig, resume: bool | str = False, callbacks=()) -> dict:
                dynamic_ncols=True)
     t0, tokens0 = time.time(), run.state["tokens_seen"]
     step = start
+    if start == 0 and run.source.needs_initial_validation and run.valid_rows:
+        log.write(0, run.validate(0))   # the source's reference point (e.g. DistiLLM's step-0 validation loss)
     while step < cfg.max_steps:
         metrics = run.step(step)
         if metrics.get("skipped"):

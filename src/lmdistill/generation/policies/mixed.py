@@ -1,9 +1,13 @@
 """``mixed``: per sequence, the student's sample with probability ``mixed_student_prob``, else the gold response
 (GKD's on-policy fraction, ImitKD), or the teacher's sample when a row has no gold.
 
-The coin of each row comes from its noise key, so it is as reproducible as the tokens. Gold responses
-are cut to ``max_new_tokens`` and tagged 1 (off-policy, like teacher tokens); ``stats["origin"]``
-tells ``student``, ``gold`` or ``teacher`` apart.
+With ``mixed_coin: batch`` (the default, as TRL's ``GKDTrainer.training_step`` draws ``random.random() <= lmbda``
+once per call and the GKD paper's Algorithm 1 once per batch) the first row's coin decides for every row: the
+batch is all student samples or all gold; ``mixed_coin: sequence`` flips one coin per row. The coins come from
+the rows' noise keys, so they are as reproducible as the tokens. Gold responses
+are kept whole (``max_new_tokens`` bounds sampling, not the dataset's answer: an off-policy row trains on the
+complete gold response, as GKD's and ImitKD's off-policy batches do) and tagged 1 (off-policy, like teacher
+tokens); ``stats["origin"]`` tells ``student``, ``gold`` or ``teacher`` apart.
 """
 
 from __future__ import annotations
@@ -18,12 +22,16 @@ COIN_STREAM = 0x5EED
 
 
 def run(student, teacher, batch: Batch) -> Decoded:
-    n, dev = batch.max_new_tokens, batch.device
+    dev = batch.device
     coins = batch.noise.uniform(0, COIN_STREAM)[:, 0].tolist()
+    if batch.config.mixed_coin == "batch":
+        coins = [coins[0]] * len(coins)
     origin = []
     for b, u in enumerate(coins):
         has_gold = batch.gold is not None and batch.gold[b] is not None
         origin.append("student" if u < batch.config.mixed_student_prob else "gold" if has_gold else "teacher")
+    gold_len = max((len(batch.gold[b]) for b, o in enumerate(origin) if o == "gold"), default=0)
+    n = max(batch.max_new_tokens, gold_len)
     tokens = torch.full((batch.size, n), batch.pad_id, dtype=torch.long, device=dev)
     sources = torch.full((batch.size, n), PADDING, dtype=torch.long, device=dev)
     lengths = torch.zeros(batch.size, dtype=torch.long, device=dev)
@@ -32,10 +40,12 @@ def run(student, teacher, batch: Batch) -> Decoded:
         if rows:
             part = policy(student, teacher, batch.subset(rows))
             idx = torch.tensor(rows, device=dev)
-            tokens[idx], sources[idx], lengths[idx] = part.tokens.to(dev), part.sources.to(dev), part.lengths.to(dev)
+            w = part.tokens.shape[1]
+            tokens[idx, :w], sources[idx, :w] = part.tokens.to(dev), part.sources.to(dev)
+            lengths[idx] = part.lengths.to(dev)
     for b, o in enumerate(origin):
         if o == "gold":
-            ids = batch.gold[b][:n]
+            ids = batch.gold[b]
             tokens[b, :len(ids)] = torch.tensor(ids, dtype=torch.long, device=dev)
             sources[b, :len(ids)] = TEACHER
             lengths[b] = len(ids)

@@ -21,6 +21,12 @@ forward over the whole response.
 
 ``stats["correction_positions"]``: j per round that corrected; ``stats["regenerated_tokens"]``:
 tokens sampled anew after corrections.
+
+``no_repeat_ngram_size = n > 0``: the ban applies to what each model writes. The student samples with the
+row's banned ids at -inf (``decode.sample_loop``), and the teacher's "argmax" at position t is the argmax of
+its logits with the ids banned by prompt + y_<t set to -inf, so a correction never introduces a repeated
+n-gram (and a position whose student token is the teacher's best allowed token is not a candidate). d_t is
+KL of the unbanned distributions (the models' disagreement, as SWITCH's JSD; see ``switch.py``).
 """
 
 from __future__ import annotations
@@ -30,13 +36,15 @@ import torch
 from lmdistill.generation.batch import CORRECTED, PADDING, STUDENT, Batch, Decoded, source_tags
 from lmdistill.generation.decode import sample_loop
 from lmdistill.generation.runner import CachedLM
+from lmdistill.generation.sampling import NgramBan
 from lmdistill.losses import per_token_divergence
 
 SCORE_CHUNK = 32
 
 
 class StreamingScorer:
-    """Per-position KL(p_t || q_t) and teacher argmax for tokens as the student writes them.
+    """Per-position KL(p_t || q_t) and teacher argmax (among the ids the n-gram ban allows) for tokens as the
+    student writes them.
 
     ``restart(tokens, t)`` makes position ``t`` the next one to score (the teacher's cache is cropped to
     hold ``tokens[:, :t]``); then ``observe`` (the ``sample_loop`` hook) buffers each step's student
@@ -52,6 +60,7 @@ class StreamingScorer:
         self.q: torch.Tensor | None = None  # [B, chunk, V] student logits of positions start .. start + filled - 1
         self.start = self.filled = 0
         self.pending: torch.Tensor | None = None  # teacher logits predicting position ``start``
+        self.ban = NgramBan.of(batch)  # rows in the caller's order, as the tokens the scorer sees
 
     def restart(self, tokens: torch.Tensor, t: int) -> None:
         self.pending = self.teacher.logits_at(tokens, t)[:, :self.vocab]
@@ -73,7 +82,12 @@ class StreamingScorer:
         ahead = self.teacher.extend(fed)[:, :, :self.vocab].to(self.kl.device)  # predicts a+1 .. a+k
         p = torch.cat([self.pending[:, None].to(ahead.device), ahead[:, :-1]], 1)
         self.kl[:, a:a + k] = per_token_divergence("fkl", self.q[:, :k], p, temperature=self.temperature)
-        self.top[:, a:a + k] = p.argmax(-1)
+        if self.ban is None:
+            self.top[:, a:a + k] = p.argmax(-1)
+        else:  # position a + i: banned by prompt + tokens[:, :a + i]
+            for i in range(k):
+                banned = self.ban.mask(tokens[:, :a + i]).to(p.device)
+                self.top[:, a + i] = p[:, i].masked_fill(banned, float("-inf")).argmax(-1)
         self.pending, self.start, self.filled = ahead[:, -1], a + k, 0
 
 

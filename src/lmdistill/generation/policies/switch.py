@@ -10,6 +10,14 @@ Our choices (docs/METHODS.md leaves them open): the JSD is the symmetric one (be
 are drawn with the same noise, so ``switch_tau0 = inf`` reproduces ``student`` and ``switch_tau0 < 0`` ``teacher``
 token for token. ``stats["jsd"]`` is the per-step trace and ``stats["teacher_fraction"]`` the share of
 teacher tokens. Rows that finished at EOS leave both models' forward passes (``decode.ActiveRows``).
+
+``no_repeat_ngram_size = n > 0``: whichever model writes step t draws from its own distribution with the
+row's banned ids (those that would repeat an n-gram of prompt + tokens so far; ``sampling.NgramBan``) set to
+-inf, so the response never repeats an n-gram. The JSD that decides who writes is computed on the unbanned
+distributions: it measures how far the two models disagree, and the ban (the same ids for both, as they share
+the context) is a decoding constraint, not part of either model; banning first would also renormalise both
+over the allowed ids and make the trace depend on n. ``stats["jsd"]`` is therefore the same with and without a
+ban for the same tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import torch
 
 from lmdistill.generation.batch import PADDING, STUDENT, TEACHER, Batch, Decoded, mark_eos
 from lmdistill.generation.decode import ActiveRows, no_eos
-from lmdistill.generation.sampling import pick
+from lmdistill.generation.sampling import NgramBan, pick
 from lmdistill.losses import per_token_divergence
 
 
@@ -35,15 +43,16 @@ def run(student, teacher, batch: Batch) -> Decoded:
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     pad = torch.full((b,), batch.pad_id, dtype=torch.long, device=dev)
     tags = torch.tensor([STUDENT, TEACHER], dtype=torch.long, device=dev)
-    rows = ActiveRows([s_lm, t_lm], batch.noise, b)  # finished rows leave the forward passes
+    rows = ActiveRows([s_lm, t_lm], batch.noise, b, ban=NgramBan.of(batch))  # finished rows leave the forward passes
     for t in range(n):
         k = rows.k  # the unfinished rows are slots [:k]
         qk, pk = q[:k, :v], p[:k, :v].to(dev)
-        d = per_token_divergence("jsd", qk, pk, temperature=temp, beta=0.5)
+        d = per_token_divergence("jsd", qk, pk, temperature=temp, beta=0.5)  # unbanned (see the docstring)
         use_teacher = d > cfg.threshold(t)
         noise = None if cfg.greedy else rows.noise.gumbel(t, rows=k)
+        banned = rows.banned(tokens, t)
         nxt = pad.clone()
-        nxt[:k] = torch.where(use_teacher, pick(pk, cfg, noise), pick(qk, cfg, noise))
+        nxt[:k] = torch.where(use_teacher, pick(pk, cfg, noise, banned=banned), pick(qk, cfg, noise, banned=banned))
         nxt = torch.where(done, pad, nxt)
         tokens[:, t] = nxt
         sources[:k, t] = tags[use_teacher.long()]

@@ -5,6 +5,9 @@
 Temperature, top-k and top-p apply to the mixture. ``alpha = 0`` reproduces ``student`` and
 ``alpha = 1`` reproduces ``teacher`` (same noise). Tokens are tagged 0 (on-policy for the student);
 ``stats["teacher_mix_alpha"]`` records alpha. The trainer recomputes p and q for MiniLLM's importance weights.
+
+``no_repeat_ngram_size = n > 0`` bans ids on the mixture (the distribution drawn from): the ids that would
+repeat an n-gram of prompt + tokens so far get -inf before top-k / top-p (``sampling.NgramBan``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 
 from lmdistill.generation.batch import STUDENT, Batch, Decoded, mark_eos, source_tags
 from lmdistill.generation.decode import ActiveRows, no_eos
-from lmdistill.generation.sampling import pick
+from lmdistill.generation.sampling import NgramBan, pick
 
 
 def mixture_logits(q: torch.Tensor, p: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -37,12 +40,13 @@ def run(student, teacher, batch: Batch) -> Decoded:
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     pad = torch.full((b,), batch.pad_id, dtype=torch.long, device=dev)
     temp = cfg.divergence_temperature  # the mixture of softmax(p / T) and softmax(q / T)
-    rows = ActiveRows([s_lm, t_lm], batch.noise, b)  # finished rows leave the forward passes
+    rows = ActiveRows([s_lm, t_lm], batch.noise, b, ban=NgramBan.of(batch))  # finished rows leave the forward passes
     for t in range(n):
         k = rows.k
         mix = mixture_logits(q[:k, :v].float() / temp, p[:k, :v].to(dev).float() / temp, cfg.teacher_mix_alpha)
         nxt = pad.clone()
-        nxt[:k] = pick(mix, cfg, None if cfg.greedy else rows.noise.gumbel(t, rows=k), scaled=True)
+        nxt[:k] = pick(mix, cfg, None if cfg.greedy else rows.noise.gumbel(t, rows=k), scaled=True,
+                       banned=rows.banned(tokens, t))
         nxt = torch.where(done, pad, nxt)
         tokens[:, t] = nxt
         done, lengths = mark_eos(nxt, t, done, lengths, batch.eos_id)
