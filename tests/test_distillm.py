@@ -155,6 +155,32 @@ def test_corpus_lm_term_is_the_mean_token_ce_over_its_blocks(model_dirs, tokeniz
     assert sorted(seen) == list(range(n))
 
 
+def test_corpus_lm_teacher_ratio_is_minillm_pt_loss(model_dirs, tokenizer, tmp_path):
+    """LMOps minillm/minillm/losses.py:198-226 (pt loss with --kd-ratio): (1 - r) CE + r * cross-entropy to the
+    teacher's distribution, token means over the block."""
+    from lmdistill.models import load_model
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(f"Sentence number {i} of the corpus." for i in range(20)))
+    student = load_model(model_dirs["student"]).double()
+    teacher = load_model(model_dirs["teacher"]).double()
+    term = CorpusLMTerm(data=str(corpus), max_length=8, batch_size=2, teacher_ratio=0.5)
+    dummy = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "attention_mask": torch.ones(1, 2, dtype=torch.long),
+             "loss_mask": torch.zeros(1, 2, dtype=torch.long)}
+    loss = term(TermInputs(student, teacher, dummy, dummy, same=True, whole=False, tokenizer=tokenizer))
+    blocks = term.blocks[term.order(0)[:2]]
+    with torch.no_grad():
+        s = student(input_ids=blocks).logits[:, :-1]
+        t = teacher(input_ids=blocks).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(s.reshape(-1, s.shape[-1]), blocks[:, 1:].reshape(-1))
+    tce = -(torch.softmax(t, -1) * torch.log_softmax(s, -1)).sum(-1).mean()
+    torch.testing.assert_close(loss.detach(), 0.5 * ce + 0.5 * tce, rtol=1e-10, atol=1e-10)
+    assert CorpusLMTerm.reads_teacher({"teacher_ratio": 0.5}) and not CorpusLMTerm.reads_teacher({})
+    with pytest.raises(ConfigError, match="teacher"):
+        load_config("sft", [f"student={model_dirs['student']}", f"objective.corpus_lm.data={corpus}",
+                            "objective.corpus_lm.teacher_ratio=0.5"])
+
+
 def test_corpus_lm_errors_name_the_file_and_line(tmp_path, tokenizer):
     with pytest.raises(ConfigError, match="does not exist"):
         CorpusLMTerm.check_params({"data": str(tmp_path / "missing.jsonl")}, "objective[1] (corpus_lm)")

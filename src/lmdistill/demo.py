@@ -33,6 +33,8 @@ ABLATIONS = {
     "mgsr-no-span": ("mgsr", ["objective.span.weight=0"]),
 }
 
+PART_NAMES = {"scrg": "SCRG", "dackl": "DAC-KL", "span": "Span correlation"}
+
 #: The demo's CPU-budget departures from the recipes (printed in the report). DistiLLM's threshold starts at 0
 #: and rises only when the validation loss rises by 0.1 over ~20 epochs (finetune.py:265, 411-417); in the
 #: demo's few steps it would never rise, so DistiLLM would be KD and MGSR would never run SCRG.
@@ -174,9 +176,9 @@ def ablation_lines(results: dict, full: str = "mgsr") -> list[str]:
         if name not in models:
             continue
         diff, two_se = _compare(models[full][AVERAGE], models[name][AVERAGE])
-        part = name.removeprefix(f"{full}-no-")
+        part = PART_NAMES.get(name.removeprefix(f"{full}-no-"), name)
         word = ("helps" if diff > two_se else "hurts" if diff < -two_se else "makes no clear difference")
-        lines.append(f"- {part.upper() if part != 'dackl' else 'DAC-KL'} ({' '.join(overrides)} removes it): "
+        lines.append(f"- {part} ({' '.join(overrides)} removes it): "
                      f"`{full}` minus `{name}` = {diff:+.2f} ROUGE-L (2 x standard error = {two_se:.2f}): the part "
                      f"**{word}** at this scale.")
     return lines

@@ -1,9 +1,11 @@
 """``corpus_lm``: a language-modelling term on a plain-text corpus the user names (DistiLLM's and MiniLLM's
 pre-training term, ``--lm-data-dir`` with ``--lm-coef``).
 
-    L = mean over the block's tokens of -log q(x_t | x_<t)
+    L = mean over the block's tokens of [(1 - teacher_ratio) (-log q(x_t | x_<t)) + teacher_ratio H(p_t, q_t)]
 
-on one block batch per micro-batch, added with the entry's weight (jongwooko/distillm ``finetune.py:341-343``:
+with H(p, q) = -sum_v p(v) log q(v) the cross-entropy to the teacher's next-token distribution (MiniLLM's
+pre-training term with ``--kd-ratio``: LMOps ``minillm/minillm/losses.py:198-226``; ``teacher_ratio: 0``, the
+default, is DistiLLM's plain LM loss), on one block batch per micro-batch, added with the entry's weight (jongwooko/distillm ``finetune.py:341-343``:
 ``loss += args.lm_coef * pt_loss(...)``, one pre-training batch per training batch; ``pt_loss`` is the mean token
 cross-entropy, ``finetune.py:162-168``). Token set ``batch``: each micro-batch's mean counts once, so the term is the
 mean over the step's micro-batches, as the reference's data-parallel average of per-GPU means.
@@ -28,6 +30,7 @@ from lmdistill.errors import ConfigError, DataError, Problem
 from lmdistill.losses.functional import sft_loss
 from lmdistill.losses.model_forward import forward_logits
 from lmdistill.losses.term import Term, TermInputs
+from lmdistill.losses.vocab import align_vocab
 
 
 def read_corpus(path: Path) -> list[str]:
@@ -57,9 +60,12 @@ class CorpusLMTerm(Term):
 
     tokens = "batch"
 
-    def __init__(self, *, data: str = "", max_length: int = 512, batch_size: int = 0, seed: int = 0):
+    def __init__(self, *, data: str = "", max_length: int = 512, batch_size: int = 0, seed: int = 0,
+                 teacher_ratio: float = 0.0):
         super().__init__()
         self.path, self.max_length, self.batch_size, self.seed = Path(data), max_length, batch_size, seed
+        self.teacher_ratio = float(teacher_ratio)
+        self.needs_teacher = self.teacher_ratio > 0
         self.blocks: torch.Tensor | None = None
         self._order: tuple[int, list[int]] | None = None
         self.register_buffer("cursor", torch.zeros((), dtype=torch.long))
@@ -75,10 +81,17 @@ class CorpusLMTerm(Term):
             raise ConfigError(f"{where}: data: {path} must be a .jsonl or .txt file")
         if not path.is_file():
             raise ConfigError(f"{where}: data: {path} does not exist")
+        ratio = params.get("teacher_ratio", 0.0)
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+            raise ConfigError(f"{where}: teacher_ratio must be in [0, 1], got {ratio!r}")
         for k, low in (("max_length", 2), ("batch_size", 0)):
             v = params.get(k, cls.param_names()[k])
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ConfigError(f"{where}: {k} must be an integer >= {low}, got {v!r}")
+
+    @classmethod
+    def reads_teacher(cls, params: dict) -> bool:
+        return params.get("teacher_ratio", 0.0) > 0
 
     def load(self, tokenizer) -> None:
         docs = read_corpus(self.path)
@@ -119,4 +132,14 @@ class CorpusLMTerm(Term):
         ids = self.next_batch(self.batch_size or len(inputs.rows) or 1).to(self.cursor.device)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         logits = forward_logits(inputs.student, batch)[:, :-1]
-        return sft_loss(logits, ids[:, 1:], torch.ones_like(ids[:, 1:]))
+        ce = sft_loss(logits, ids[:, 1:], torch.ones_like(ids[:, 1:]))
+        if not self.teacher_ratio:
+            return ce
+        if inputs.teacher is None:
+            raise ConfigError("corpus_lm: teacher_ratio > 0 needs a teacher model (teacher=...)")
+        with torch.no_grad():
+            t_logits = forward_logits(inputs.teacher, batch)[:, :-1]
+        s_logits, t_logits = align_vocab(logits, t_logits)
+        dtype = torch.promote_types(s_logits.dtype, torch.float32)   # half precision computes in float32
+        teacher_ce = -(t_logits.to(dtype).softmax(-1) * s_logits.to(dtype).log_softmax(-1)).sum(-1).mean()
+        return (1 - self.teacher_ratio) * ce + self.teacher_ratio * teacher_ce

@@ -89,6 +89,11 @@ def term_class(entry: dict) -> type[Term]:
     return TERMS[entry["term"]]
 
 
+def reads_teacher(entry: dict) -> bool:
+    """Whether this (checked) objective entry reads the teacher."""
+    return term_class(entry).reads_teacher(entry_params(entry))
+
+
 class Objective(nn.Module):
     """The built terms of a (checked) objective list, with their weights; owns the terms' parameters."""
 
@@ -105,7 +110,7 @@ class Objective(nn.Module):
 
     @property
     def needs_teacher(self) -> bool:
-        return any(t.needs_teacher for t in self.terms)
+        return any(t.needs_teacher for t in self.terms)   # instances set it from their parameters
 
     def whole_logits(self, student) -> bool:
         return any(t.whole_logits for t in self.terms) or logit_postprocessing(student)

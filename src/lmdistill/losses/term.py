@@ -55,6 +55,11 @@ class Term(nn.Module):
         if extra:
             raise ConfigError(f"{where}: unknown parameter(s) {', '.join(extra)}; valid: {', '.join(allowed) or 'none'}")
 
+    @classmethod
+    def reads_teacher(cls, params: dict) -> bool:
+        """Whether an entry with these parameters reads the teacher (default: ``needs_teacher``)."""
+        return cls.needs_teacher
+
     def chunked(self, inputs: "TermInputs") -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no chunked form")
 

@@ -24,7 +24,7 @@ import yaml
 from lmdistill.errors import ConfigError
 from lmdistill.generation import POLICIES as GENERATION_POLICIES
 from lmdistill.generation import NEEDS_TEACHER, SamplingConfig
-from lmdistill.losses.objective import TERMS, check_objective, entry_name, term_class
+from lmdistill.losses.objective import TERMS, check_objective, entry_name, reads_teacher, term_class
 from lmdistill.train.sources import SOURCES, source_class
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -99,7 +99,7 @@ class TrainConfig:
     @property
     def needs_teacher(self) -> bool:
         generator = source_class(self.policy).generator_policy(self)
-        return generator in NEEDS_TEACHER or any(term_class(e).needs_teacher for e in self.objective
+        return generator in NEEDS_TEACHER or any(reads_teacher(e) for e in self.objective
                                                    if e["weight"] > 0)
 
     def check(self) -> "TrainConfig":
@@ -110,7 +110,7 @@ class TrainConfig:
         self.objective = check_objective(self.objective)
         self.sampling = check_sampling(self.sampling)
         if self.needs_teacher and not self.teacher:
-            terms = ", ".join(entry_name(e) for e in self.objective if term_class(e).needs_teacher) or "none"
+            terms = ", ".join(entry_name(e) for e in self.objective if reads_teacher(e)) or "none"
             raise ConfigError(f"teacher: is required for policy={self.policy} (terms that read the teacher: {terms})")
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
