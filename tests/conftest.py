@@ -31,3 +31,19 @@ def model_dirs(tmp_path_factory, tokenizer):
     build_model("micro", dirs["student"], tokenizer=tokenizer, seed=2)
     build_model("micro", dirs["padded_student"], tokenizer=tokenizer, seed=3, pad_vocab_to=len(tokenizer) + 64)
     return {k: str(v) for k, v in dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def models(model_dirs):
+    """The tiny models loaded (``student``, ``teacher``, ...), once per module (tests may put them in eval mode)."""
+    from lmdistill.models import load_model
+
+    return {k: load_model(v) for k, v in model_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    """Four prompts of different lengths (so a batch has left padding)."""
+    texts = ["Give three tips for staying healthy.", "Hi", "What is the capital of France? Answer briefly please.",
+             "Write a poem"]
+    return [tokenizer(t)["input_ids"] for t in texts]

@@ -16,20 +16,6 @@ from lmdistill.generation.sampling import filter_logits, pick
 from lmdistill.losses import per_token_divergence
 
 
-@pytest.fixture(scope="module")
-def models(model_dirs):
-    from lmdistill.models import load_model
-
-    return {k: load_model(v) for k, v in model_dirs.items()}
-
-
-@pytest.fixture(scope="module")
-def prompts(tokenizer):
-    texts = ["Give three tips for staying healthy.", "Hi", "What is the capital of France? Answer briefly please.",
-             "Write a poem"]
-    return [tokenizer(t)["input_ids"] for t in texts]
-
-
 def run(models, tokenizer, prompts, policy, student="student", teacher="teacher", **cfg):
     cfg.setdefault("max_new_tokens", 12)
     cfg.setdefault("seed", 7)

@@ -113,20 +113,6 @@ def test_ban_comes_before_temperature_top_k_and_top_p(temperature, top_k, top_p,
 
 # ---------------------------------------------------------------- end to end on the micro models
 
-@pytest.fixture(scope="module")
-def models(model_dirs):
-    from lmdistill.models import load_model
-
-    return {k: load_model(v) for k, v in model_dirs.items()}
-
-
-@pytest.fixture(scope="module")
-def prompts(tokenizer):
-    texts = ["Give three tips for staying healthy.", "Hi", "What is the capital of France? Answer briefly please.",
-             "Write a poem"]
-    return [tokenizer(t)["input_ids"] for t in texts]
-
-
 def full_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=torch.tensor([ids])).logits[0]

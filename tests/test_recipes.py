@@ -72,7 +72,7 @@ def test_objective_overrides_edit_add_and_refuse():
 def test_sampling_is_the_generation_config():
     cfg = load_config("switch", [*MODELS, "sampling.switch_tau0=inf", "sampling.max_new_tokens=9"])
     sc = cfg.sampling_config(5)
-    assert sc.switch_tau0 == float("inf") and sc.max_new_tokens == 9 and sc.seed == 5 and sc.switch_decay == 0.1
+    assert sc.switch_tau0 == float("inf") and sc.max_new_tokens == 9 and sc.seed == 5 and sc.switch_decay == 0.01
     with pytest.raises(ConfigError, match=r"sampling: unknown key 'switch_tau'; did you mean 'switch_tau0'\?"):
         load_config("switch", [*MODELS, "sampling.switch_tau=0.1"])
     with pytest.raises(ConfigError, match="sampling.seed: is set by the trainer"):

@@ -41,23 +41,38 @@ class Node:
     reward: float = 0.0
 
 
-class MCTSExplore:
+class _Search:
+    """What both searches share: the exploration ratio, the early-stop probability alpha, the depth floor beta of
+    the reward scale ``max(beta, 1 - 0.1 depth)``, the generator, and ``add`` (a mutant becomes a child node)."""
+
     def __init__(self, seeds: list[str], *, ratio: float = 0.5, alpha: float = 0.1, beta: float = 0.2,
                  rng: random.Random | None = None):
         if not seeds:
             raise ValueError("MCTS-Explore needs at least one seed template")
         self.ratio, self.alpha, self.beta = ratio, alpha, beta
         self.rng = rng or random.Random(0)
-        self.root = Node(-1, "", -1)
         self.nodes: list[Node] = []
-        for s in seeds:
-            self._new(s, self.root)
 
-    def _new(self, template: str, parent: Node) -> Node:
-        node = Node(len(self.nodes), template, parent.depth + 1, parent)
-        parent.children.append(node)
+    def _new(self, template: str, parent: Node | None) -> Node:
+        node = Node(len(self.nodes), template, 0 if parent is None else parent.depth + 1, parent)
+        if parent is not None:
+            parent.children.append(node)
         self.nodes.append(node)
         return node
+
+    def reward_scale(self, path: list[Node]) -> float:
+        return max(self.beta, 1 - 0.1 * path[-1].depth)
+
+    def add(self, parent: Node, template: str) -> Node:
+        return self._new(template, parent)
+
+
+class MCTSExplore(_Search):
+    def __init__(self, seeds: list[str], **kw):
+        super().__init__(seeds, **kw)
+        self.root = Node(-1, "", -1)
+        for s in seeds:
+            self._new(s, self.root)
 
     def _uct(self, child: Node, parent: Node) -> float:
         return (child.reward / (child.visits + 1)
@@ -79,14 +94,11 @@ class MCTSExplore:
     def update(self, path: list[Node], reward: float) -> None:
         if not path:
             return
-        scale = max(self.beta, 1 - 0.1 * path[-1].depth)
+        scale = self.reward_scale(path)
         self.root.visits += 1
         for node in path:
             node.visits += 1
             node.reward += reward * scale
-
-    def add(self, parent: Node, template: str) -> Node:
-        return self._new(template, parent)
 
 
 def paper_reward(hits: int, n_questions: int, n_evaluated: int) -> float:
@@ -94,25 +106,13 @@ def paper_reward(hits: int, n_questions: int, n_evaluated: int) -> float:
     return hits / (n_questions * n_evaluated)
 
 
-class PaperMCTSExplore:
+class PaperMCTSExplore(_Search):
     """MCTS-Explore as the reference code runs it (see the module docstring for file:line)."""
 
-    def __init__(self, seeds: list[str], *, ratio: float = 0.5, alpha: float = 0.1, beta: float = 0.2,
-                 rng: random.Random | None = None):
-        if not seeds:
-            raise ValueError("MCTS-Explore needs at least one seed template")
-        self.ratio, self.alpha, self.beta = ratio, alpha, beta
-        self.rng = rng or random.Random(0)
+    def __init__(self, seeds: list[str], **kw):
+        super().__init__(seeds, **kw)
         self.step = 0
-        self.nodes: list[Node] = []
         self.seeds = [self._new(s, None) for s in seeds]
-
-    def _new(self, template: str, parent: Node | None) -> Node:
-        node = Node(len(self.nodes), template, 0 if parent is None else parent.depth + 1, parent)
-        if parent is not None:
-            parent.children.append(node)
-        self.nodes.append(node)
-        return node
 
     def score(self, node: Node) -> float:
         return node.reward / (node.visits + 1) + self.ratio * math.sqrt(2 * math.log(self.step) / (node.visits + 0.01))
@@ -133,9 +133,6 @@ class PaperMCTSExplore:
     def update(self, path: list[Node], reward: float) -> None:
         if not path:
             return
-        scale = max(self.beta, 1 - 0.1 * path[-1].depth)
+        scale = self.reward_scale(path)
         for node in path:
             node.reward += reward * scale
-
-    def add(self, parent: Node, template: str) -> Node:
-        return self._new(template, parent)

@@ -190,13 +190,17 @@ def identity_claims(response: str) -> list[tuple[str, str]]:
     return claims
 
 
-def _sentence_claims(sentence: str) -> list[tuple[str, str]]:
-    found = []
+def _claim_spans(sentence: str):
+    """The text after each first-person claim opener (``CLAIM_RE``), up to the next clause cut (``CUT_RE``)."""
     for start in CLAIM_RE.finditer(sentence):
         span = sentence[start.end():]
         cut = CUT_RE.search(span)
-        if cut:
-            span = span[:cut.start()]
+        yield span[:cut.start()] if cut else span
+
+
+def _sentence_claims(sentence: str) -> list[tuple[str, str]]:
+    found = []
+    for span in _claim_spans(sentence):
         for pos, name, org in find_names(span):
             if not BLOCK_RE.search(span[:pos]):
                 found.append((name, org))
@@ -210,11 +214,7 @@ def _sentence_claims(sentence: str) -> list[tuple[str, str]]:
 def _unknown_maker_claims(sentence: str) -> list[tuple[str, str]]:
     """Self-attributions to a maker ``ORGANISATIONS`` does not know (see the module docstring)."""
     found = []
-    for start in CLAIM_RE.finditer(sentence):
-        span = sentence[start.end():]
-        cut = CUT_RE.search(span)
-        if cut:
-            span = span[:cut.start()]
+    for span in _claim_spans(sentence):
         m = MAKER_BY_RE.search(span)
         if m and not BLOCK_RE.search(span[:m.start()]) and not THIRD_PARTY_RE.search(span[:m.start()]):
             found.append(_unknown_maker(m.group("name")))
