@@ -103,6 +103,11 @@ def _prepare(p: RealPreset, cache: Path) -> tuple[Path, Path, dict]:
     return teacher, student, info
 
 
+#: CPU-budget departure from the recipes (as the tiny demo's ``DEMO_OVERRIDES``): DistiLLM's replay threshold starts
+#: at 0 and rises only as the validation loss rises over ~20 epochs, so in 20 steps MGSR would never run SCRG.
+REPLAY_OVERRIDES = {"distillm": ["replay_init_threshold=0.5"], "mgsr": ["replay_init_threshold=0.5"]}
+
+
 def _distil(p: RealPreset, teacher: Path, student: Path, out: Path) -> dict[str, Path]:
     finals = {}
     for method in p.methods:
@@ -114,7 +119,7 @@ def _distil(p: RealPreset, teacher: Path, student: Path, out: Path) -> dict[str,
                 f"max_length={p.max_length}", f"max_prompt_length={p.max_prompt_length}",
                 f"sampling.max_new_tokens={p.max_new_tokens}", f"save_steps={p.steps}", f"eval_steps={p.steps}",
                 "eval_limit=8", "eval_max_new_tokens=32", f"warmup_steps={p.steps // 10}", "seed=42",
-                "progress=true"])
+                "progress=true", *REPLAY_OVERRIDES.get(method, [])])
             train(cfg)
         else:
             print(f"[demo] reusing {method} from {run}")
@@ -258,7 +263,7 @@ def run_real_demo(preset: str = "smollm2", out: str | Path = "runs/demo") -> Pat
     lines += comparisons(kl_items, list(finals), baseline="sft" if "sft" in finals else None, unit="KL",
                          lower_is_better=True)
     lines += ["", "## Identity (ICE)", "",
-              f"Fact: \"{ice['fact']}\". Rule judge, {p.ice_budget} queries each (GPTFuzz templates mutated by the "
+              f"Fact: \"{ice['fact']}\". Rule judge (approximation of the paper's LLM judge), {p.ice_budget} queries each (GPTFuzz templates mutated by the "
               f"teacher, English identity questions, greedy answers of at most {p.ice_max_tokens} tokens). "
               "Loose / strict = share of answers that contradict the fact; the rule judge sees only identity claims "
               "that name a known model or organisation, so the claim count says how much it had to judge.", "",
@@ -267,6 +272,10 @@ def run_real_demo(preset: str = "smollm2", out: str | Path = "runs/demo") -> Pat
     for n, s in ice["scores"].items():
         lines.append(f"| {n} | {s['queries']} | {s['loose']:.2f} | {s['strict']:.2f} | {s['with_identity_claim']} "
                      f"| {s['blank']} |")
+    departures = [f"`{m}`: {' '.join(o)}" for m, o in REPLAY_OVERRIDES.items() if m in finals]
+    if departures:
+        lines += ["", "Demo departures from the recipes (CPU budget): " + "; ".join(departures) + " (DistiLLM's "
+                  "reference starts the replay threshold at 0; in these few steps it would never rise)."]
     lines += ["", "## Pictures", "", f"![summary]({chart.name})", "", "![benchmarks](eval/results.png)", "",
               "## Time", "", ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) +
               f"; total {total / 60:.1f} min (this invocation: a rerun reuses the converted and pruned models, finished "

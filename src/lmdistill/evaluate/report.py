@@ -97,18 +97,19 @@ def plot(results: dict, path: Path) -> None:
     benches = list(results["benchmarks"]) + [AVERAGE]
     models = list(results["models"])
     width = 0.8 / max(len(models), 1)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(benches) * max(1, len(models) / 2), 4.2))
+    fig, ax = plt.subplots(figsize=(min(1.6 + 1.3 * len(benches) * max(1, len(models) / 2), 16), 4.6))
+    colors = plt.get_cmap("tab10" if len(models) <= 10 else "tab20").colors   # one colour per model
     for i, name in enumerate(models):
         m = results["models"][name]
         entries = [m["benchmarks"].get(b) if b != AVERAGE else m.get(AVERAGE) for b in benches]
         means = [e["mean"] if e and e.get("mean") is not None else 0.0 for e in entries]
         stds = [e["std"] if e and e.get("std") is not None else 0.0 for e in entries]
         xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(benches))]
-        ax.bar(xs, means, width, yerr=stds, capsize=3, label=name)
+        ax.bar(xs, means, width, yerr=stds, capsize=2, label=name, color=colors[i % len(colors)])
     ax.set_xticks(range(len(benches)), [title(b) if b != AVERAGE else "Avg." for b in benches])
     ax.set_ylabel("ROUGE-L")
     ax.set_title("ROUGE-L, mean ± std over seeds")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     with atomic_open(path, "wb") as f:
