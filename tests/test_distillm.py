@@ -38,14 +38,14 @@ def test_replay_decision_equals_finetune_py(seed):
         buf = ReplayBuffer(capacity, threshold, [{}] * rng.randint(0, capacity))
         draw = rng.randrange(2**31)
         r = random.Random(draw).random()
-        ours = buf.decide(step, total, 2, random.Random(draw))
+        ours = buf.decide(step, total, random.Random(draw))
         assert ours == reference_action(r, threshold, step + 1, total, len(buf.items), capacity)
 
 
 def test_initial_threshold_zero_is_pure_gold():
     buf = ReplayBuffer(1000, 0.0)
     rng = random.Random(0)
-    assert {buf.decide(s, 100, 8, rng) for s in range(100)} == {"gold"}
+    assert {buf.decide(s, 100, rng) for s in range(100)} == {"gold"}
 
 
 def test_buffer_fills_to_capacity_before_replaying():
@@ -53,7 +53,7 @@ def test_buffer_fills_to_capacity_before_replaying():
     buf, rng = ReplayBuffer(6, 1.0), random.Random(0)
     actions = []
     for step in range(40):
-        a = buf.decide(step, 40, 2, rng)
+        a = buf.decide(step, 40, rng)
         actions.append(a)
         if a == "generate":
             buf.push([{"prompt_ids": [step], "response_ids": [k]} for k in range(2)])

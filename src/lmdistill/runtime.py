@@ -23,3 +23,12 @@ def flush_denormals() -> bool:
     if os.environ.get(FLUSH_DENORMAL_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     return bool(torch.set_flush_denormal(True))
+
+
+def rank_world() -> tuple[int, int]:
+    """This process's rank and the world size of ``torch.distributed`` (``(0, 1)`` when it is not running)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

@@ -24,13 +24,13 @@ import random
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from lmdistill.errors import ConfigError, DataError, Problem
 from lmdistill.losses.functional import sft_loss
 from lmdistill.losses.model_forward import forward_logits
 from lmdistill.losses.term import Term, TermInputs
 from lmdistill.losses.vocab import align_vocab
+from lmdistill.runtime import rank_world
 
 
 def read_corpus(path: Path) -> list[str]:
@@ -65,7 +65,6 @@ class CorpusLMTerm(Term):
         super().__init__()
         self.path, self.max_length, self.batch_size, self.seed = Path(data), max_length, batch_size, seed
         self.teacher_ratio = float(teacher_ratio)
-        self.needs_teacher = self.teacher_ratio > 0
         self.blocks: torch.Tensor | None = None
         self._order: tuple[int, list[int]] | None = None
         self.register_buffer("cursor", torch.zeros((), dtype=torch.long))
@@ -96,8 +95,8 @@ class CorpusLMTerm(Term):
     def load(self, tokenizer) -> None:
         docs = read_corpus(self.path)
         ids: list[int] = []
-        for d in docs:
-            ids += tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for doc in tokenizer(docs, add_special_tokens=False)["input_ids"]:   # one batched call
+            ids += doc + [tokenizer.eos_token_id]
         n = len(ids) // self.max_length
         if n == 0:
             raise DataError([Problem(str(self.path), None, None,
@@ -117,7 +116,7 @@ class CorpusLMTerm(Term):
     def next_batch(self, n: int) -> torch.Tensor:
         """The next ``n`` blocks of this process: with W processes, process r takes positions ``c + r n .. c + r n +
         n - 1`` of the global order and every process advances the cursor by ``W n`` (as a distributed sampler)."""
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        rank, world = rank_world()
         start = int(self.cursor) + rank * n
         rows = []
         for c in range(start, start + n):

@@ -108,10 +108,6 @@ class Objective(nn.Module):
     def token_sets(self) -> set[str]:
         return {t.tokens for t in self.terms}
 
-    @property
-    def needs_teacher(self) -> bool:
-        return any(t.needs_teacher for t in self.terms)   # instances set it from their parameters
-
     def whole_logits(self, student) -> bool:
         return any(t.whole_logits for t in self.terms) or logit_postprocessing(student)
 

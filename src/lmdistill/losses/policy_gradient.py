@@ -50,6 +50,7 @@ import torch.distributed as dist
 from lmdistill.errors import ConfigError
 from lmdistill.losses.divergences import per_token_divergence
 from lmdistill.losses.term import Term, TermInputs
+from lmdistill.runtime import rank_world
 
 WHITEN = ("window", "tokens", "none")
 
@@ -72,7 +73,7 @@ def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def _all_sum(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if rank_world()[1] > 1:
         x = x.clone()
         dist.all_reduce(x)
     return x

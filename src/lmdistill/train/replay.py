@@ -39,7 +39,7 @@ class ReplayBuffer:
         """``n`` distinct buffered sequences (``random.sample``, as ``ReplayBuffer.sample`` does)."""
         return rng.sample(self.items, n)
 
-    def decide(self, step: int, max_steps: int, n: int, rng: random.Random) -> str:
+    def decide(self, step: int, max_steps: int, rng: random.Random) -> str:
         """``'generate'``, ``'replay'`` or ``'gold'`` for this micro-batch (step counted from 0)."""
         r = rng.random()
         fresh = self.threshold * (1.0 - (step + 1) / max(max_steps, 1))

@@ -37,17 +37,12 @@ from lmdistill.data.tokenize import TokenizedExample
 from lmdistill.errors import ConfigError
 from lmdistill.losses.model_forward import forward_logits, shifted, unwrap
 from lmdistill.losses.policy_gradient import PolicyGradientTerm, token_logprobs
+from lmdistill.runtime import rank_world
 from lmdistill.train.data_order import step_seed
 from lmdistill.train.sequences import GeneratedSequences, SequenceBatch
 
 #: The engine policy a rollout is sampled with.
 ROLLOUT_POLICY = "teacher_mix"
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _vocab(model) -> int | None:
@@ -154,7 +149,7 @@ class RolloutSequences(GeneratedSequences):
     def state(self) -> dict:
         """The store of every process (gathered: the trainer writes rank 0's state only)."""
         mine = {"round": self.round, "items": self.items}
-        rank, world = _rank_world()
+        rank, world = rank_world()
         if world > 1:
             every: list = [None] * world
             dist.all_gather_object(every, mine)
@@ -164,7 +159,7 @@ class RolloutSequences(GeneratedSequences):
     def load_state(self, state: dict | None) -> None:
         if not state:
             return
-        rank, _ = _rank_world()
+        rank, _ = rank_world()
         ranks = state.get("ranks", [])
         mine = ranks[rank] if rank < len(ranks) else {"round": None, "items": {}}
         self.round, self.items = mine["round"], {k: list(v) for k, v in mine["items"].items()}

@@ -123,7 +123,7 @@ class ReplaySequences(GeneratedSequences):
     def build(self, rows, *, step, micro, rank, student, teacher, tokenizer) -> SequenceBatch:
         seed = step_seed(self.cfg.seed, step, rank, micro)
         rng = random.Random(seed)
-        action = self.buffer.decide(step, self.cfg.max_steps, len(rows), rng)
+        action = self.buffer.decide(step, self.cfg.max_steps, rng)
         if action == "gold":
             return self.gold(rows, tokenizer, {"replay/sgo": 0.0})
         if action == "replay":
