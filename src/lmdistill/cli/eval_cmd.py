@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lmdistill.cli import COMMANDS
 from lmdistill.errors import ConfigError
+from lmdistill.evaluate.predictors import PROMPT_OVERFLOW
 from lmdistill.evaluate.report import markdown_table
 from lmdistill.evaluate.run import evaluate_models
 
@@ -42,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-prompt-length", type=int, default=256,
                    help="longer prompts are truncated or dropped (--prompt-overflow) and counted")
-    p.add_argument("--prompt-overflow", default="truncate", choices=["truncate", "drop"],
+    p.add_argument("--prompt-overflow", default="truncate", choices=PROMPT_OVERFLOW,
                    help="truncate (the protocol: keep a longer prompt's first --max-prompt-length tokens, as "
                         "MiniLLM's PromptDataset) or drop it; both are listed in results.json")
     p.add_argument("--no-repeat-ngram-size", type=int, default=6,

@@ -107,11 +107,9 @@ def scaled_logits(logits: torch.Tensor, config: SamplingConfig, banned: torch.Te
     """Logits (float32) with ``banned`` ids at -inf, divided by the temperature and filtered; the distribution
     tokens are drawn from."""
     x = logits.float()
-    if banned is not None:
-        x = x.masked_fill(banned.to(x.device), float("-inf"))
     if config.temperature != 1.0:
-        x = x / config.temperature
-    return filter_logits(x, config.top_k, config.top_p)
+        x = x / config.temperature   # banned ids become -inf in filter_logits; -inf / T would be -inf alike
+    return filter_logits(x, config.top_k, config.top_p, banned)
 
 
 def pick(logits: torch.Tensor, config: SamplingConfig, gumbel: torch.Tensor | None, *,

@@ -123,10 +123,10 @@ def judge_pair(judge, prompt: str, reference: str, response: str, *, max_reasks:
         if scores is not None:
             return scores, attempt + 1, None
         last = (reply or "").strip().replace("\n", " ")
-        problem = f"{problem} (last reply: {last[:120]!r})"
+        recorded = f"{problem} (last reply: {last[:120]!r})"
         messages = messages + [{"role": "assistant", "content": reply or ""},
-                               {"role": "user", "content": REASK.format(problem=problem.split(' (last reply')[0])}]
-    return None, max_reasks + 1, f"malformed judge reply after {max_reasks + 1} request(s): {problem}"
+                               {"role": "user", "content": REASK.format(problem=problem)}]
+    return None, max_reasks + 1, f"malformed judge reply after {max_reasks + 1} request(s): {recorded}"
 
 
 def _prompt_of(row: dict) -> str | None:
