@@ -33,9 +33,9 @@ import torch
 from lmdistill.data import collate_for_training, load_examples, tokenize_examples
 from lmdistill.losses.objective import Objective, check_objective
 from lmdistill.losses.term import TermInputs
-from lmdistill.models import build_model, build_tokenizer, load_model, load_tokenizer
-from lmdistill.models.pretrained import get_pretrained
-from lmdistill.models.prune import prune
+from lmdistill.models import load_model, load_tokenizer
+
+from bench_models import models
 
 TERMS = [
     ("fkl", {"term": "fkl"}),
@@ -46,19 +46,6 @@ TERMS = [
 ]
 RECIPE = ("sft", "dac_kl", "span_literal")
 OURS = ("sft", "dac_kl", "span_normalized")
-
-
-def models(kind: str, cache: Path):
-    if kind == "tiny":
-        tok = build_tokenizer()
-        build_model("tiny-teacher", cache / "tiny-teacher", tokenizer=tok, seed=1)
-        build_model("tiny-student", cache / "tiny-student", tokenizer=tok, seed=0)
-        return cache / "tiny-teacher", cache / "tiny-student"
-    teacher = get_pretrained("smollm2-135m-instruct", cache / "smollm2-135m-instruct")
-    student = cache / "smollm2-135m-instruct-block-influence-10l-c32"
-    if not (student / "prune.json").exists():
-        prune(teacher, student, layers=10, n_samples=32)
-    return teacher, student
 
 
 DACKL_VARIANTS = [

@@ -31,7 +31,9 @@ def test_output_lines(model_dirs, tokenizer, tmp_path):
     rows = lines(out)
     assert [r["id"] for r in rows] == [f"dolly-test-{i}" for i in range(5)]
     for r in rows:
-        assert set(r) == {"id", "prompt", "response", "response_ids", "sources", "stats"}
+        assert set(r) == {"id", "prompt", "response", "response_ids", "sources", "stats", "instruction", "input",
+                          "output"}
+        assert r["output"] == r["response"]      # each line is also a training row (SeqKD on stored samples)
         assert r["prompt"].startswith("Below is an instruction") and r["prompt"].endswith("### Response:\n")
         assert 1 <= len(r["response_ids"]) <= 8 and len(r["sources"]) == len(r["response_ids"])
         assert set(r["sources"]) <= {0, 1}

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from lmdistill.cli import main
-from lmdistill.errors import ConfigError
+from lmdistill.errors import ConfigError, LmdistillError
 from lmdistill.train import TrainingError, load_config, train
 
 RECIPES = ["sft", "kd", "seqkd", "imitkd", "gkd", "distillm", "minillm", "mgsr", "switch"]
@@ -238,6 +239,71 @@ def test_config_errors(model_dirs, tmp_path, capsys):
     # the CLI prints one line and exits 2, before any model loads
     assert main(["train", "kd", "student=x", "teacher=y", "lr=fast"]) == 2
     assert "key 'lr' must be float" in capsys.readouterr().err
+
+
+#: Numbers a recipe or override may not hold: the key named, at load, before any model loads.
+BAD_NUMBERS = [
+    ("lr=inf", r"^lr: must be a finite number >= 0, got inf$"),
+    ("lr=.nan", r"^lr: must be a finite number >= 0, got nan$"),
+    ("weight_decay=-0.1", r"^weight_decay: must be a finite number >= 0"),
+    ("clip_grad=.inf", r"^clip_grad: must be a finite number >= 0, got inf"),
+    ("warmup_ratio=1.5", r"^warmup_ratio: must be a finite number in \[0, 1\], got 1.5"),
+    ("lora_dropout=1", r"^lora_dropout: must be a finite number in \[0, 1\), got 1.0"),
+    ("replay_init_threshold=2", r"^replay_init_threshold: must be a finite number in \[0, 1\]"),   # policy gold too
+    ("replay_threshold_step=.nan", r"^replay_threshold_step: must be a finite number in \[0, 1\], got nan"),
+    ("replay_loss_eps=-inf", r"^replay_loss_eps: must be a finite number >= 0, got -inf"),
+    ("log_steps=0", r"^log_steps: must be an integer >= 1, got 0"),
+    ("keep_checkpoints=-1", r"^keep_checkpoints: must be an integer >= 0, got -1"),
+    ("max_bad_steps=0", r"^max_bad_steps: must be an integer >= 1"),
+    ("max_train_examples=-1", r"^max_train_examples: must be an integer >= 0, got -1"),
+    ("max_prompt_length=512", r"^max_prompt_length \(512\) must be < max_length \(512\)"),
+    ("sampling.temperature=inf", r"^sampling: temperature must be >= 0 \(0 = greedy\), got inf"),
+    ("sampling.top_p=.nan", r"^sampling: top_p must be in \(0, 1\], got nan"),
+    ("sampling.mixed_student_prob=2", r"^sampling: mixed_student_prob must be in \[0, 1\], got 2"),
+    ("sampling.switch_tau0=.nan", r"^sampling: switch_tau0 must be a number"),
+    ("sampling.switch_decay=.inf", r"^sampling: switch_decay must be a finite number >= 0, got inf"),
+    ("sampling.teacher_mix_alpha=-0.5", r"^sampling: teacher_mix_alpha must be in \[0, 1\]"),
+    ("objective.fkl.temperature=.inf", r"^objective\[1\] \(fkl\): temperature must be a positive finite number"),
+    ("objective.fkl.weight=.nan", r"^objective\[1\]: weight must be a finite number >= 0, got nan"),
+    ("objective.jsd.beta=.nan", r"^objective\[2\] \(jsd\): divergence 'jsd': beta must be in \[0, 1\], got nan"),
+    ("objective.dac_kl.sharpness=.inf", r"^objective\[2\] \(dac_kl\): DACKL .*sharpness a finite number > 0"),
+    ("objective.dac_kl.coverage_weight=nan", r"^objective\[2\] \(dac_kl\): coverage_weight must be a number"),
+    ("objective.dac_kl.init_bounds=.nan", r"^objective\[2\] \(dac_kl\): init_bounds must be a pair"),
+    ("objective.pg_rkl.clip=.nan", r"^objective\[2\] \(pg_rkl\): clip must be in \[0, 1\)"),
+    ("objective.pg_rkl.reward_scaling=.inf", r"^objective\[2\] \(pg_rkl\): reward_scaling"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_NUMBERS, ids=[o for o, _ in BAD_NUMBERS])
+def test_config_refuses_non_finite_and_out_of_range_numbers(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("kd", ["student=s", "teacher=t", override])
+
+
+def test_config_number_errors_are_one_line_on_the_cli(capsys):
+    assert main(["train", "kd", "student=s", "teacher=t", "lr=inf"]) == 2
+    assert capsys.readouterr().err == "error: lr: must be a finite number >= 0, got inf\n"
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n\n"], ids=["0-bytes", "blank-lines"])
+@pytest.mark.parametrize("key", ["data", "valid_data"])
+def test_an_empty_data_file_says_so(model_dirs, tmp_path, key, content):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(content)
+    cfg = load_config("sft", base_overrides(model_dirs, tmp_path / "out", max_steps=1, **{key: str(empty)}))
+    with pytest.raises(LmdistillError, match=rf"^{re.escape(str(empty))}: the file is empty$"):
+        train(cfg)
+
+
+def test_an_empty_json_file_says_so(tmp_path):
+    from lmdistill.data import load_examples
+
+    for content, message in (("", "the file is empty"), (" \n", "the file is empty"),
+                             ("[]", r"holds no rows \(an empty JSON list\)")):
+        f = tmp_path / "rows.json"
+        f.write_text(content)
+        with pytest.raises(LmdistillError, match=rf"rows.json: {message}$"):
+            load_examples(f)
 
 
 def test_tokenizer_mismatch_is_refused(model_dirs, tmp_path, tokenizer):

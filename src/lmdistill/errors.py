@@ -49,3 +49,12 @@ class Problem:
 
     def __repr__(self) -> str:
         return f"Problem({str(self)!r})"
+
+
+class StorageError(LmdistillError):
+    """A write failed (full disk, no permission, read-only filesystem); the message names the path, the reason
+    and what is left intact. ``path`` and ``errno`` say which write failed and why (None when unknown)."""
+
+    def __init__(self, message: str, path: str | None = None, errno: int | None = None):
+        super().__init__(message)
+        self.path, self.errno = path, errno

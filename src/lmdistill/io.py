@@ -1,38 +1,80 @@
-"""Crash-safe file writing: atomic replaces and durable JSONL appends."""
+"""Crash-safe file writing: atomic replaces and durable JSONL appends.
+
+A write that fails for want of space, permission or a writable filesystem (``WRITE_ERRNOS``) raises
+``StorageError``: one line naming the path, the reason and what was left intact (the earlier file, folder or
+rows), never a traceback.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from lmdistill.errors import Problem
+from lmdistill.errors import Problem, StorageError
+
+#: The errors of a write the user can fix by freeing space, fixing permissions or choosing another folder.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def write_errno(exc: BaseException) -> int | None:
+    """The ``WRITE_ERRNOS`` code behind ``exc`` (an ``OSError``, one in its chain, or a Rust library's
+    ``Os { code: N, .. }`` message such as safetensors'), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            return exc.errno
+        m = re.search(r"Os \{ code: (\d+)", str(exc))
+        if m and int(m.group(1)) in WRITE_ERRNOS:
+            return int(m.group(1))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def storage_error(path: str | os.PathLike, code: int, kept: str) -> StorageError:
+    """``could not write PATH (REASON); KEPT``."""
+    return StorageError(f"could not write {path} ({os.strerror(code)}); {kept}", path=str(path), errno=code)
+
+
+def _kept_file(path: Path, existed: bool) -> str:
+    return f"the earlier {path} is unchanged" if existed else "no partial file was left"
 
 
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
     """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
 
-    A crash at any point leaves either the old file or the new one, never a half-written file.
+    A crash at any point leaves either the old file or the new one, never a half-written file. A failed write
+    (``WRITE_ERRNOS``) removes the temporary file and raises ``StorageError``; the earlier file stays.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    binary = "b" in mode
+    existed = path.exists()
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        binary = "b" in mode
         with os.fdopen(fd, mode, encoding=None if binary else encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        code = None if isinstance(e, StorageError) else write_errno(e)
+        if code is not None:
+            raise storage_error(path, code, _kept_file(path, existed)) from None
         raise
 
 
@@ -54,27 +96,55 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 
 
 class JsonlAppender:
-    """Append one JSON object per line, flushed and fsynced before ``append`` returns.
+    """Append one JSON object per line, written and fsynced before ``append`` returns.
 
     Opening repairs a torn last line left by a crash (kill -9 mid-write) by truncating it,
-    so every line in the file is a whole record and a rerun can trust what it reads.
+    so every line in the file is a whole record and a rerun can trust what it reads. An append that fails
+    (``WRITE_ERRNOS``) cuts the file back to its earlier rows and raises ``StorageError``.
     """
 
     def __init__(self, path: str | os.PathLike, fsync: bool = True):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
-        truncate_torn_tail(self.path)
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._f = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            truncate_torn_tail(self.path)
+            self._f = open(self.path, "ab", buffering=0)
+        except OSError as e:
+            code = write_errno(e)
+            if code is None:
+                raise
+            raise storage_error(self.path, code, "nothing was appended") from None
+        self._size = self._f.seek(0, os.SEEK_END)
 
     def append(self, row: dict) -> None:
-        self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._f.flush()
-        if self.fsync:
-            os.fsync(self._f.fileno())
+        data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+        if self._f is None:
+            raise StorageError(f"{self.path}: append after a failed write")
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[self._f.write(view):]
+            if self.fsync:
+                os.fsync(self._f.fileno())
+        except OSError as e:
+            code = write_errno(e)
+            try:   # cut the partial line off: the file holds exactly the rows before this one
+                os.ftruncate(self._f.fileno(), self._size)
+            except OSError:
+                pass
+            self._f.close()
+            self._f = None
+            if code is None:
+                raise
+            raise storage_error(self.path, code, "every row before this one is intact; rerun to continue") from None
+        self._size += len(data)
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
+            self._f = None
 
     def __enter__(self) -> "JsonlAppender":
         return self
@@ -141,21 +211,38 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success replace ``path`` with it in one rename."""
-    import shutil
+    """Yield a temporary folder beside ``path``; on success replace ``path`` with it in one rename.
 
+    A failed write inside it or of it (``WRITE_ERRNOS``, also from libraries that report them in their own
+    exception) removes the temporary folder and raises ``StorageError``; the earlier ``path`` stays.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    existed = path.exists()
+    tmp = tmp_name = old = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_name = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         yield tmp
-        old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
         os.replace(tmp, path)
+        tmp = None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and not path.exists():
+                try:
+                    os.replace(old, path)   # put the earlier folder back
+                except OSError:
+                    pass
+        kept = f"the earlier {path} is unchanged" if existed else "no partial folder was left"
+        inside = isinstance(e, StorageError) and e.path and tmp_name is not None and tmp_name in Path(e.path).parents
+        if inside:   # a helper's write into the temporary folder: name the folder the user asked for
+            raise storage_error(path, e.errno or errno.EIO, kept) from None
+        code = None if isinstance(e, StorageError) else write_errno(e)
+        if code is not None:
+            raise storage_error(path, code, kept) from None
         raise

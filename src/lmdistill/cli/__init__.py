@@ -23,12 +23,13 @@ COMMANDS = {
     "data": "bundled benchmarks and data validation",
     "models": "build tiny models, get real pretrained ones, prune students",
     "generate": "generate responses with a policy (student, teacher, mixed, switch, scrg, teacher_mix)",
+    "capture": "run a teacher once over a dataset and store its top-k log-probabilities (teacher=cache:DIR)",
     "train": "distill a teacher into a student with a recipe",
     "eval": "ROUGE-L on Dolly, Self-Instruct, Vicuna, S-NI and UnNI (MiniLLM protocol)",
     "score": "score existing predictions (JSONL id/output) with the protocol's ROUGE-L",
     "demo": "distil students with each method, evaluate, quantify, report",
     "quantify": "measure distillation: ICE, RSE, white-box degree",
-    "serve": "serve a local model with an OpenAI-compatible API (/v1/chat/completions)",
+    "serve": "serve a local model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions)",
 }
 
 
@@ -70,8 +71,17 @@ def main(argv: list[str] | None = None, *, process_settings: bool = False) -> in
     try:
         return int(args.func(args) or 0)
     except LmdistillError as e:
+        _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _close_progress_bars() -> None:
+    """End any progress bar the failed command left open, so its error starts a line of its own (tqdm is looked
+    up, not imported: a command that drew no bar never loaded it)."""
+    tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

@@ -1,7 +1,9 @@
 """``lmdistill generate``: offline generation with any policy to a resumable JSONL file.
 
 One JSON line per example: ``id``, ``prompt``, ``response`` (text), ``response_ids``, ``sources``
-(0 student, 1 teacher/gold, 2 corrected), ``stats``. Each line is fsynced as it is written.
+(0 student, 1 teacher/gold, 2 corrected), ``stats``. Each line is fsynced as it is written. Each line is also a
+training row (``instruction``/``input`` or ``messages``, and ``output`` = the response), so the file can be the
+``data`` of ``lmdistill train`` and ``lmdistill capture`` (SeqKD on stored teacher samples).
 
 Resuming: rerun with the same ``--out`` and settings; ids already in the file are skipped. Every
 example draws its noise from ``(seed, id)`` and batches are always the same consecutive chunks of
@@ -167,10 +169,12 @@ def cmd_generate(args) -> int:
                 if r.id in done:
                     continue
                 ids = result.responses[i]
+                text = tok.decode(ids, skip_special_tokens=True)
                 sink.append({
                     "id": r.id,
+                    **_as_data(r.example, text),
                     "prompt": tok.decode(r.prompt_ids),
-                    "response": tok.decode(ids, skip_special_tokens=True),
+                    "response": text,
                     "response_ids": ids,
                     "sources": result.sources[i, :len(ids)].tolist(),
                     "stats": _round(result.stats[i]),
@@ -180,3 +184,10 @@ def cmd_generate(args) -> int:
     bar.close()
     print(f"wrote {out} ({len(done)} of {len(rows)} examples)", file=sys.stderr)
     return 0
+
+
+def _as_data(example, response: str) -> dict:
+    """The fields that make a generated line a training row whose gold response is the generated one."""
+    if example.messages:
+        return {"messages": [*example.messages, {"role": "assistant", "content": response}]}
+    return {"instruction": example.instruction, "input": example.input, "output": response}

@@ -1,4 +1,4 @@
-"""``lmdistill serve MODEL``: an OpenAI-compatible chat server for a local model."""
+"""``lmdistill serve MODEL``: an OpenAI-compatible server (chat and legacy completions) for a local model."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ def register(sub) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set LMDISTILL_API_KEY)")
     p.add_argument("--model-name", default=None, help="name clients must send as 'model' (default: the folder name)")
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-logprobs", type=int, default=20,
+                   help="largest logprobs / prompt_logprobs a /v1/completions request may ask for (as vLLM's)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body in bytes, answered 413 past it (default: 16 bytes per position of "
+                        "the model's context, at least 1 MiB; 8 MiB when the model does not say its context)")
     p.add_argument("--truncate-prompt", action="store_true",
                    help="keep the last tokens of an over-long prompt instead of answering 400")
     p.add_argument("--device", default=None)
@@ -32,6 +37,10 @@ def register(sub) -> None:
 def cmd_serve(args) -> int:
     if args.max_tokens_limit < 1:
         raise ConfigError("--max-tokens-limit must be at least 1")
+    if args.max_logprobs < 0:
+        raise ConfigError("--max-logprobs must be at least 0")
+    if args.max_body_bytes is not None and args.max_body_bytes < 1:
+        raise ConfigError("--max-body-bytes must be at least 1")
     api_key = args.api_key or os.environ.get("LMDISTILL_API_KEY")
     try:
         public = not ipaddress.ip_address(args.host).is_loopback
@@ -43,8 +52,9 @@ def cmd_serve(args) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
     name = args.model_name or Path(args.model.rstrip("/")).name
     app = create_app(model, tokenizer, model_name=name, api_key=api_key, max_tokens_limit=args.max_tokens_limit,
-                     default_max_tokens=min(256, args.max_tokens_limit), truncate_prompt=args.truncate_prompt)
-    print(f"serving {name} on http://{args.host}:{args.port}/v1 (client spec: openai:{name}@http://{args.host}:{args.port}/v1)",
-          file=sys.stderr)
+                     default_max_tokens=min(256, args.max_tokens_limit), truncate_prompt=args.truncate_prompt,
+                     max_logprobs=args.max_logprobs, max_body_bytes=args.max_body_bytes)
+    print(f"serving {name} on http://{args.host}:{args.port}/v1 (client spec: openai:{name}@http://{args.host}:{args.port}/v1; "
+          f"request bodies up to {app.state.max_body_bytes} bytes)", file=sys.stderr)
     serve_forever(app, host=args.host, port=args.port)
     return 0

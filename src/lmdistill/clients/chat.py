@@ -6,6 +6,8 @@
   ``openai:qwen@http://127.0.0.1:8000/v1``): chat completions through the ``openai`` package. The key is
   read from ``OPENAI_API_KEY`` or from the variable named by ``api_key_env``. Our own retry policy
   (exponential back-off on 429, 5xx, timeouts and dropped connections) replaces the package's.
+  ``OpenAIChatClient.prompt_logprobs(ids, top_k)`` / ``prompt_logprobs_many`` score given token sequences
+  through the completions API (a served teacher), under the same policy.
 - anything else: a local model folder or hub id, generated with transformers and its chat template.
 
 ``cache_path=...`` wraps the client in a ``CachedClient`` (see ``lmdistill.clients.cache``).
@@ -16,12 +18,17 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
 
 from lmdistill.clients.base import (AuthenticationFailed, ChatClient, ClientError, RequestRejected, RetriesExhausted,
                                     RetryPolicy)
 from lmdistill.clients.cache import CachedClient, ResponseCache
 from lmdistill.models import load_model_and_tokenizer
 from lmdistill.serve.engine import ChatEngine, ContextLengthError
+
+T = TypeVar("T")
+LOGPROB_APIS = ("echo", "prompt_logprobs")
 
 
 def parse_openai_spec(spec: str) -> tuple[str, str]:
@@ -57,20 +64,29 @@ class OpenAIChatClient(ChatClient):
         self._count_lock = threading.Lock()
 
     def _chat(self, messages, *, temperature, max_tokens, top_p, seed) -> str:
-        import openai
-
         base = {"model": self.model, "messages": messages, "temperature": temperature, "top_p": top_p}
         if seed is not None:
             base["seed"] = seed
+
+        def send(token_param: str) -> str:
+            resp = self._client.chat.completions.create(**base, **{token_param: max_tokens})
+            return _answer_text(resp, self.name)
+
+        return self._with_retries(send, switch_token_param=True)
+
+    def _with_retries(self, send: Callable[[str], T], *, switch_token_param: bool = False) -> T:
+        """``send(token_param)`` under the retry policy: back-off on 429 (but not an exhausted quota), 5xx,
+        408/409, timeouts and dropped connections; 401/403 and other 4xx raised at once. With
+        ``switch_token_param`` a 400 asking for ``max_completion_tokens`` switches the parameter once."""
+        import openai
+
         last: Exception | None = None
         for attempt in range(self.retry.max_retries + 1):
-            kwargs = {**base, self._token_param: max_tokens}
             with self._count_lock:
                 self.attempts += 1
             retry_after = None
             try:
-                resp = self._client.chat.completions.create(**kwargs)
-                return _answer_text(resp, self.name)
+                return send(self._token_param)
             except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
                 hint = (f"; set {self.api_key_env}" if not self._key_given else f"; check the key in {self.api_key_env}")
                 raise AuthenticationFailed(f"{self.name}: authentication failed ({e.status_code}){hint}") from None
@@ -85,7 +101,7 @@ class OpenAIChatClient(ChatClient):
                 last = e
             except openai.APIStatusError as e:
                 message = _error_message(e)
-                if (e.status_code == 400 and self._token_param == "max_tokens"
+                if (switch_token_param and e.status_code == 400 and self._token_param == "max_tokens"
                         and "max_completion_tokens" in message):  # newer OpenAI models reject max_tokens
                     self._token_param = "max_completion_tokens"
                     continue
@@ -100,8 +116,114 @@ class OpenAIChatClient(ChatClient):
         raise RetriesExhausted(f"{self.name}: no answer after {self.retry.max_retries + 1} attempts "
                                f"(last error: {type(last).__name__}: {last})")
 
+    def prompt_logprobs(self, token_ids: list[int], top_k: int, *,
+                        api: str = "echo") -> list[dict[int, float] | None]:
+        """For each position of ``token_ids``: the server's ``top_k`` most likely tokens there given the tokens
+        before it, ``{token id: log-probability}`` (position 0: ``None``), through the completions API.
+
+        ``api="echo"``: ``echo`` + ``logprobs`` with vLLM's ``return_tokens_as_token_ids`` (OpenAI-compatible
+        servers that honour it); ``api="prompt_logprobs"``: vLLM's ``prompt_logprobs``. The ids are sent as
+        ids and the answer is checked to cover exactly them. Retries as ``chat`` does.
+        """
+        return self.prompt_logprobs_many([token_ids], top_k, api=api)[0]
+
+    def prompt_logprobs_many(self, batch: list[list[int]], top_k: int, *, api: str = "echo",
+                             batch_size: int = 8) -> list[list[dict[int, float] | None]]:
+        """``prompt_logprobs`` of every sequence of ``batch`` (in order): ``batch_size`` sequences per request
+        (one request holds a list of prompts), up to ``concurrency`` requests in flight."""
+        if api not in LOGPROB_APIS:
+            raise ClientError(f"{self.name}: api must be one of {', '.join(LOGPROB_APIS)}, got {api!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ClientError(f"{self.name}: top_k must be a positive integer, got {top_k!r}")
+        for row in batch:
+            if (not isinstance(row, (list, tuple)) or not row
+                    or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in row)):
+                raise ClientError(f"{self.name}: each sequence must be a non-empty list of token ids")
+        rows = [[int(t) for t in row] for row in batch]
+        groups = [rows[i:i + max(1, batch_size)] for i in range(0, len(rows), max(1, batch_size))]
+        workers = max(1, min(self.concurrency, len(groups)))
+        if workers == 1:
+            answers = [self._score_group(g, top_k, api) for g in groups]
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                answers = list(pool.map(lambda g: self._score_group(g, top_k, api), groups))
+        return [row for group in answers for row in group]
+
+    def _score_group(self, rows: list[list[int]], top_k: int, api: str) -> list[list[dict[int, float] | None]]:
+        if api == "echo":
+            params = {"echo": True, "logprobs": top_k, "extra_body": {"return_tokens_as_token_ids": True}}
+        else:
+            params = {"extra_body": {"prompt_logprobs": top_k}}
+
+        def send(_token_param: str):
+            # the raw JSON: building the package's models of megabytes of logprobs costs more than the request
+            raw = self._client.completions.with_raw_response.create(model=self.model, prompt=rows, max_tokens=1,
+                                                                    temperature=0.0, **params)
+            try:
+                body = raw.http_response.json()
+                choices = sorted(body["choices"], key=lambda c: c["index"])
+            except (ValueError, KeyError, TypeError):
+                raise ClientError(f"{self.name}: the completions answer is not an OpenAI completion") from None
+            if len(choices) != len(rows):
+                raise ClientError(f"{self.name}: {len(rows)} prompts sent, {len(choices)} choices returned")
+            parse = _echo_logprobs if api == "echo" else _vllm_prompt_logprobs
+            return [parse(c, ids, top_k, self.name) for c, ids in zip(choices, rows)]
+
+        return self._with_retries(send)
+
     def close(self) -> None:
         self._client.close()
+
+
+def _top(entries: dict[int, float], top_k: int) -> dict[int, float]:
+    return dict(sorted(entries.items(), key=lambda kv: -kv[1])[:top_k])
+
+
+def _token_id(key: str, name: str) -> int:
+    if not (isinstance(key, str) and key.startswith("token_id:")):
+        raise ClientError(f"{name}: the server ignored return_tokens_as_token_ids (it sent the token {key!r}, not "
+                          "'token_id:N'); use api='prompt_logprobs' or a vLLM / lmdistill server")
+    try:
+        return int(key[len("token_id:"):])
+    except ValueError:
+        raise ClientError(f"{name}: bad token key {key!r} in the logprobs") from None
+
+
+def _echo_logprobs(choice: dict, ids: list[int], top_k: int, name: str) -> list[dict[int, float] | None]:
+    lp = choice.get("logprobs")
+    tokens, tops = (lp.get("tokens"), lp.get("top_logprobs")) if isinstance(lp, dict) else (None, None)
+    if not isinstance(tokens, list) or not isinstance(tops, list):
+        raise ClientError(f"{name}: the answer has no logprobs (does the server support echo with logprobs?)")
+    if (len(tokens) < len(ids) or len(tops) < len(ids)
+            or [_token_id(t, name) for t in tokens[:len(ids)]] != ids):
+        raise ClientError(f"{name}: the server re-tokenized the prompt (the echoed tokens differ from the ids sent)")
+    out: list[dict[int, float] | None] = [None]
+    for entry in tops[1:len(ids)]:
+        if not isinstance(entry, dict) or not entry:
+            raise ClientError(f"{name}: a prompt position after the first has no top_logprobs")
+        out.append(_top({_token_id(k, name): float(v) for k, v in entry.items()}, top_k))
+    return out
+
+
+def _vllm_prompt_logprobs(choice: dict, ids: list[int], top_k: int, name: str) -> list[dict[int, float] | None]:
+    entries = choice.get("prompt_logprobs")
+    if entries is None:
+        raise ClientError(f"{name}: the answer has no prompt_logprobs (the server does not support vLLM's "
+                          "prompt_logprobs; use api='echo')")
+    if len(entries) != len(ids):
+        raise ClientError(f"{name}: the server re-tokenized the prompt ({len(ids)} ids sent, "
+                          f"{len(entries)} prompt_logprobs returned)")
+    out: list[dict[int, float] | None] = [None]
+    for i, entry in enumerate(entries[1:], start=1):
+        try:
+            scores = {int(k): float(v["logprob"] if isinstance(v, dict) else v) for k, v in (entry or {}).items()}
+        except (TypeError, ValueError, KeyError):
+            raise ClientError(f"{name}: malformed prompt_logprobs entry at position {i}") from None
+        if ids[i] not in scores:  # vLLM always lists the actual prompt token
+            raise ClientError(f"{name}: the server re-tokenized the prompt (token {ids[i]} at position {i} is not "
+                              "among its prompt_logprobs)")
+        out.append(_top(scores, top_k))
+    return out
 
 
 def _answer_text(resp, name: str) -> str:

@@ -128,8 +128,11 @@ def parse_row(obj: Any, path: str, line: int, *, require_output: bool = True) ->
 
 
 def _iter_json(path: Path) -> Iterable[tuple[int, Any, Problem | None]]:
+    raw = path.read_bytes()
+    if not raw.strip():
+        return   # no rows: the caller says the file is empty
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         yield 1, None, Problem(str(path), None, None, f"is not valid UTF-8 (byte {e.start})")
         return
@@ -154,7 +157,9 @@ def load_file(path: str | Path, *, skip_bad: bool = False, require_output: bool 
     examples: list[Example] = []
     problems: list[Problem] = []
     seen: dict[str, int] = {}
+    count = 0
     for lineno, obj, problem in rows:
+        count += 1
         if problem is not None:
             problems.append(problem)
             continue
@@ -167,6 +172,10 @@ def load_file(path: str | Path, *, skip_bad: bool = False, require_output: bool 
         elif ex is not None:
             seen[ex.id] = lineno
             examples.append(ex)
+    if not count:   # 0 bytes, only blank lines, or an empty JSON list: say so, not "no rows left after filtering"
+        empty = ("holds no rows (an empty JSON list)" if path.suffix == ".json" and path.read_bytes().strip()
+                 else "the file is empty")
+        raise DataError([Problem(str(path), None, None, empty)])
     if problems and not skip_bad:
         raise DataError(problems)
     return LoadResult(examples, problems, str(path))

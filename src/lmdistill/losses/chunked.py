@@ -21,19 +21,28 @@ from __future__ import annotations
 import torch
 
 from lmdistill.errors import ConfigError
-from lmdistill.losses.chunk_kernels import compiled_value_and_grad, value_and_grad
+from lmdistill.losses.chunk_kernels import Workspace, compiled_value_and_grad, kernel_tile_rows, value_and_grad
 from lmdistill.losses.divergences import check_divergence_params, check_temperature, compute_dtype
 from lmdistill.losses.functional import IGNORE_INDEX
 from lmdistill.losses.masking import as_bool_mask, graph_zero
+from lmdistill.losses.sparse import SparseTeacher, sparse_value_and_grad
 from lmdistill.losses.vocab import LossInputError, shared_vocab
 
 #: With ``chunk_size=None`` a chunk holds about this many vocab entries (rows = budget // V).
-CHUNK_ELEMENTS = 1 << 24
+CHUNK_ELEMENTS = 1 << 25
 
 
 def auto_chunk_size(vocab: int) -> int:
-    """Rows per chunk so that one ``[chunk, vocab]`` float32 tensor is about 64 MiB."""
+    """Rows per chunk so that one ``[chunk, vocab]`` float32 tensor is about 128 MiB (the student's and the
+    teacher's logits buffers; larger matmuls run closer to the BLAS peak)."""
     return max(8, min(4096, CHUNK_ELEMENTS // max(vocab, 1)))
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out <- a @ b`` (in ``out``'s dtype), written in place when the dtypes agree."""
+    if a.dtype == b.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    return out.copy_(a @ b)
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -46,31 +55,62 @@ class _ChunkedLoss(torch.autograd.Function):
         need_h = ctx.needs_input_grad[0]
         need_w = ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype != torch.float64 else weight.dtype,
-                             device=weight.device) if need_w else None
+        grad_w = torch.empty(weight.shape, dtype=torch.float32 if weight.dtype != torch.float64 else weight.dtype,
+                             device=weight.device) if need_w else None  # the first chunk writes it, no zero-fill
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         cdtype = compute_dtype(hidden.dtype)
         scale = 1.0 / n
+        # One [chunk, V] buffer each for the student's and the teacher's logits, reused by every chunk; our
+        # closed-form kernel then runs on row tiles of them that stay in cache, its temporaries in `ws`.
+        tiled = kernel is value_and_grad
+        ws = Workspace() if tiled else None
+        tile = kernel_tile_rows(weight.shape[0]) if tiled else chunk_size
+        zbuf = torch.empty((min(chunk_size, n), weight.shape[0]), dtype=cdtype, device=hidden.device)
+        tbuf = None
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             h = hidden[start:stop]
+            logits = _mm_into(zbuf[:stop - start], h, weight.T)
             if name == "sft":
                 target = labels[start:stop]
                 scratch = False
-            elif teacher_rows is not None:
-                target, scratch = teacher_rows(start, stop), False
             else:
-                target, scratch = teacher_hidden[start:stop] @ teacher_weight.T, True
-            logits = (h @ weight.T).to(cdtype)
-            loss, g = kernel(name, logits, target, temperature, params, target_is_scratch=scratch)
+                target = teacher_rows(start, stop) if teacher_rows is not None else None
+                if target is None or isinstance(target, torch.Tensor):  # dense teacher: logits into its buffer
+                    if tbuf is None:
+                        tbuf = torch.empty_like(zbuf)
+                    tb = tbuf[:stop - start]
+                    target = tb.copy_(target) if target is not None else \
+                        _mm_into(tb, teacher_hidden[start:stop], teacher_weight.T)
+                    scratch = True
+                else:
+                    scratch = False
+            if tiled:
+                loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
+                for r0 in range(0, stop - start, tile):
+                    zt = logits[r0:r0 + tile]
+                    val, g = kernel(name, zt, target[r0:r0 + tile], temperature, params,
+                                    target_is_scratch=scratch, workspace=ws)
+                    if need_h or need_w:
+                        torch.mul(g, scale, out=zt)  # the gradient goes back into the logits' buffer
+                    loss += val.to(torch.float64)
+                g = logits
+            else:
+                loss, g = kernel(name, logits, target, temperature, params, target_is_scratch=scratch)
+                if need_h or need_w:
+                    g = g.mul_(scale)
             if need_h or need_w:
-                g = g.mul_(scale).to(weight.dtype)
+                g = g.to(weight.dtype)
                 if need_h:
-                    grad_h[start:stop] = g @ weight
+                    _mm_into(grad_h[start:stop], g, weight)
                 if need_w:
-                    grad_w.addmm_(g.T.to(grad_w.dtype), h.to(grad_w.dtype))
+                    if start == 0:
+                        torch.mm(g.T.to(grad_w.dtype), h.to(grad_w.dtype), out=grad_w)
+                    else:
+                        grad_w.addmm_(g.T.to(grad_w.dtype), h.to(grad_w.dtype))
             total += loss.to(torch.float64)
             del logits, loss, target, g
+        del zbuf, tbuf, ws
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
         out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -90,7 +130,8 @@ class _ChunkedLoss(torch.autograd.Function):
 
 def chunked_divergence(name: str, student_hidden: torch.Tensor, student_head_weight: torch.Tensor,
                        teacher_logits: torch.Tensor | None = None, *, teacher_hidden: torch.Tensor | None = None,
-                       teacher_head_weight: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                       teacher_head_weight: torch.Tensor | None = None, teacher_sparse: SparseTeacher | None = None,
+                       mask: torch.Tensor | None = None,
                        temperature: float = 1.0, chunk_size: int | None = None, labels: torch.Tensor | None = None,
                        vocab_size: int | None = None, compile: bool = False, **params) -> torch.Tensor:
     """Masked token mean of divergence ``name`` between ``h W^T`` (student) and the teacher, in chunks.
@@ -103,9 +144,12 @@ def chunked_divergence(name: str, student_hidden: torch.Tensor, student_head_wei
         teacher_logits: ``[B, T, V_t]`` teacher logits, or ``None`` when ``teacher_hidden`` and
             ``teacher_head_weight`` (``[B, T, H_t]``, ``[V_t, H_t]``) are given instead, in which
             case teacher logits are computed per chunk and never held in full.
+        teacher_sparse: instead of both, a :class:`~lmdistill.losses.sparse.SparseTeacher` (top-k log-probabilities
+            and tail) at the trained positions in row-major order; the divergence is then taken on its K + 1 bins
+            (:mod:`lmdistill.losses.sparse`).
         mask: ``[B, T]`` 0/1, aligned with logits positions (1 = trained).
         temperature: both distributions are softmax(logits / T).
-        chunk_size: token rows per chunk; ``None`` picks about 2**24 vocab entries per chunk.
+        chunk_size: token rows per chunk; ``None`` picks about 2**25 vocab entries per chunk.
         labels: ``[B, T]`` target ids for ``sft`` (-100 ignored).
         vocab_size: optional tokenizer length, to judge vocabulary padding (see ``vocab.py``).
         compile: run the per-chunk kernel through ``torch.compile`` (fewer passes over each chunk;
@@ -144,9 +188,11 @@ def chunked_divergence(name: str, student_hidden: torch.Tensor, student_head_wei
     else:
         if labels is not None:
             raise LossInputError("labels= is only for name='sft'")
-        if (teacher_logits is None) == (teacher_hidden is None):
-            raise LossInputError("give either teacher_logits or teacher_hidden with teacher_head_weight")
-        if teacher_logits is not None:
+        if sum(x is not None for x in (teacher_logits, teacher_hidden, teacher_sparse)) != 1:
+            raise LossInputError("give one of teacher_logits, teacher_hidden with teacher_head_weight, teacher_sparse")
+        if teacher_sparse is not None:
+            v_t = teacher_sparse.vocab or v_s
+        elif teacher_logits is not None:
             if teacher_logits.shape[:-1] != lead:
                 raise LossInputError(f"teacher logits {tuple(teacher_logits.shape)} and student hidden "
                                      f"{tuple(student_hidden.shape)} differ outside the last dimension")
@@ -172,6 +218,11 @@ def chunked_divergence(name: str, student_hidden: torch.Tensor, student_head_wei
         labels_rows = lab if idx is None else lab.index_select(0, idx)
         if int(labels_rows.min()) < 0 or int(labels_rows.max()) >= v_s:
             raise LossInputError(f"labels must be in [0, {v_s}) or -100")
+    elif teacher_sparse is not None:
+        if len(teacher_sparse) != hidden.shape[0]:
+            raise LossInputError(f"the sparse teacher has {len(teacher_sparse)} positions, the mask selects "
+                                 f"{hidden.shape[0]}")
+        teacher_rows = teacher_sparse.rows
     elif teacher_logits is not None:
         t_flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
         v_cut = v
@@ -188,6 +239,7 @@ def chunked_divergence(name: str, student_hidden: torch.Tensor, student_head_wei
     rows = chunk_size if chunk_size is not None else auto_chunk_size(vocab)
     if not isinstance(rows, int) or rows < 1:
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    kernel = compiled_value_and_grad() if compile else value_and_grad
+    kernel = sparse_value_and_grad if teacher_sparse is not None else \
+        compiled_value_and_grad() if compile else value_and_grad
     return _ChunkedLoss.apply(hidden, weight, teacher_rows, t_hidden, t_weight, labels_rows,
                               name, t, full, rows, kernel)

@@ -40,6 +40,8 @@ student's optimiser and save its ``state_dict`` with the checkpoint.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,8 +91,9 @@ class DACKL(nn.Module):
             raise ConfigError(f"DACKL top_k must be a positive integer, got {top_k!r}")
         if not 0.0 <= coverage_floor <= 1.0:
             raise ConfigError(f"DACKL coverage_floor must be in [0, 1], got {coverage_floor}")
-        if coverage_weight < 0 or sharpness <= 0:
-            raise ConfigError("DACKL coverage_weight must be >= 0 and sharpness > 0")
+        if not (math.isfinite(coverage_weight) and coverage_weight >= 0 and math.isfinite(sharpness) and sharpness > 0):
+            raise ConfigError(f"DACKL coverage_weight must be a finite number >= 0 and sharpness a finite number > 0, "
+                              f"got {coverage_weight!r} and {sharpness!r}")
         for name, bounds in (("fixed_bounds", fixed_bounds), ("init_bounds", init_bounds)):
             if bounds is not None:
                 lo, hi = bounds
@@ -205,6 +208,16 @@ class DACKLTerm(Term):
     @classmethod
     def check_params(cls, params: dict, where: str) -> None:
         super().check_params(params, where)
+        for k in ("coverage_floor", "coverage_weight", "sharpness"):
+            v = params.get(k, 0.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{where}: {k} must be a number, got {v!r}")
+        for k, default in (("fixed_bounds", None), ("init_bounds", (0.02, 0.95))):
+            v = params.get(k, default)
+            if (v is not None or k == "init_bounds") and not (isinstance(v, (list, tuple)) and len(v) == 2 and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+                null = " or null" if k == "fixed_bounds" else ""
+                raise ConfigError(f"{where}: {k} must be a pair [low, high] in [0, 1]{null}, got {v!r}")
         try:
             with torch.random.fork_rng(devices=[]):   # DACKL's own checks, leaving the random state untouched
                 DACKL(**params)

@@ -8,7 +8,9 @@ A term is a small ``nn.Module`` (so it can own parameters and state, as DAC-KL's
 - ``needs_teacher``: it reads teacher logits or hidden states;
 - ``whole_logits``: it needs ``[B, T, V]`` logits (sequence structure: returns, span pairs) instead of logits at
   trained positions only;
-- ``chunkable``: it has a ``chunked(inputs)`` form over hidden states + LM head (real 100k+ vocabularies).
+- ``chunkable``: it has a ``chunked(inputs)`` form over hidden states + LM head (real 100k+ vocabularies);
+- ``sparse_teacher``: it also works from the teacher's top-k log-probabilities (a cached or served teacher,
+  ``inputs.teacher_top_k``) instead of its logits.
 
 ``forward(inputs)`` returns the term's masked mean. ``inputs`` is a :class:`TermInputs`: it computes each forward at
 most once per micro-batch, on first use, so terms that share logits share the forward.
@@ -36,6 +38,7 @@ class Term(nn.Module):
     needs_teacher: bool = False
     whole_logits: bool = False
     chunkable: bool = False
+    sparse_teacher: bool = False
 
     #: The callable whose keyword parameters are the term's recipe parameters (default: the term's ``__init__``).
     params_of = None
@@ -124,8 +127,21 @@ class TermInputs:
         """The student's logits on the sequences."""
         return self.gold_logits if self.same else self._logits(self.student, self.sequences, self.targets[1])
 
+    @property
+    def teacher_is_sparse(self) -> bool:
+        """The teacher gives top-k scores of sequences (a cache or a server), not logits."""
+        return hasattr(self.teacher, "sparse_scores")
+
+    @cached_property
+    def teacher_top_k(self):
+        """The teacher's :class:`~lmdistill.losses.sparse.SparseTeacher` at the sequences' trained positions
+        (row-major, the order of ``flat``)."""
+        return self.teacher.sparse_scores(self.rows, self.sequences)
+
     @cached_property
     def teacher_logits(self) -> torch.Tensor:
+        if self.teacher_is_sparse:
+            raise TypeError("this teacher gives top-k scores, not logits (a term without sparse_teacher read it)")
         s = self.student_logits
         with torch.no_grad():
             return self._logits(self.teacher, self.sequences, self.targets[1]).to(s.dtype)

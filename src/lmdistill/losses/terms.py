@@ -4,7 +4,8 @@
 - ``seq_sft``: L = mean over the policy's sequence tokens of -log q(y_t)  (SeqKD)   (tokens: sequences)
 - ``fkl, rkl, jsd, tvd, skl, srkl, symkl``: L = mean over sequence tokens of D(p_t, q_t) with p = softmax(teacher / T),
   q = softmax(student / T); the formulas are in :mod:`lmdistill.losses.divergences`, the parameters (``beta``,
-  ``alpha``, ``lam``) as there.
+  ``alpha``, ``lam``) as there. With a cached or served teacher (top-k log-probabilities and a tail bucket) the same
+  divergence is taken on the K + 1 bins (:mod:`lmdistill.losses.sparse`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from lmdistill.losses.chunked import chunked_divergence
 from lmdistill.losses.divergences import DIVERGENCE_PARAMS, check_divergence_params, check_temperature
 from lmdistill.losses.functional import sft_loss
 from lmdistill.losses.registry import get_loss
+from lmdistill.losses.sparse import sparse_divergence
 from lmdistill.losses.term import Term, TermInputs
 
 
@@ -58,6 +60,7 @@ class DivergenceTerm(Term):
 
     needs_teacher = True
     chunkable = True
+    sparse_teacher = True
     divergence = ""
 
     def __init__(self, *, temperature: float = 1.0, **params):
@@ -81,12 +84,18 @@ class DivergenceTerm(Term):
             raise ConfigError(f"{where}: {e}") from None
 
     def forward(self, inputs: TermInputs) -> torch.Tensor:
+        if inputs.teacher_is_sparse:
+            return sparse_divergence(self.divergence, inputs.student_logits, inputs.teacher_top_k, inputs.logits_mask,
+                                     temperature=self.temperature, **self.params)
         return self.loss(inputs.student_logits, inputs.teacher_logits, inputs.logits_mask,
                          temperature=self.temperature)
 
     def chunked(self, inputs: TermInputs) -> torch.Tensor:
         _, mask = inputs.targets
         s_h, w = inputs.student_hidden
+        if inputs.teacher_is_sparse:
+            return chunked_divergence(self.divergence, s_h[:, :-1], w, teacher_sparse=inputs.teacher_top_k, mask=mask,
+                                      temperature=self.temperature, **self.params)
         t_h, t_w = inputs.teacher_hidden
         return chunked_divergence(self.divergence, s_h[:, :-1], w, teacher_hidden=t_h[:, :-1].to(s_h.dtype),
                                   teacher_head_weight=t_w.to(w.dtype), mask=mask, temperature=self.temperature,

@@ -2,9 +2,17 @@
 
 ``create_app(model, tokenizer, model_name=..., api_key=..., max_tokens_limit=...)`` builds the app:
 ``GET /v1/models``, ``POST /v1/chat/completions`` (plain JSON, or server-sent events with ``stream: true``
-ending in ``data: [DONE]``). Every failure is answered with OpenAI's error body
+ending in ``data: [DONE]``), ``POST /v1/completions`` (raw prompts or token ids, ``echo``, ``logprobs`` and
+vLLM's ``prompt_logprobs``: see ``lmdistill.serve.completions``). Every failure is answered with OpenAI's error body
 ``{"error": {"message", "type", "param", "code"}}``: 401 for a missing or wrong key, 400 for a malformed
-request, 404 for an unknown model or route; never a 500 for bad input.
+request, 404 for an unknown model or route, 413 for a body over ``max_body_bytes``; never a 500 for bad input.
+
+The server bounds itself: a body over the limit is refused while it is read (whether it declares a
+``Content-Length`` or comes chunked), its rest read and dropped so the client sees the 413 rather than a reset
+connection; a prompt with more characters than the context can hold is refused before it is tokenized
+(``ChatEngine.encode``); JSON parsing, tokenization and generation run in worker threads, off the event loop,
+so ``/health`` and small requests are answered during a burst of big ones. Every chat parameter is honoured
+(``logprobs`` / ``top_logprobs`` in OpenAI's chat format, streamed too) or refused with 400 naming it.
 """
 
 
@@ -13,6 +21,8 @@ import json
 import time
 import uuid
 
+from lmdistill.serve.completions import (NEUTRAL, check_model, completion_choice, engine_kwargs,
+                                         parse_completion_request)
 from lmdistill.serve.engine import ChatEngine, ContextLengthError
 
 ROLES = ("system", "user", "assistant")
@@ -56,10 +66,54 @@ def _content(m: dict, i: int) -> str:
                    code="invalid_type")
 
 
-def parse_request(body, *, model_name: str, max_tokens_limit: int, default_max_tokens: int) -> dict:
+# chat parameters accepted only at the value that changes nothing (the completions ones, and these)
+CHAT_NEUTRAL = {**{k: v for k, v in NEUTRAL.items() if k not in ("best_of", "suffix")},
+                "response_format": ({"type": "text"},), "tools": ([],), "functions": ([],),
+                "tool_choice": ("none", "auto"), "function_call": ("none", "auto")}
+CHAT_KNOWN = {"model", "messages", "max_tokens", "max_completion_tokens", "n", "stream", "stream_options", "seed",
+              "stop", "temperature", "top_p", "logprobs", "top_logprobs", "user", *CHAT_NEUTRAL}
+
+
+def _check_params(body: dict) -> None:
+    """400 naming the first parameter this server does not implement (unknown, or at a value that matters)."""
+    for name in body:
+        if name not in CHAT_KNOWN:
+            raise ApiError(400, f"unsupported parameter '{name}'", param=name, code="unsupported_parameter")
+    for name, allowed in CHAT_NEUTRAL.items():
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or value not in allowed):
+            raise ApiError(400, f"'{name}' = {json.dumps(value)[:80]} is not supported by this server", param=name,
+                           code="unsupported_parameter")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise ApiError(400, "'user' must be a string", param="user", code="invalid_type")
+    opts = body.get("stream_options")
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise ApiError(400, "'stream_options' must be an object", param="stream_options", code="invalid_type")
+        for key in opts:
+            if key != "include_usage":
+                raise ApiError(400, f"unsupported parameter 'stream_options.{key}'", param=f"stream_options.{key}",
+                               code="unsupported_parameter")
+
+
+def _logprobs(body: dict, max_logprobs: int) -> int | None:
+    """``top_logprobs`` (0 when absent) if ``logprobs`` is true, else ``None``; 400 for anything inconsistent."""
+    flag = body.get("logprobs")
+    if flag is not None and not isinstance(flag, bool):
+        raise ApiError(400, "'logprobs' must be a boolean", param="logprobs", code="invalid_type")
+    top = _number(body, "top_logprobs", None, 0, max_logprobs, integer=True)
+    if top is not None and not flag:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+    return (top or 0) if flag else None
+
+
+def parse_request(body, *, model_name: str, max_tokens_limit: int, default_max_tokens: int,
+                  max_logprobs: int = 20) -> dict:
     """Validate a chat-completions body; return normalised parameters or raise ``ApiError``."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    _check_params(body)
     messages = body.get("messages")
     if messages is None:
         raise ApiError(400, "'messages' is a required property", param="messages", code="missing_required_parameter")
@@ -73,12 +127,7 @@ def parse_request(body, *, model_name: str, max_tokens_limit: int, default_max_t
             raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}", param=f"messages[{i}].role",
                            code="invalid_value")
         clean.append({"role": m["role"], "content": _content(m, i)})
-    model = body.get("model", model_name)
-    if not isinstance(model, str):
-        raise ApiError(400, "'model' must be a string", param="model", code="invalid_type")
-    if model != model_name:
-        raise ApiError(404, f"the model '{model}' does not exist; this server serves '{model_name}'", param="model",
-                       code="model_not_found")
+    model = check_model(body, model_name, ApiError)
     limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, limit_name, default_max_tokens, 1, max_tokens_limit, integer=True)
     n = _number(body, "n", 1, 1, 1, integer=True)
@@ -88,45 +137,87 @@ def parse_request(body, *, model_name: str, max_tokens_limit: int, default_max_t
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ApiError(400, "'seed' must be an integer", param="seed", code="invalid_type")
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop)):
-        raise ApiError(400, "'stop' must be a string or a list of at most 4 strings", param="stop", code="invalid_type")
+    stop = _stop(body)
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise ApiError(400, "'stream_options' must be an object", param="stream_options", code="invalid_type")
     return {
         "messages": clean, "model": model, "max_tokens": max_tokens, "n": n, "stream": stream, "seed": seed,
-        "stop": stop, "include_usage": bool(opts.get("include_usage")),
+        "stop": stop, "include_usage": bool(opts.get("include_usage")), "logprobs": _logprobs(body, max_logprobs),
         "temperature": float(_number(body, "temperature", 1.0, 0.0, 2.0)),
         "top_p": float(_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)),
     }
 
 
-MAX_BODY_BYTES = 8 * 1024 * 1024
+def _stop(body: dict) -> list[str] | None:
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop)):
+        raise ApiError(400, "'stop' must be a string or a list of at most 4 strings", param="stop", code="invalid_type")
+    return stop
+
+
+MAX_BODY_BYTES = 8 * 1024 * 1024  # the body limit for a model that does not say its context length
+BODY_BYTES_PER_TOKEN = 16  # JSON-escaped text of one token: a few characters, up to 6 bytes each (\\uXXXX)
+MIN_BODY_BYTES = 1024 * 1024
+DRAIN_BYTES = 256 * 1024 * 1024  # past the limit, read and drop at most this much more before closing
+
+
+def default_max_body_bytes(model) -> int:
+    """The request-body limit sized to ``model``'s context: ``BODY_BYTES_PER_TOKEN`` per position, at least
+    ``MIN_BODY_BYTES`` (``MAX_BODY_BYTES`` when the model does not say its context length)."""
+    from lmdistill.serve.engine import _max_positions
+
+    positions = _max_positions(model)
+    return MAX_BODY_BYTES if positions is None else max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * positions)
+
+
+def _logprobs_content(engine: ChatEngine, scores, k: int) -> list[dict]:
+    """OpenAI's chat ``logprobs.content``: per generated token its text, log-probability, bytes and top ``k``."""
+    from lmdistill.serve.completions import FLOOR
+
+    def entry(token: int, lp: float) -> dict:
+        return {"token": engine.piece(token), "logprob": max(float(lp), FLOOR), "bytes": engine.token_bytes(token)}
+
+    return [{**entry(s.token, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top[:k]]} for s in scores]
 
 
 def create_app(model, tokenizer, *, model_name: str = "local", api_key: str | None = None,
                max_tokens_limit: int = 2048, default_max_tokens: int = 256, truncate_prompt: bool = False,
-               max_body_bytes: int = MAX_BODY_BYTES):
-    """The FastAPI app serving ``model``. Forward passes are serialised on the model by the engine's lock."""
+               max_body_bytes: int | None = None, max_logprobs: int = 20, max_batch_prompts: int = 64):
+    """The FastAPI app serving ``model``. Forward passes are serialised on the model by the engine's lock.
+
+    ``max_body_bytes``: the largest request body (413 past it; default ``default_max_body_bytes(model)``);
+    ``max_logprobs``: the largest ``logprobs`` / ``prompt_logprobs`` a completions request, or ``top_logprobs``
+    a chat request, may ask for (vLLM's ``--max-logprobs``); ``max_batch_prompts``: the most prompts one
+    completions request may hold.
+    """
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import ClientDisconnect
+
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     engine = ChatEngine(model, tokenizer, truncate_prompt=truncate_prompt)
+    if max_body_bytes is None:
+        max_body_bytes = default_max_body_bytes(model)
     app = FastAPI(title="lmdistill serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
+    app.state.max_body_bytes = max_body_bytes
     created = int(time.time())
 
     def error_response(err: ApiError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        if err.status == 413:
+            headers = {"Connection": "close"}
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
+        _forget_frames(exc)
         return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
@@ -161,42 +252,125 @@ def create_app(model, tokenizer, *, model_name: str = "local", api_key: str | No
     async def health():
         return {"status": "ok"}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        check_key(request)
+    too_large = f"the request body is larger than this server's limit of {max_body_bytes} bytes"
+
+    async def read_body(request: Request) -> bytes:
+        """The body, read chunk by chunk and refused (413) as soon as it is over the limit, declared or not."""
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_body_bytes:
-            raise ApiError(413, f"the request body is larger than {max_body_bytes} bytes", code="request_too_large")
-        raw = await request.body()
-        if len(raw) > max_body_bytes:
-            raise ApiError(413, f"the request body is larger than {max_body_bytes} bytes", code="request_too_large")
+            raise ApiError(413, too_large, code="request_too_large")
+        buf = bytearray()
+        request.scope["lmdistill.body_started"] = True  # uvicorn answers 100-continue on the first read
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > max_body_bytes:
+                raise ApiError(413, too_large, code="request_too_large")
+        return bytes(buf)
+
+    async def drain(request: Request) -> None:
+        """Read and drop the rest of a refused body (at most ``DRAIN_BYTES``): a client still sending when the
+        server closes gets a reset connection instead of the answer. A client waiting on ``Expect:
+        100-continue`` is answered at once (reading would tell it to send)."""
+        if "100-continue" in request.headers.get("expect", "").lower() and not request.scope.get("lmdistill.body_started"):
+            return
+        dropped = 0
         try:
-            body = json.loads(raw)
+            async for chunk in request.stream():
+                dropped += len(chunk)
+                if dropped > DRAIN_BYTES:
+                    return
+        except (ClientDisconnect, RuntimeError):  # gone, or the body was already read to its end
+            return
+
+    async def read_json(request: Request):
+        try:
+            check_key(request)
+            raw = await read_body(request)
+        except ApiError:
+            await drain(request)
+            raise
+        try:
+            return await run_in_threadpool(json.loads, raw)
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "the request body is not valid JSON") from None
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_json(request)
         req = parse_request(body, model_name=model_name, max_tokens_limit=max_tokens_limit,
-                            default_max_tokens=default_max_tokens)
-        gen_kwargs = {k: req[k] for k in ("max_tokens", "temperature", "top_p", "seed", "stop")}
-        try:  # fail early (400) on an over-long prompt, before a stream has started
-            engine.prompt_ids(req["messages"], req["max_tokens"])
+                            default_max_tokens=default_max_tokens, max_logprobs=max_logprobs)
+        gen_kwargs = {k: req[k] for k in ("max_tokens", "temperature", "top_p", "seed", "stop", "logprobs")}
+        try:  # fail early (400) on an over-long prompt, before a stream has started; tokenized in a worker
+            ids = await run_in_threadpool(engine.prompt_ids, req["messages"], req["max_tokens"])
         except ContextLengthError as e:
             raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         if req["stream"]:
-            return StreamingResponse(_sse(engine, req, gen_kwargs, cid, now, model_name),
+            return StreamingResponse(_sse(engine, ids, req, gen_kwargs, cid, now, model_name),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        from starlette.concurrency import run_in_threadpool
-
-        done = await run_in_threadpool(engine.complete, req["messages"], **gen_kwargs)
-        return {
+        done = await run_in_threadpool(engine.complete_ids, ids, **gen_kwargs)
+        logprobs = None
+        if req["logprobs"] is not None:
+            logprobs = {"content": _logprobs_content(engine, done.logprobs or [], req["logprobs"]), "refusal": None}
+        return JSONResponse({
             "id": cid, "object": "chat.completion", "created": now, "model": model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                         "logprobs": None, "finish_reason": done.finish_reason}],
+                         "logprobs": logprobs, "finish_reason": done.finish_reason}],
             "usage": _usage(done),
-        }
+        })
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_json(request)
+        # in a worker: string prompts are tokenized here (after the cheap length bound)
+        req = await run_in_threadpool(lambda: parse_completion_request(
+            body, engine=engine, model_name=model_name, max_tokens_limit=max_tokens_limit, max_logprobs=max_logprobs,
+            max_batch=max_batch_prompts, number=_number, stop_param=_stop, error=ApiError,
+            truncate_prompt=truncate_prompt))
+        kwargs = engine_kwargs(req)
+        # scores must cover the prompt as sent: only plain generation may cut an over-long prompt
+        truncate = req["truncate"]
+        prompts = []
+        for i, (ids, text) in enumerate(req["prompts"]):
+            try:
+                fitted = engine.fit(ids, req["max_tokens"], truncate=truncate,
+                                    what=f"prompt[{i}] uses" if len(req["prompts"]) > 1 else "the prompt uses")
+            except ContextLengthError as e:
+                raise ApiError(400, str(e), param="prompt", code="context_length_exceeded") from None
+            prompts.append((fitted, text if fitted is ids else None))
+
+        def run_all():
+            return [engine.complete_ids(ids, **kwargs) for ids, _ in prompts]
+
+        done = await run_in_threadpool(run_all)
+        choices = [completion_choice(engine, i, ids, text, d, req)
+                   for i, ((ids, text), d) in enumerate(zip(prompts, done))]
+        prompt_tokens = sum(d.prompt_tokens for d in done)
+        completion_tokens = sum(d.completion_tokens for d in done)
+        # a JSONResponse as is: FastAPI's encoder walking megabytes of nested logprobs costs more than the forward
+        return JSONResponse({"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                             "created": int(time.time()), "model": model_name, "choices": choices,
+                             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                       "total_tokens": prompt_tokens + completion_tokens}})
 
     return app
+
+
+def _forget_frames(exc: BaseException) -> None:
+    """Clear the locals of the finished frames an error (and the errors it was raised from) went through.
+
+    An error raised in a worker thread reaches the handler through an asyncio future, and the future, the
+    error and its traceback form a reference cycle that keeps every frame's locals (a refused request's
+    megabytes of body, messages and rendered prompt) alive until the cyclic garbage collector runs, which
+    can be never soon: ten refused 5 MB prompts held ~170 MB that way. Clearing the frames frees them now.
+    """
+    import traceback
+
+    seen = 0
+    while exc is not None and seen < 8:
+        traceback.clear_frames(exc.__traceback__)
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
 
 
 def _usage(done) -> dict:
@@ -204,18 +378,31 @@ def _usage(done) -> dict:
             "total_tokens": done.prompt_tokens + done.completion_tokens}
 
 
-def _sse(engine: ChatEngine, req: dict, gen_kwargs: dict, cid: str, now: int, model_name: str):
-    """Server-sent events in OpenAI's chunk format (a sync generator: Starlette iterates it in a thread)."""
+def _sse(engine: ChatEngine, ids: list[int], req: dict, gen_kwargs: dict, cid: str, now: int, model_name: str):
+    """Server-sent events in OpenAI's chunk format (a sync generator: Starlette iterates it in a thread).
+
+    With ``logprobs`` each chunk carries the scores of the tokens generated since the previous one; tokens whose
+    text is never sent (held back, or cut at a stop string) ride on the last chunk, so the chunks' scores, joined,
+    are the non-streaming answer's."""
+    k = req["logprobs"]
+    scores: list = []
+    sent = 0
+
     def chunk(delta: dict, finish=None, usage=None) -> str:
+        nonlocal sent
+        logprobs = None
+        if k is not None and usage is None:
+            logprobs = {"content": _logprobs_content(engine, scores[sent:], k), "refusal": None}
+            sent = len(scores)
         obj = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+               "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
         if usage is not None:
             obj = {**obj, "choices": [], "usage": usage}
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
     final = None
-    for delta, done in engine.stream(req["messages"], **gen_kwargs):
+    for delta, done in engine.stream_ids(ids, **gen_kwargs, scores_out=scores if k is not None else None):
         if delta:
             yield chunk({"content": delta})
         final = done or final

@@ -24,7 +24,8 @@ import yaml
 from lmdistill.errors import ConfigError
 from lmdistill.generation import POLICIES as GENERATION_POLICIES
 from lmdistill.generation import NEEDS_TEACHER, SamplingConfig
-from lmdistill.losses.objective import TERMS, check_objective, entry_name, reads_teacher, term_class
+from lmdistill.losses.objective import TERMS, check_objective, entry_name, entry_params, reads_teacher, term_class
+from lmdistill.teachers.spec import CACHE, LOCAL, SERVED, teacher_kind
 from lmdistill.train.sources import SOURCES, source_class
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -81,13 +82,15 @@ class TrainConfig:
     # bookkeeping
     seed: int = 42
     save_steps: int = 50
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2               # 0 = keep every checkpoint
     eval_steps: int = 50
     eval_limit: int = 32                    # validation examples for ROUGE-L
     eval_max_new_tokens: int = 256         # validation ROUGE-L (best/) at the protocol's generation length
     log_steps: int = 1
     max_bad_steps: int = 10
     teacher_dtype: str = "float32"
+    teacher_top_k: int = 20                 # served teacher (openai:NAME@URL): log-probabilities per position
+    teacher_logprobs_api: str = "echo"      # served teacher: echo (completions echo + logprobs) | prompt_logprobs (vLLM)
     student_dtype: str = "float32"
     device: str = "auto"
     progress: bool = True
@@ -112,6 +115,8 @@ class TrainConfig:
         if self.needs_teacher and not self.teacher:
             terms = ", ".join(entry_name(e) for e in self.objective if reads_teacher(e)) or "none"
             raise ConfigError(f"teacher: is required for policy={self.policy} (terms that read the teacher: {terms})")
+        if self.teacher:
+            check_teacher_use(self)
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                               f"({self.micro_batch_size})")
@@ -139,11 +144,72 @@ class TrainConfig:
             for k in ("replay_init_threshold", "replay_threshold_step"):
                 if not 0 <= getattr(self, k) <= 1:
                     raise ConfigError(f"{k}: must be in [0, 1], got {getattr(self, k)}")
-        for k in ("lr", "weight_decay", "clip_grad", "warmup_ratio"):
-            v = getattr(self, k)
-            if not math.isfinite(v) or v < 0:
-                raise ConfigError(f"{k}: must be a finite number >= 0, got {v}")
+        check_ranges(self)
         return self
+
+
+#: Every number of ``TrainConfig`` and its range, checked at load (``key: must be ..., got VALUE``); non-finite
+#: values fail every range. ``(low, high, high_open)``; None is unbounded. Term parameters and sampling settings
+#: are checked by their own classes (``check_objective``, ``SamplingConfig``).
+RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "lr": (0, None, False), "weight_decay": (0, None, False), "clip_grad": (0, None, False),
+    "warmup_ratio": (0, 1, False), "lora_dropout": (0, 1, True),
+    "replay_init_threshold": (0, 1, False), "replay_threshold_step": (0, 1, False), "replay_loss_eps": (0, None, False),
+    "max_prompt_length": (1, None, False), "max_length": (2, None, False), "max_train_examples": (0, None, False),
+    "warmup_steps": (0, None, False), "lora_r": (1, None, False), "lora_alpha": (1, None, False),
+    "keep_checkpoints": (0, None, False), "eval_limit": (0, None, False), "eval_max_new_tokens": (1, None, False),
+    "log_steps": (1, None, False), "max_bad_steps": (1, None, False), "replay_capacity": (1, None, False),
+}
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    for k, (low, high, high_open) in RANGES.items():
+        v = getattr(cfg, k)
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+              and (low is None or v >= low) and (high is None or (v < high if high_open else v <= high)))
+        if not ok:
+            kind = "a finite number" if HINTS[k] is float else "an integer"
+            if high is None:
+                want = f"{kind} >= {low}"
+            else:
+                want = f"{kind} in [{low}, {high}{')' if high_open else ']'}"
+            raise ConfigError(f"{k}: must be {want}, got {v!r}")
+    if cfg.max_prompt_length >= cfg.max_length:
+        raise ConfigError(f"max_prompt_length ({cfg.max_prompt_length}) must be < max_length ({cfg.max_length}): "
+                          "no room would be left for the response")
+
+
+def check_teacher_use(cfg: TrainConfig) -> None:
+    """A cached or served teacher gives top-k scores of whole sequences: refuse what needs more of it."""
+    kind = teacher_kind(cfg.teacher)
+    if kind == LOCAL:
+        return
+    where = f"teacher: {cfg.teacher}"
+    generator = source_class(cfg.policy).generator_policy(cfg)
+    if generator in NEEDS_TEACHER:
+        raise ConfigError(f"{where}: policy {generator!r} needs the teacher at every generated token, so it needs a "
+                          f"local teacher (teacher: PATH); a {'cached' if kind == CACHE else 'served'} teacher only "
+                          "scores whole sequences")
+    if kind == CACHE and generator is not None:
+        raise ConfigError(f"{where}: a cache holds the teacher's scores of fixed sequences, but policy "
+                          f"{cfg.policy!r} samples new ones each step; use a served teacher (openai:NAME@URL) or a "
+                          "local one, or generate the sequences first (lmdistill generate) and capture them")
+    used = [e for e in cfg.objective if e["weight"] > 0 and reads_teacher(e)]
+    dense = [entry_name(e) for e in used if not term_class(e).sparse_teacher]
+    if dense:
+        ok = ", ".join(n for n, c in TERMS.items() if c.sparse_teacher)
+        raise ConfigError(f"{where}: term(s) {', '.join(dense)} need the teacher's full distribution; a "
+                          f"{'cached' if kind == CACHE else 'served'} teacher gives its top-k (terms that take it: "
+                          f"{ok}); use a local teacher")
+    if kind == SERVED:
+        if isinstance(cfg.teacher_top_k, bool) or not isinstance(cfg.teacher_top_k, int) or cfg.teacher_top_k < 1:
+            raise ConfigError(f"teacher_top_k: must be a positive integer, got {cfg.teacher_top_k!r}")
+        if cfg.teacher_logprobs_api not in ("echo", "prompt_logprobs"):
+            raise ConfigError(f"teacher_logprobs_api: must be echo or prompt_logprobs, got {cfg.teacher_logprobs_api!r}")
+        hot = [entry_name(e) for e in used if float(entry_params(e).get("temperature", 1.0)) != 1.0]
+        if hot:
+            raise ConfigError(f"{where}: term(s) {', '.join(hot)} set a temperature; a served teacher's log-probabilities "
+                              "are at temperature 1, so the terms must use temperature 1.0")
 
 
 def check_sampling(values: dict) -> dict:

@@ -6,12 +6,17 @@ Each builder takes the recipe (``TrainConfig``) and returns one piece; ``trainer
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from accelerate import Accelerator
 
 from lmdistill.data import load_examples, tokenize_examples
 from lmdistill.errors import ConfigError
+from lmdistill.losses.objective import entry_params, reads_teacher
 from lmdistill.models import load_model, load_tokenizer
+from lmdistill.teachers import CACHE, LOCAL, TeacherCache, cache_dir, examples_hash, teacher_kind, tokenizer_hash
+from lmdistill.teachers.served import ServedTeacher
 from lmdistill.train.config import TrainConfig
 
 
@@ -41,7 +46,7 @@ def check_tokenizers(student_tok, teacher_tok) -> None:
 
 def load_tokenizers(cfg: TrainConfig):
     tokenizer = load_tokenizer(cfg.student)
-    if cfg.teacher:
+    if cfg.teacher and teacher_kind(cfg.teacher) == LOCAL:
         check_tokenizers(tokenizer, load_tokenizer(cfg.teacher))
     return tokenizer
 
@@ -75,8 +80,35 @@ def load_student(cfg: TrainConfig, device):
     return student
 
 
-def load_teacher(cfg: TrainConfig, device):
-    return load_model(cfg.teacher, dtype=cfg.teacher_dtype, device=str(device)) if cfg.teacher else None
+def load_teacher(cfg: TrainConfig, device, tokenizer=None):
+    """The teacher: a model in this process, a :class:`TeacherCache` (``cache:DIR``) or a served teacher
+    (``openai:NAME@URL``); ``None`` without one."""
+    if not cfg.teacher:
+        return None
+    kind = teacher_kind(cfg.teacher)
+    if kind == LOCAL:
+        return load_model(cfg.teacher, dtype=cfg.teacher_dtype, device=str(device))
+    if kind == CACHE:
+        return open_cache(cfg, tokenizer)
+    return ServedTeacher.from_spec(cfg.teacher, top_k=cfg.teacher_top_k, api=cfg.teacher_logprobs_api,
+                                   cache_path=Path(cfg.output_dir) / "teacher_scores.jsonl", tokenizer=tokenizer)
+
+
+def open_cache(cfg: TrainConfig, tokenizer) -> TeacherCache:
+    """The run's teacher cache, refused when it was captured with another tokenizer, template, lengths, data or
+    temperature than this run uses."""
+    cache = TeacherCache(cache_dir(cfg.teacher))
+    data = load_examples(cfg.data)
+    cache.check_compatible({"tokenizer_hash": tokenizer_hash(tokenizer), "template": cfg.template,
+                            "max_prompt_length": cfg.max_prompt_length, "max_length": cfg.max_length,
+                            "data_hash": examples_hash(data.examples[: cache.manifest.get("limit") or None])})
+    for e in cfg.objective:
+        t = float(entry_params(e).get("temperature", 1.0))
+        if e["weight"] > 0 and reads_teacher(e) and t != cache.temperature:
+            raise ConfigError(f"objective: term {e.get('name', e['term'])} uses temperature {t}, but cache:"
+                              f"{cache.root} was captured at temperature {cache.temperature}; capture with "
+                              f"--temperature {t} or set the term's temperature to {cache.temperature}")
+    return cache
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]):

@@ -7,6 +7,9 @@ count, so one process and N processes optimise the same objective. Non-finite lo
 restore exactly. The trainer knows no method by name: the policy is a sequence source (``sequences.py``), the loss
 an objective of registered terms (``lmdistill.losses.objective``).
 
+Several processes: DDP through ``accelerate.prepare``, or FSDP2 (``configs/accelerate/fsdp2.yaml``), where
+``train/fsdp.py`` shards the student and the teacher, gathers them for generation and writes full-state checkpoints.
+
 Callbacks (``train(cfg, callbacks=[...])``) see ``on_step_begin(run, step)``, ``on_sequences(run, step, seqs)`` for
 each micro-batch's sequences and ``on_step_end(run, step, metrics)``.
 """
@@ -21,14 +24,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lmdistill.errors import ConfigError, LmdistillError
+from lmdistill.errors import LmdistillError
+from lmdistill.generation.policies import NEEDS_TEACHER
 from lmdistill.io import atomic_dir, write_json
 from lmdistill.losses.model_forward import shifted
 from lmdistill.losses.objective import Objective
 from lmdistill.losses.term import TermInputs
-from lmdistill.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmdistill.train.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from lmdistill.train.config import TrainConfig
 from lmdistill.train.data_order import global_batch_indices, rank_slice
+from lmdistill.train.fsdp import (FullOptimizer, FullState, all_reduce_grads, clip_grad_norm, fsdp_requested,
+                                  full_state_dict, gathered, local_param_bytes, release, shard)
 from lmdistill.train.metrics_log import MetricsLog, plot_curves
 from lmdistill.train.sources import make_sequence_source
 from lmdistill.train.setup import (load_rows, load_student, load_teacher, load_tokenizers, make_accelerator,
@@ -61,33 +67,63 @@ class Run:
         self.tokenizer = load_tokenizers(cfg)
         self.train_rows, self.valid_rows, self.filter_reports = load_rows(cfg, self.tokenizer)
         device = self.acc.device
+        self.fsdp = fsdp_requested()   # FSDP2 from the launcher config (train/fsdp.py); sharded here, not by prepare
         student = load_student(cfg, device)
-        self.teacher = load_teacher(cfg, device)
+        self.teacher = load_teacher(cfg, device, self.tokenizer)   # a model, a cache or a server
+        # what the sequence engine may sample with: only a teacher in this process
+        self.local_teacher = self.teacher if isinstance(self.teacher, torch.nn.Module) else None
+        if self.fsdp:
+            bf16 = self.acc.mixed_precision == "bf16"
+            shard(student, bf16=bf16)
+            if self.local_teacher is not None:
+                shard(self.local_teacher, frozen=True, bf16=bf16)   # eval, no gradients, no optimiser state
         self.objective = Objective(cfg.objective).to(device)   # after the models: its parameters draw random numbers
         self.whole_logits = self.objective.whole_logits(student)
         self.sampling = cfg.sampling_config(cfg.seed)   # what the terms may read of how sequences are drawn
         optimizer = make_optimizer(cfg, self.params(student))
         self.scheduler = make_scheduler(cfg, optimizer)
-        self.student, self.optimizer = self.acc.prepare(student, optimizer)
+        if self.fsdp:
+            self.student, self.optimizer = student, optimizer   # FSDP2 syncs gradients; no DDP wrapper
+        else:
+            self.student, self.optimizer = self.acc.prepare(student, optimizer)
         self.source = make_sequence_source(cfg)
+        policy = self.source.generator_policy(cfg)
+        # under FSDP2 generation decodes on gathered weights: the student's, and the teacher's when it samples
+        self.gather_for_generation = (student, self.local_teacher if policy in NEEDS_TEACHER else None) \
+            if self.fsdp and policy else ()
         self.state = {"step": 0, "bad_steps": 0, "skipped_steps": 0, "best_rouge": None, "best_step": None,
                       "sequences": None, "tokens_seen": 0}
         self.ckpt_root = self.out / "checkpoints"
         self.resumed_from = self.restore(resume) if resume else None
 
     def restore(self, resume: bool | str) -> str:
-        path = latest_checkpoint(self.ckpt_root) if resume is True else Path(resume)
-        if path is None:
-            raise ConfigError(f"--resume: no checkpoint in {self.ckpt_root}")
-        self.state = load_checkpoint(path, self.modules(), self.optimizer, self.scheduler, self.rank)
+        optimizer = FullOptimizer(self.optimizer) if self.fsdp else self.optimizer
+        path, self.state = resume_checkpoint(self.ckpt_root, resume, self.modules(), optimizer, self.scheduler,
+                                             self.rank)   # verified; loads no pickled code
         self.source.load_state(self.state.get("sequences"))
         return str(path)
 
     def modules(self) -> dict:
-        return {"student": self.unwrapped(), "objective": self.objective}
+        # under FSDP2 the student is saved and loaded as its full state dict (the one-process files)
+        return {"student": FullState(self.student) if self.fsdp else self.unwrapped(), "objective": self.objective}
 
     def unwrapped(self):
-        return self.acc.unwrap_model(self.student)
+        """The HF model (under FSDP2 the sharded model itself: its parameters are DTensors; ``full_student()``
+        gathers them)."""
+        return self.student if self.fsdp else self.acc.unwrap_model(self.student)
+
+    def full_student(self):
+        """A plain, unsharded copy of the student on rank 0 (under FSDP2, gathered: a collective; ``None`` on the
+        other ranks), the student itself without FSDP."""
+        if not self.fsdp:
+            return self.unwrapped()
+        state = full_state_dict(self.student)
+        if self.rank != 0:
+            return None
+        with torch.random.fork_rng(devices=[]):   # building a model draws random numbers: keep the run's stream
+            model = load_student(self.cfg, "cpu")
+        model.load_state_dict(state)
+        return model
 
     def params(self, student=None) -> list[torch.nn.Parameter]:
         student = self.student if student is None else student
@@ -108,12 +144,13 @@ class Run:
         mine = [self.train_rows[i] for i in rank_slice(idx, self.rank, self.world)]
         micros = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
         prepared = []
-        for m, rows in enumerate(micros):
-            seqs = self.source.build(rows, step=step, micro=m, rank=self.rank, student=self.unwrapped(),
-                                     teacher=self.teacher, tokenizer=self.tokenizer)
-            gold = seqs if seqs.is_gold else self.source.gold(rows, self.tokenizer)  # one collated batch serves both
-            prepared.append((gold, seqs))
-            self.hook("on_sequences", step, seqs)
+        with gathered(*self.gather_for_generation):   # FSDP2: every rank gathers, whatever its source decides
+            for m, rows in enumerate(micros):
+                seqs = self.source.build(rows, step=step, micro=m, rank=self.rank, student=self.unwrapped(),
+                                         teacher=self.local_teacher, tokenizer=self.tokenizer)
+                gold = seqs if seqs.is_gold else self.source.gold(rows, self.tokenizer)  # one batch serves both
+                prepared.append((gold, seqs))
+                self.hook("on_sequences", step, seqs)
         # global token counts per token set, so every micro-batch and process is weighted by its tokens
         counts = {"gold": sum(shifted(g.batch)[1].sum() for g, _ in prepared),
                   "sequences": sum(shifted(s.batch)[1].sum() for _, s in prepared), "batch": len(prepared)}
@@ -127,7 +164,7 @@ class Run:
                                 {k: v.to(acc.device) for k, v in seqs.batch.items()}, same=seqs.is_gold,
                                 whole=self.whole_logits, rows=seqs.rows, tokenizer=self.tokenizer,
                                 sampling=self.sampling)
-            ctx = acc.no_sync(self.student) if m < len(prepared) - 1 else nullcontext()
+            ctx = acc.no_sync(self.student) if m < len(prepared) - 1 and not self.fsdp else nullcontext()
             with ctx, acc.autocast():
                 loss = torch.zeros((), device=acc.device)
                 for name, (mean, tokens) in self.objective(inputs, chunked=cfg.chunked_loss).items():
@@ -135,6 +172,7 @@ class Run:
                     loss = loss + weights[name] * part * self.world
                     logged[name] += float(part.detach())
                 acc.backward(loss)
+            release(self.local_teacher if self.fsdp else None)   # FSDP2: the teacher back to its shards
             total_loss += loss.detach() / self.world
         if not self.all_sum(torch.isfinite(total_loss).float()) >= self.world:
             self.optimizer.zero_grad(set_to_none=True)
@@ -142,7 +180,10 @@ class Run:
             self.state["skipped_steps"] += 1
             return {"loss": float("nan"), "skipped": 1}
         self.state["bad_steps"] = 0
-        grad_norm = acc.clip_grad_norm_(self.params(), cfg.clip_grad) if cfg.clip_grad > 0 else None
+        if self.world > 1:   # the objective's own parameters (DAC-KL's) are in neither DDP nor FSDP
+            all_reduce_grads(list(self.objective.parameters()), self.world)
+        clip = clip_grad_norm if self.fsdp else acc.clip_grad_norm_
+        grad_norm = clip(self.params(), cfg.clip_grad) if cfg.clip_grad > 0 else None
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -159,17 +200,21 @@ class Run:
         return metrics
 
     def validate(self, step: int) -> dict:
-        metrics = validate(self.unwrapped(), self.tokenizer, self.valid_rows, batch_size=self.cfg.micro_batch_size,
-                           max_new_tokens=self.cfg.eval_max_new_tokens, seed=self.cfg.seed, template=self.cfg.template)
+        with gathered(self.student if self.fsdp else None):   # FSDP2: validation decodes on gathered weights
+            metrics = validate(self.unwrapped(), self.tokenizer, self.valid_rows, batch_size=self.cfg.micro_batch_size,
+                               max_new_tokens=self.cfg.eval_max_new_tokens, seed=self.cfg.seed,
+                               template=self.cfg.template)
         self.source.observe_validation(metrics)
         return metrics
 
     # ------------------------------------------------------------------ export
     def export(self, name: str) -> Path:
         path = self.out / name
+        if self.rank != 0 and not self.fsdp:
+            return path
+        model = self.full_student()   # under FSDP2 gathered on every rank, kept on rank 0
         if self.rank != 0:
             return path
-        model = self.unwrapped()
         if self.cfg.lora:
             model = copy.deepcopy(model).merge_and_unload()
         with atomic_dir(path) as tmp:
@@ -177,9 +222,26 @@ class Run:
             self.tokenizer.save_pretrained(str(tmp))
         return path
 
+    def memory_report(self) -> dict:
+        """Parameter bytes each rank holds for the student and the teacher (local shards) and their full sizes
+        (under FSDP2, written to ``fsdp.json``; a collective)."""
+        report = {"world_size": self.world}
+        for name, model in (("student", self.student), ("teacher", self.local_teacher)):
+            if model is None:
+                continue
+            local = [None] * self.world
+            torch.distributed.all_gather_object(local, local_param_bytes(model))
+            report[name] = {"full_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+                            "local_bytes": local}
+        return report
+
     def save(self, step: int) -> Path:
         self.state["sequences"] = self.source.state()
-        return save_checkpoint(self.ckpt_root, step, self.modules(), self.optimizer, self.scheduler, self.state,
+        modules, optimizer = self.modules(), self.optimizer
+        if self.fsdp:   # gather on every rank (collectives); rank 0 writes the one-process files
+            modules["student"].gather()
+            optimizer = FullOptimizer(self.optimizer).gather()
+        return save_checkpoint(self.ckpt_root, step, modules, optimizer, self.scheduler, self.state,
                                keep=self.cfg.keep_checkpoints, rank=self.rank, world=self.world)
 
 
@@ -230,11 +292,23 @@ def train(cfg: TrainConfig, resume: bool | str = False, callbacks=()) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
     bar.close()
+    if run.fsdp:
+        memory = run.memory_report()   # a collective
+        if main:
+            write_json(run.out / "fsdp.json", memory)
     final = run.export("final")
     log.close()
     result = {"final": str(final), "best": str(run.out / "best") if run.state["best_step"] else None,
               "best_step": run.state["best_step"], "best_rougeL": run.state["best_rouge"],
               "skipped_steps": run.state["skipped_steps"], "steps": step}
+    if run.acc.device.type == "cuda":   # peak GPU memory of every rank (bench/gpu_check.sh prints it)
+        peaks = [None] * run.world
+        local = torch.cuda.max_memory_allocated(run.acc.device)
+        if run.world > 1:
+            torch.distributed.all_gather_object(peaks, local)
+        else:
+            peaks = [local]
+        result["cuda_peak_bytes"] = peaks
     if main:
         result["curves"] = str(plot_curves(run.out / "metrics.jsonl", run.out / "curves.png"))
         write_json(run.out / "result.json", result)

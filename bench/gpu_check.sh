@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# GPU check for multi-process training: bf16 distillation of SmolLM2-135M-Instruct (teacher) into its 10-layer
+# pruned student, on 1 GPU and -- when there are several -- FSDP2 over all of them
+# (configs/accelerate/fsdp2.yaml). Prints tokens/s and peak GPU memory (torch.cuda.max_memory_allocated, per rank).
+#
+#   bench/gpu_check.sh [WORKDIR]          # default WORKDIR: runs/gpu_check
+#   RECIPE=kd STEPS=50 bench/gpu_check.sh # any recipe (default gkd: on-policy, generation on gathered weights)
+#
+# Needs a CUDA build of torch (the Makefile installs the CPU wheel: `pip install torch` from the CUDA index first).
+# Without CUDA it exits with status 2 and runs nothing. Record the printed lines in bench/README.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+WORK=${1:-runs/gpu_check}
+RECIPE=${RECIPE:-gkd}
+STEPS=${STEPS:-30}
+BATCH=${BATCH:-16}
+MICRO=${MICRO:-4}
+
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+if [ "$NGPU" -eq 0 ]; then
+    echo "gpu_check: no CUDA device (torch.cuda.is_available() is False with $("$PY" -c 'import torch; print(torch.__version__)')); this check needs a CUDA GPU and ran nothing" >&2
+    exit 2
+fi
+mkdir -p "$WORK"
+export HF_HUB_OFFLINE=1
+"$PY" -m lmdistill models get smollm2-135m-instruct --out "$WORK/teacher"
+[ -d "$WORK/student" ] || "$PY" -m lmdistill models prune "$WORK/teacher" --out "$WORK/student" --layers 10
+
+COMMON=(student="$WORK/student" teacher="$WORK/teacher" mixed_precision=bf16 teacher_dtype=bfloat16 device=auto
+        max_steps="$STEPS" batch_size="$BATCH" micro_batch_size="$MICRO" save_steps=100000 eval_steps=100000
+        valid_data=dolly:valid eval_limit=8 progress=false)
+
+report() {   # $1: label, $2: output folder
+    "$PY" - "$1" "$2" <<'PYEOF'
+import json, sys
+label, out = sys.argv[1], sys.argv[2]
+rows = [json.loads(x) for x in open(f"{out}/metrics.jsonl") if x.strip()]
+tok = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][-1]
+res = json.load(open(f"{out}/result.json"))
+peaks = ", ".join(f"{b / 2**30:.2f}" for b in res.get("cuda_peak_bytes") or [])
+print(f"gpu_check {label}: {tok:.0f} tokens/s (all ranks), peak memory per rank [GiB]: {peaks}")
+PYEOF
+}
+
+CUDA_VISIBLE_DEVICES=0 "$PY" -m lmdistill train "$RECIPE" "${COMMON[@]}" output_dir="$WORK/one_gpu"
+report "1 GPU, $RECIPE" "$WORK/one_gpu"
+if [ "$NGPU" -gt 1 ]; then
+    "$PY" -m accelerate.commands.launch --config_file configs/accelerate/fsdp2.yaml --num_processes "$NGPU" \
+        -m lmdistill train "$RECIPE" "${COMMON[@]}" output_dir="$WORK/fsdp2"
+    report "FSDP2 on $NGPU GPUs, $RECIPE" "$WORK/fsdp2"
+else
+    echo "gpu_check: one GPU only; FSDP2 needs several (skipped)"
+fi

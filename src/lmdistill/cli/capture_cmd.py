@@ -1,0 +1,40 @@
+"""``lmdistill capture``: store a teacher's top-k log-probabilities over a dataset, for ``teacher=cache:DIR``."""
+
+from __future__ import annotations
+
+from lmdistill.cli import COMMANDS
+from lmdistill.teachers.capture import LOGPROB_DTYPES, CaptureSettings, capture
+
+
+def register(sub) -> None:
+    d = CaptureSettings("", "", "")
+    p = sub.add_parser("capture", help=COMMANDS["capture"],
+                       description="Score every response token of DATA with the teacher once; train many students "
+                                   "from the result with teacher=cache:OUT. Rerun the same command to resume.")
+    p.add_argument("--teacher", required=True, help="teacher model folder or hub id")
+    p.add_argument("--data", required=True, help="bundled benchmark (dolly:train, ...), a JSONL/JSON file, or the "
+                                                 "output of `lmdistill generate` (SeqKD on stored samples)")
+    p.add_argument("--out", required=True, help="cache folder (created; an unfinished capture there is completed)")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="log-probabilities kept per position")
+    p.add_argument("--limit", type=int, default=0, help="only the first N examples (0 = all)")
+    p.add_argument("--template", default=d.template, choices=["alpaca", "chat"], help="as the training recipe's")
+    p.add_argument("--max-prompt-length", type=int, default=d.max_prompt_length, help="as the training recipe's")
+    p.add_argument("--max-length", type=int, default=d.max_length, help="as the training recipe's")
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help="distributions are softmax(logits / T); the loss must use the same T")
+    p.add_argument("--logprob-dtype", default=d.logprob_dtype, choices=list(LOGPROB_DTYPES))
+    p.add_argument("--shard-rows", type=int, default=d.shard_rows, help="rows per shard (the unit of resume)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--dtype", default=d.dtype, help="teacher dtype (float32, bfloat16)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_capture)
+
+
+def cmd_capture(args) -> int:
+    capture(CaptureSettings(teacher=args.teacher, data=args.data, out=args.out, top_k=args.top_k, limit=args.limit,
+                            template=args.template, max_prompt_length=args.max_prompt_length,
+                            max_length=args.max_length, temperature=args.temperature,
+                            logprob_dtype=args.logprob_dtype, shard_rows=args.shard_rows, batch_size=args.batch_size,
+                            device=args.device, dtype=args.dtype, progress=not args.no_progress))
+    return 0

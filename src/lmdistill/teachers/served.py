@@ -1,0 +1,113 @@
+"""A teacher on an OpenAI-compatible server (vLLM, ``lmdistill serve``): top-k log-probabilities of given sequences.
+
+``teacher: openai:NAME@URL`` in a recipe. For each training sequence the server is asked for the log-probabilities
+of every token given the ones before it (the completions API: ``echo`` with ``logprobs``, or vLLM's
+``prompt_logprobs``), with the sequence sent as token ids, so no text is re-tokenized. The top ``top_k`` entries at
+each trained position become a :class:`~lmdistill.losses.sparse.SparseTeacher` (the tail bucket is the mass the
+server did not list). Requests go through the clients' retry policy; answers are appended to a crash-safe response
+cache (``teacher_scores.jsonl`` in the run folder), so a resumed run asks only for what it has not seen.
+
+Methods that need the teacher while generating (SWITCH, SCRG, the teacher's own samples) need a local teacher;
+``TrainConfig.check`` refuses them with a served teacher.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lmdistill.clients.cache import ResponseCache, request_key
+from lmdistill.clients.chat import OpenAIChatClient, parse_openai_spec
+from lmdistill.errors import ConfigError
+from lmdistill.losses.sparse import SparseTeacher
+
+LOGPROB_APIS = ("echo", "prompt_logprobs")
+
+
+def top_k_rows(positions: list[dict[int, float] | None], wanted: list[int], top_k: int) -> tuple[list, list]:
+    """Ids and log-probabilities ``[len(wanted), top_k]`` of the positions ``wanted``; a position with fewer than
+    ``top_k`` entries is padded with unused ids at log-probability ``-inf`` (they join the student's listed bins)."""
+    ids, lps = [], []
+    for t in wanted:
+        entry = positions[t] if t < len(positions) else None
+        if not entry:
+            raise ConfigError(f"served teacher: no log-probabilities for position {t}")
+        best = sorted(entry.items(), key=lambda kv: -kv[1])[:top_k]
+        row_ids = [int(i) for i, _ in best]
+        row_lps = [float(lp) for _, lp in best]
+        pad = 0
+        taken = set(row_ids)
+        while len(row_ids) < top_k:
+            if pad not in taken:
+                row_ids.append(pad)
+                row_lps.append(float("-inf"))
+            pad += 1
+        ids.append(row_ids)
+        lps.append(row_lps)
+    return ids, lps
+
+
+def tail_log_mass(lps: torch.Tensor) -> torch.Tensor:
+    """``log(1 - sum exp(lps))`` per row; ``-inf`` where the listed entries hold all the mass."""
+    rest = 1.0 - lps.double().exp().sum(-1)
+    return torch.where(rest > 0, rest.clamp(min=1e-300).log(), torch.full_like(rest, -math.inf)).float()
+
+
+class ServedTeacher:
+    """Scores of training sequences from a server; ``sparse_scores(rows, batch)`` as :class:`TeacherCache` has."""
+
+    def __init__(self, client, *, top_k: int = 20, api: str = "echo", cache: ResponseCache | None = None):
+        if api not in LOGPROB_APIS:
+            raise ConfigError(f"teacher_logprobs_api: must be one of {', '.join(LOGPROB_APIS)}, got {api!r}")
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ConfigError(f"teacher_top_k: must be a positive integer, got {top_k!r}")
+        self.client, self.top_k, self.api, self.cache = client, top_k, api, cache
+        self.requests = 0
+        self.temperature = 1.0
+
+    @classmethod
+    def from_spec(cls, spec: str, *, top_k: int, api: str, cache_path=None, tokenizer=None, **client_kwargs):
+        model, url = parse_openai_spec(spec)
+        client = OpenAIChatClient(model, url, **client_kwargs)
+        return cls(client, top_k=top_k, api=api, cache=ResponseCache(cache_path) if cache_path else None)
+
+    def _key(self, ids: list[int]) -> str:
+        return request_key(self.client.name, [], {"token_ids": ids, "top_k": self.top_k, "api": self.api})
+
+    def _score(self, seqs: list[list[int]], wanted: list[list[int]]) -> list[tuple[list, list]]:
+        out: list = [None] * len(seqs)
+        missing = []
+        for i, ids in enumerate(seqs):
+            row = self.cache.get(self._key(ids)) if self.cache is not None else None
+            if row is not None and len(row["ids"]) == len(wanted[i]):
+                out[i] = (row["ids"], row["lps"])
+            else:
+                missing.append(i)
+        if missing:
+            answers = self.client.prompt_logprobs_many([seqs[i] for i in missing], self.top_k, api=self.api)
+            self.requests += len(missing)
+            for i, positions in zip(missing, answers):
+                ids, lps = top_k_rows(positions, wanted[i], self.top_k)
+                out[i] = (ids, lps)
+                if self.cache is not None:
+                    self.cache.put({"key": self._key(seqs[i]), "ids": ids,
+                                    "lps": [[lp if math.isfinite(lp) else -1e30 for lp in r] for r in lps]})
+        return out
+
+    def sparse_scores(self, rows, batch: dict) -> SparseTeacher:
+        seqs = [list(r.input_ids) for r in rows]
+        wanted = [[t for t in range(1, len(r.loss_mask)) if r.loss_mask[t]] for r in rows]
+        scored = self._score(seqs, wanted)
+        ids = torch.tensor([i for s in scored for i in s[0]], dtype=torch.long).reshape(-1, self.top_k)
+        lps = torch.tensor([lp for s in scored for lp in s[1]], dtype=torch.float32).reshape(-1, self.top_k)
+        lps = torch.where(lps <= -1e29, torch.full_like(lps, -math.inf), lps)
+        expected = int(batch["loss_mask"][:, 1:].sum())
+        if ids.shape[0] != expected:
+            raise ConfigError(f"served teacher: {ids.shape[0]} scored positions for a batch that trains {expected}")
+        return SparseTeacher(ids, lps, tail_log_mass(lps), 1.0, None)
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+        self.client.close()
