@@ -8,6 +8,10 @@
 #
 # Needs a CUDA build of torch (the Makefile installs the CPU wheel: `pip install torch` from the CUDA index first).
 # Without CUDA it exits with status 2 and runs nothing. Record the printed lines in bench/README.md.
+#
+# CPU smoke run of the same script (tests/test_fsdp.py runs it, so it cannot rot unnoticed where no GPU is lent):
+#   GPU_CHECK_CPU=2 TEACHER=DIR STUDENT=DIR STEPS=2 bench/gpu_check.sh WORKDIR
+# float32 on the CPU, "1 GPU" = one process, FSDP2 = GPU_CHECK_CPU processes over gloo; the figures mean nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -17,17 +21,26 @@ STEPS=${STEPS:-30}
 BATCH=${BATCH:-16}
 MICRO=${MICRO:-4}
 
-NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+CPU=${GPU_CHECK_CPU:-0}
+if [ "$CPU" -gt 0 ]; then
+    NGPU=$CPU
+    PRECISION=(mixed_precision=no teacher_dtype=float32 device=cpu)
+else
+    NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+    PRECISION=(mixed_precision=bf16 teacher_dtype=bfloat16 device=auto)
+fi
 if [ "$NGPU" -eq 0 ]; then
     echo "gpu_check: no CUDA device (torch.cuda.is_available() is False with $("$PY" -c 'import torch; print(torch.__version__)')); this check needs a CUDA GPU and ran nothing" >&2
     exit 2
 fi
 mkdir -p "$WORK"
 export HF_HUB_OFFLINE=1
-"$PY" -m lmdistill models get smollm2-135m-instruct --out "$WORK/teacher"
-[ -d "$WORK/student" ] || "$PY" -m lmdistill models prune "$WORK/teacher" --out "$WORK/student" --layers 10
+TEACHER=${TEACHER:-$WORK/teacher}
+STUDENT=${STUDENT:-$WORK/student}
+[ -d "$TEACHER" ] || "$PY" -m lmdistill models get smollm2-135m-instruct --out "$TEACHER"
+[ -d "$STUDENT" ] || "$PY" -m lmdistill models prune "$TEACHER" --out "$STUDENT" --layers 10
 
-COMMON=(student="$WORK/student" teacher="$WORK/teacher" mixed_precision=bf16 teacher_dtype=bfloat16 device=auto
+COMMON=(student="$STUDENT" teacher="$TEACHER" "${PRECISION[@]}"
         max_steps="$STEPS" batch_size="$BATCH" micro_batch_size="$MICRO" save_steps=100000 eval_steps=100000
         valid_data=dolly:valid eval_limit=8 progress=false)
 
@@ -38,7 +51,7 @@ label, out = sys.argv[1], sys.argv[2]
 rows = [json.loads(x) for x in open(f"{out}/metrics.jsonl") if x.strip()]
 tok = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][-1]
 res = json.load(open(f"{out}/result.json"))
-peaks = ", ".join(f"{b / 2**30:.2f}" for b in res.get("cuda_peak_bytes") or [])
+peaks = ", ".join(f"{b / 2**30:.2f}" for b in res.get("cuda_peak_bytes") or []) or "n/a (no CUDA)"
 print(f"gpu_check {label}: {tok:.0f} tokens/s (all ranks), peak memory per rank [GiB]: {peaks}")
 PYEOF
 }

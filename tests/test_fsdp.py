@@ -212,3 +212,19 @@ def test_fsdp2_chunked_loss_and_lora_match_one_process(extra, model_dirs, tmp_pa
     assert not any("lora" in k for k in b)   # merged on export
     assert any(not torch.equal(a[k], v) for k, v in weights_of(model_dirs["student"]).items())
     assert_close_weights(a, b)
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_end_to_end_on_the_cpu(model_dirs, tmp_path):
+    """bench/gpu_check.sh in its CPU smoke mode (one process, then FSDP2 on two over gloo): the script's recipe
+    keys, launcher line and report still work where no GPU is lent, so it runs as written when one is."""
+    env = {**ENV, "GPU_CHECK_CPU": "2", "TEACHER": model_dirs["teacher"], "STUDENT": model_dirs["student"],
+           "STEPS": "2", "BATCH": "4", "MICRO": "2", "PY": sys.executable}
+    p = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "work")], env=env, cwd=ROOT,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-4000:]
+    lines = [x for x in p.stdout.splitlines() if x.startswith("gpu_check ")]
+    assert len(lines) == 2 and "1 GPU" in lines[0] and "FSDP2 on 2 GPUs" in lines[1], lines
+    assert all(float(x.split(": ")[1].split()[0]) > 0 for x in lines)   # tokens/s measured
+    for sub in ("one_gpu", "fsdp2"):
+        assert json.loads((tmp_path / "work" / sub / "result.json").read_text())["steps"] == 2

@@ -280,6 +280,17 @@ def test_config_refuses_non_finite_and_out_of_range_numbers(override, message):
         load_config("kd", ["student=s", "teacher=t", override])
 
 
+def test_text_keys_take_the_override_as_typed(tmp_path):
+    """mixed_precision=no on the command line is the text "no" (YAML alone reads it as False); in a recipe file an
+    unquoted no is refused with the key's name and a hint to quote it."""
+    assert load_config("kd", ["student=s", "teacher=t", "mixed_precision=no"]).mixed_precision == "no"
+    assert load_config("kd", ["student=s", "teacher=t", "teacher_dtype=float32"]).teacher_dtype == "float32"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("base: kd\nmixed_precision: no\n")
+    with pytest.raises(ConfigError, match=r"'mixed_precision' must be str, got bool False \(YAML reads"):
+        load_config(str(recipe), ["student=s", "teacher=t"])
+
+
 def test_config_number_errors_are_one_line_on_the_cli(capsys):
     assert main(["train", "kd", "student=s", "teacher=t", "lr=inf"]) == 2
     assert capsys.readouterr().err == "error: lr: must be a finite number >= 0, got inf\n"

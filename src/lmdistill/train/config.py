@@ -332,7 +332,8 @@ def _coerce(key: str, value, where: str):
             return value
         if isinstance(value, str):
             return [v for v in value.split(",") if v]
-    raise ConfigError(f"{where}key {key!r} must be {want.__name__}, got {type(value).__name__} {value!r}")
+    hint = " (YAML reads yes/no/on/off as booleans: quote the value)" if want is str and isinstance(value, bool) else ""
+    raise ConfigError(f"{where}key {key!r} must be {want.__name__}, got {type(value).__name__} {value!r}{hint}")
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -341,11 +342,14 @@ def parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value")
     key, raw = text.split("=", 1)
+    key = key.strip()
+    if HINTS.get(key) is str:   # a text key takes the text as typed: mixed_precision=no is "no", not YAML's False
+        return key, raw
     try:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    return key, value
 
 
 # ---------------------------------------------------------------------------------------------- recipes

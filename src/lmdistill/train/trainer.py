@@ -313,4 +313,7 @@ def train(cfg: TrainConfig, resume: bool | str = False, callbacks=()) -> dict:
         result["curves"] = str(plot_curves(run.out / "metrics.jsonl", run.out / "curves.png"))
         write_json(run.out / "result.json", result)
     run.acc.wait_for_everyone()
+    # tear the process group down before the interpreter exits: a rank whose gloo threads were still alive at
+    # exit aborted ("terminate called without an active exception") after the run had finished
+    run.acc.end_training()
     return result
