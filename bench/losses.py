@@ -7,6 +7,7 @@ seeded inputs: student hidden ``[B, T, H]`` and head ``[V, H]`` (both trained), 
 head (frozen).  The variants:
 
 * ``ours-chunked``: ``chunked_divergence("jsd", h, W, teacher_hidden=..., teacher_head_weight=...)``
+* ``ours-chunked-compiled``: the same with ``compile=True`` (the per-chunk kernel through ``torch.compile``)
 * ``ours-chunked-tlogits``: the same, given the full teacher logits (as a cached-logits trainer would)
 * ``ours-direct``: ``jsd(h @ W.T, teacher_logits)``
 * ``trl``: TRL's ``GKDTrainer.generalized_jsd_loss(h @ W.T, teacher_logits, labels)``
@@ -34,7 +35,7 @@ import torch
 
 from lmdistill.losses import chunked_divergence, jsd
 
-VARIANTS = ["trl", "ours-chunked", "ours-chunked-tlogits", "ours-direct", "liger"]
+VARIANTS = ["trl", "ours-chunked", "ours-chunked-compiled", "ours-chunked-tlogits", "ours-direct", "liger"]
 
 
 def _inputs(args):
@@ -68,6 +69,10 @@ def _step_fn(variant, args):
         def step():
             return chunked_divergence("jsd", hs, ws, teacher_hidden=ht, teacher_head_weight=wt, beta=beta,
                                       chunk_size=args.chunk_size)
+    elif variant == "ours-chunked-compiled":
+        def step():
+            return chunked_divergence("jsd", hs, ws, teacher_hidden=ht, teacher_head_weight=wt, beta=beta,
+                                      chunk_size=args.chunk_size, compile=True)
     elif variant == "ours-chunked-tlogits":
         def step():
             with torch.no_grad():
@@ -90,7 +95,7 @@ def child(args):
     torch.set_num_threads(args.threads)
     step, params = _step_fn(args.child, args)
     base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports + inputs, before any step
-    if args.child == "liger":  # its first call runs torch.compile; never time that
+    if args.child in ("liger", "ours-chunked-compiled"):  # the first call runs torch.compile; never time that
         args.warmup = max(args.warmup, 1)
     times, value = [], None
     for i in range(args.iters + args.warmup):

@@ -141,10 +141,13 @@ def test_fsdp2_sampled_policies_match_ddp(recipe, extra, model_dirs, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_kill9_and_resume_is_exact(model_dirs, tmp_path):
+@pytest.mark.parametrize("fmt", ["full", "sharded"])
+def test_fsdp2_kill9_and_resume_is_exact(fmt, model_dirs, tmp_path):
     """Killed with SIGKILL after its second checkpoint and resumed with --resume, an FSDP2 run ends with the
-    uninterrupted run's weights, bit for bit (sampled GKD: the RNG state of every rank restores)."""
-    common = dict(max_steps=8, save_steps=2, keep_checkpoints=2, micro_batch_size=1)
+    uninterrupted run's weights, bit for bit (sampled GKD: the RNG state of every rank restores), with full-state
+    checkpoints and with per-rank sharded ones (each rank's file about half the student; resuming those under one
+    process is refused by name)."""
+    common = dict(max_steps=8, save_steps=2, keep_checkpoints=2, micro_batch_size=1, checkpoint_format=fmt)
     full, part = tmp_path / "full", tmp_path / "part"
     finish(two_processes("gkd", overrides(model_dirs, full, **common)))
     p = two_processes("gkd", overrides(model_dirs, part, **common))
@@ -161,6 +164,18 @@ def test_fsdp2_kill9_and_resume_is_exact(model_dirs, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
+    ckpt = sorted((part / "checkpoints").glob("step-*"))[-1]
+    if fmt == "full":
+        assert (ckpt / "student.pt").exists() and not (ckpt / "student-rank0.pt").exists()
+        return
+    assert not (ckpt / "student.pt").exists() and not (ckpt / "optimizer.pt").exists()
+    sizes = [sum(v.numel() * v.element_size() for v in torch.load(ckpt / f"student-rank{r}.pt",
+                                                                    weights_only=True).values()) for r in (0, 1)]
+    assert all(0.4 < x / sum(sizes) < 0.6 for x in sizes), sizes   # each rank wrote its half, nothing gathered
+    assert all((ckpt / f"optimizer-rank{r}.pt").exists() for r in (0, 1))
+    alone = one_process("gkd", [*overrides(model_dirs, part, **common), "--resume"])
+    out = alone.communicate(timeout=300)[0]
+    assert alone.returncode != 0 and "holds the shards of 2 processes" in out and "Traceback" not in out, out[-2000:]
 
 
 def _kill_tree(pid: int) -> None:

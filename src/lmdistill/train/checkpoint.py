@@ -13,6 +13,11 @@ damaged one is a ``ConfigError`` naming the damaged file. Everything restores wi
 checkpoint folder from elsewhere cannot execute code. A write that fails (full disk, read-only or forbidden
 folder) is a ``StorageError`` naming the folder, the reason and the last good checkpoint; earlier checkpoints are
 left as they were.
+
+A module or optimiser with ``per_rank = True`` (``fsdp.ShardedState`` / ``fsdp.ShardedOptimizer``: FSDP2 with
+``checkpoint_format=sharded``) is written by every rank as ``NAME-rankR.pt`` (its own shards, no gathering) instead
+of by rank 0 as ``NAME.pt``; the manifest records the number of processes, and resuming such a checkpoint under
+another number is a ``ConfigError`` that says so (the same on every rank, so no rank resumes alone).
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ PREFIX = "step-"
 MANIFEST = "manifest.json"
 FORMAT = "lmdistill-checkpoint/1"
 #: Files every checkpoint has besides the modules' ``NAME.pt`` and the ranks' ``rng-rankR.pt``.
-REQUIRED = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
+SHARED = ("scheduler.pt", "trainer_state.json")
+REQUIRED = ("optimizer.pt", *SHARED)
 
 
 # ---------------------------------------------------------------------------------------------- RNG state
@@ -169,12 +175,13 @@ def save_checkpoint(root: str | Path, step: int, modules: dict[str, torch.nn.Mod
             tmp.mkdir(parents=True)
         _barrier(world)
         _save_tensor_file(rng_state(), tmp / f"rng-rank{rank}.pt")
+        for name, module in modules.items():
+            if module is not None and (rank == 0 or _per_rank(module)):
+                _save_tensor_file({k: v.detach().cpu() for k, v in module.state_dict().items()},
+                                  tmp / _file(name, module, rank))
+        if rank == 0 or _per_rank(optimizer):
+            _save_tensor_file(optimizer.state_dict(), tmp / _file("optimizer", optimizer, rank))
         if rank == 0:
-            for name, module in modules.items():
-                if module is not None:
-                    _save_tensor_file({k: v.detach().cpu() for k, v in module.state_dict().items()},
-                                      tmp / f"{name}.pt")
-            _save_tensor_file(optimizer.state_dict(), tmp / "optimizer.pt")
             _save_tensor_file(scheduler.state_dict(), tmp / "scheduler.pt")
             _save_json(trainer_state, tmp / "trainer_state.json")
         _barrier(world)
@@ -182,7 +189,7 @@ def save_checkpoint(root: str | Path, step: int, modules: dict[str, torch.nn.Mod
             _write(tmp / "DONE", lambda f: f.write(str(step).encode()))
             files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
                      for p in sorted(tmp.iterdir()) if p.is_file()}
-            _save_json({"format": FORMAT, "step": step, "files": files}, tmp / f".{MANIFEST}.tmp")
+            _save_json({"format": FORMAT, "step": step, "world": world, "files": files}, tmp / f".{MANIFEST}.tmp")
             os.replace(tmp / f".{MANIFEST}.tmp", tmp / MANIFEST)   # the manifest last, in one rename
             _fsync_dir(tmp)
             if final.exists():   # the same step saved again (a resumed run): set the old one aside until done
@@ -241,17 +248,47 @@ def _prune(root: Path, keep: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def _needed(modules: dict, rank: int) -> tuple[str, ...]:
-    return (*(f"{n}.pt" for n, m in modules.items() if m is not None), *REQUIRED, f"rng-rank{rank}.pt")
+def _per_rank(obj) -> bool:
+    return bool(getattr(obj, "per_rank", False))
 
 
-def read_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module | None], rank: int = 0) -> dict:
+def _file(name: str, obj, rank: int) -> str:
+    return f"{name}-rank{rank}.pt" if _per_rank(obj) else f"{name}.pt"
+
+
+def _needed(modules: dict, rank: int, optimizer=None) -> tuple[str, ...]:
+    return (*(_file(n, m, rank) for n, m in modules.items() if m is not None), _file("optimizer", optimizer, rank),
+            *SHARED, f"rng-rank{rank}.pt")
+
+
+def _check_world(path: Path, modules: dict, optimizer, world: int) -> None:
+    """A checkpoint of per-rank shards resumes only as shards, under the number of processes that wrote it; a
+    full-state one only as full state. The same decision on every rank (they read the same manifest)."""
+    manifest, _ = _read_manifest(path)
+    if manifest is None:
+        return   # verification reports it
+    saved_sharded = "optimizer-rank0.pt" in manifest["files"]
+    run_sharded = _per_rank(optimizer) or any(_per_rank(m) for m in modules.values() if m is not None)
+    saved = manifest.get("world")
+    if saved_sharded and (not run_sharded or saved != world):
+        raise ConfigError(f"{path}: holds the shards of {saved} processes (checkpoint_format=sharded) and this run "
+                          f"has {world} process{'es' if world > 1 else ''}"
+                          f"{'' if run_sharded else ' without sharded checkpoints'}; resume it under FSDP2 with "
+                          f"--num_processes {saved} and checkpoint_format=sharded (checkpoint_format=full checkpoints "
+                          "resume under any number of processes)")
+    if run_sharded and not saved_sharded:
+        raise ConfigError(f"{path}: is a full-state checkpoint and this run asks for checkpoint_format=sharded; "
+                          "resume it with checkpoint_format=full")
+
+
+def read_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module | None], rank: int = 0,
+                    optimizer=None) -> dict:
     """Every file of the checkpoint the modules and this rank need, loaded without pickle code execution.
 
     Raises ``ConfigError`` naming the file that does not load."""
     path = Path(path)
     out: dict = {}
-    for name in _needed(modules, rank):
+    for name in _needed(modules, rank, optimizer):
         file = path / name
         if name == f"rng-rank{rank}.pt" and not file.exists():
             out[name] = None   # a checkpoint from fewer processes: this rank keeps its seeded state
@@ -268,22 +305,23 @@ def read_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module | None]
 
 
 def load_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module | None], optimizer, scheduler,
-                    rank: int = 0, verify: bool = True) -> dict:
+                    rank: int = 0, verify: bool = True, world: int = 1) -> dict:
     """Restore the checkpoint at ``path`` (verified first); returns the trainer state."""
     path = Path(path)
+    _check_world(path, modules, optimizer, world)
     if verify:
-        problem = verify_checkpoint(path, _needed(modules, 0))
+        problem = verify_checkpoint(path, _needed(modules, 0, optimizer))
         if problem:
             raise ConfigError(f"--resume {path}: {problem}")
-    return _apply(path, read_checkpoint(path, modules, rank), modules, optimizer, scheduler, rank)
+    return _apply(path, read_checkpoint(path, modules, rank, optimizer), modules, optimizer, scheduler, rank)
 
 
 def _apply(path: Path, loaded: dict, modules: dict, optimizer, scheduler, rank: int) -> dict:
     try:
         for name, module in modules.items():
             if module is not None:
-                module.load_state_dict(loaded[f"{name}.pt"])
-        optimizer.load_state_dict(loaded["optimizer.pt"])
+                module.load_state_dict(loaded[_file(name, module, rank)])
+        optimizer.load_state_dict(loaded[_file("optimizer", optimizer, rank)])
         scheduler.load_state_dict(loaded["scheduler.pt"])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -294,7 +332,8 @@ def _apply(path: Path, loaded: dict, modules: dict, optimizer, scheduler, rank: 
 
 
 def resume_checkpoint(root: str | Path, resume: bool | str | Path, modules: dict[str, torch.nn.Module | None],
-                      optimizer, scheduler, rank: int = 0, log: Callable[[str], None] = print) -> tuple[Path, dict]:
+                      optimizer, scheduler, rank: int = 0, log: Callable[[str], None] = print,
+                      world: int = 1) -> tuple[Path, dict]:
     """``--resume`` (True: the newest checkpoint under ``root`` that verifies and loads, ``log``-ging each one
     skipped and why) or ``--resume PATH`` (that one, or a ``ConfigError`` naming what is wrong with it).
     Returns the checkpoint's path and its trainer state."""
@@ -302,15 +341,16 @@ def resume_checkpoint(root: str | Path, resume: bool | str | Path, modules: dict
         path = Path(resume)
         if not path.is_dir():
             raise ConfigError(f"--resume {path}: no such checkpoint folder")
-        return path, load_checkpoint(path, modules, optimizer, scheduler, rank)
+        return path, load_checkpoint(path, modules, optimizer, scheduler, rank, world=world)
     root = Path(root)
     skipped = []
     for path in reversed(checkpoint_dirs(root)):
-        problem = verify_checkpoint(path, _needed(modules, 0))
+        _check_world(path, modules, optimizer, world)   # every rank reads the same manifest: all stop alike
+        problem = verify_checkpoint(path, _needed(modules, 0, optimizer))
         loaded = None
         if problem is None:
             try:
-                loaded = read_checkpoint(path, modules, rank)
+                loaded = read_checkpoint(path, modules, rank, optimizer)
             except ConfigError as e:
                 problem = str(e).removeprefix(f"{path}: ")
         if problem is not None:

@@ -83,6 +83,7 @@ class TrainConfig:
     seed: int = 42
     save_steps: int = 50
     keep_checkpoints: int = 2               # 0 = keep every checkpoint
+    checkpoint_format: str = "full"         # full (any process count resumes) | sharded (FSDP2: each rank its shards)
     eval_steps: int = 50
     eval_limit: int = 32                    # validation examples for ROUGE-L
     eval_max_new_tokens: int = 256         # validation ROUGE-L (best/) at the protocol's generation length
@@ -124,6 +125,8 @@ class TrainConfig:
             raise ConfigError("lr_schedule: must be one of cosine, linear, constant")
         if self.mixed_precision not in ("auto", "no", "bf16"):
             raise ConfigError("mixed_precision: must be one of auto, no, bf16")
+        if self.checkpoint_format not in ("full", "sharded"):
+            raise ConfigError("checkpoint_format: must be full or sharded")
         if self.chunked_loss:
             slow = [entry_name(e) for e in self.objective if e["weight"] > 0 and not term_class(e).chunkable]
             if slow:

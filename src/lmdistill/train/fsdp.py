@@ -22,7 +22,11 @@ config (``configs/accelerate/fsdp2.yaml``) only has to say FSDP version 2: ``acc
   (``full_tensor()``, on all ranks in the same order) and rank 0 writes the same files as a one-process run (the
   student's full state dict, the optimiser's state with full tensors). Loading gives every rank the full tensors
   and each takes its own shard (``distribute_tensor(..., src_data_rank=None)``: no communication), so a checkpoint
-  resumes under any number of processes, FSDP2 or not.
+  resumes under any number of processes, FSDP2 or not. With ``checkpoint_format=sharded``
+  (:class:`ShardedState`, :class:`ShardedOptimizer`) nothing is gathered: every rank writes its own shards of the
+  student and of the optimiser state (``student-rankR.pt``, ``optimizer-rankR.pt``), so no process ever holds the
+  full state, and the checkpoint resumes under the same number of processes (the export to ``final/`` is still
+  the full model).
 """
 
 from __future__ import annotations
@@ -226,6 +230,81 @@ class FullOptimizer:
             p = params[int(i)]
             out["state"][i] = {k: _shard_like(v, p) if torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape)
                                   and v.ndim > 0 else v for k, v in s.items()}
+        self.optimizer.load_state_dict(out)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return (t.to_local() if _is_dtensor(t) else t).detach()
+
+
+class ShardedState:
+    """A sharded module as :mod:`lmdistill.train.checkpoint` sees it with ``checkpoint_format=sharded``:
+    ``state_dict()`` is this rank's shards (local tensors, no communication), written by every rank;
+    ``load_state_dict`` copies them back into the same shards."""
+
+    per_rank = True
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def gather(self) -> "ShardedState":   # nothing to gather: the same call sequence as FullState
+        return self
+
+    def state_dict(self) -> dict:
+        return {k: _local(v).cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, state: dict):
+        current = self.model.state_dict()
+        if current.keys() != state.keys():
+            missing, unexpected = sorted(current.keys() - state.keys()), sorted(state.keys() - current.keys())
+            raise RuntimeError(f"shards do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            for k, v in current.items():
+                mine = _local(v)
+                if tuple(mine.shape) != tuple(state[k].shape):
+                    raise RuntimeError(f"shard size mismatch for {k}: checkpoint {tuple(state[k].shape)}, "
+                                       f"this rank {tuple(mine.shape)}")
+                mine.copy_(state[k])
+
+
+class ShardedOptimizer:
+    """An optimiser over DTensor parameters with ``checkpoint_format=sharded``: ``state_dict()`` with this rank's
+    local shards of every state tensor, ``load_state_dict`` of the same (rewrapped as DTensors placed as the
+    parameters)."""
+
+    per_rank = True
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def gather(self) -> "ShardedOptimizer":
+        return self
+
+    def state_dict(self) -> dict:
+        sd = self.optimizer.state_dict()
+        sd["state"] = {i: {k: _local(v).cpu().clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                       for i, s in sorted(sd["state"].items())}
+        return sd
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.tensor import DTensor
+
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        out = {"param_groups": state["param_groups"], "state": {}}
+        for i, s in state["state"].items():
+            p = params[int(i)]
+            local = _local(p)
+
+            def wrap(v):
+                if not (_is_dtensor(p) and torch.is_tensor(v) and v.ndim > 0):
+                    return v
+                if tuple(v.shape) != tuple(local.shape):
+                    raise RuntimeError(f"optimiser shard size mismatch for parameter {i}: checkpoint "
+                                       f"{tuple(v.shape)}, this rank {tuple(local.shape)}")
+                return DTensor.from_local(v.to(local.device, local.dtype), p.device_mesh, p.placements,
+                                          run_check=False, shape=p.shape, stride=p.stride())
+
+            out["state"][i] = {k: wrap(v) for k, v in s.items()}
         self.optimizer.load_state_dict(out)
 
 

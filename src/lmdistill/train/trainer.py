@@ -8,7 +8,7 @@ restore exactly. The trainer knows no method by name: the policy is a sequence s
 an objective of registered terms (``lmdistill.losses.objective``).
 
 Several processes: DDP through ``accelerate.prepare``, or FSDP2 (``configs/accelerate/fsdp2.yaml``), where
-``train/fsdp.py`` shards the student and the teacher, gathers them for generation and writes full-state checkpoints.
+``train/fsdp.py`` shards the student and the teacher, gathers them for generation and writes full-state (or per-rank sharded) checkpoints.
 
 Callbacks (``train(cfg, callbacks=[...])``) see ``on_step_begin(run, step)``, ``on_sequences(run, step, seqs)`` for
 each micro-batch's sequences and ``on_step_end(run, step, metrics)``.
@@ -33,8 +33,9 @@ from lmdistill.losses.term import TermInputs
 from lmdistill.train.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from lmdistill.train.config import TrainConfig
 from lmdistill.train.data_order import global_batch_indices, rank_slice
-from lmdistill.train.fsdp import (FullOptimizer, FullState, all_reduce_grads, clip_grad_norm, fsdp_requested,
-                                  full_state_dict, gathered, local_param_bytes, release, shard)
+from lmdistill.train.fsdp import (FullOptimizer, FullState, ShardedOptimizer, ShardedState, all_reduce_grads,
+                                  clip_grad_norm, fsdp_requested, full_state_dict, gathered, local_param_bytes,
+                                  release, shard)
 from lmdistill.train.metrics_log import MetricsLog, plot_curves
 from lmdistill.train.sources import make_sequence_source
 from lmdistill.train.setup import (load_rows, load_student, load_teacher, load_tokenizers, make_accelerator,
@@ -97,15 +98,27 @@ class Run:
         self.resumed_from = self.restore(resume) if resume else None
 
     def restore(self, resume: bool | str) -> str:
-        optimizer = FullOptimizer(self.optimizer) if self.fsdp else self.optimizer
-        path, self.state = resume_checkpoint(self.ckpt_root, resume, self.modules(), optimizer, self.scheduler,
-                                             self.rank)   # verified; loads no pickled code
+        path, self.state = resume_checkpoint(self.ckpt_root, resume, self.modules(), self.checkpoint_optimizer(),
+                                             self.scheduler, self.rank, world=self.world)   # verified; no pickle
         self.source.load_state(self.state.get("sequences"))
         return str(path)
 
+    @property
+    def sharded_checkpoints(self) -> bool:
+        return self.fsdp and self.cfg.checkpoint_format == "sharded"
+
     def modules(self) -> dict:
-        # under FSDP2 the student is saved and loaded as its full state dict (the one-process files)
-        return {"student": FullState(self.student) if self.fsdp else self.unwrapped(), "objective": self.objective}
+        # under FSDP2 the student is saved and loaded as its full state dict (the one-process files), or with
+        # checkpoint_format=sharded as each rank's own shards
+        if not self.fsdp:
+            return {"student": self.unwrapped(), "objective": self.objective}
+        state = ShardedState(self.student) if self.sharded_checkpoints else FullState(self.student)
+        return {"student": state, "objective": self.objective}
+
+    def checkpoint_optimizer(self):
+        if not self.fsdp:
+            return self.optimizer
+        return ShardedOptimizer(self.optimizer) if self.sharded_checkpoints else FullOptimizer(self.optimizer)
 
     def unwrapped(self):
         """The HF model (under FSDP2 the sharded model itself: its parameters are DTensors; ``full_student()``
@@ -237,10 +250,10 @@ class Run:
 
     def save(self, step: int) -> Path:
         self.state["sequences"] = self.source.state()
-        modules, optimizer = self.modules(), self.optimizer
-        if self.fsdp:   # gather on every rank (collectives); rank 0 writes the one-process files
+        modules, optimizer = self.modules(), self.checkpoint_optimizer()
+        if self.fsdp:   # full: gather on every rank (collectives), rank 0 writes the files; sharded: no-ops
             modules["student"].gather()
-            optimizer = FullOptimizer(self.optimizer).gather()
+            optimizer.gather()
         return save_checkpoint(self.ckpt_root, step, modules, optimizer, self.scheduler, self.state,
                                keep=self.cfg.keep_checkpoints, rank=self.rank, world=self.world)
 
