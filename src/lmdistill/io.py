@@ -43,6 +43,21 @@ def storage_error(path: str | os.PathLike, code: int, kept: str) -> StorageError
     return StorageError(f"could not write {path} ({os.strerror(code)}); {kept}", path=str(path), errno=code)
 
 
+def os_storage_error(exc: BaseException) -> StorageError | None:
+    """A one-line error for a write that failed outside the helpers above (which say what they kept): the
+    ``WRITE_ERRNOS`` ``OSError`` with a file name behind ``exc`` (itself or in its chain) as ``could not write PATH
+    (REASON)``, or ``could not access PATH (Permission denied)``; None when there is none."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS and exc.filename:
+            verb = "access" if exc.errno in (errno.EACCES, errno.EPERM) else "write"
+            return StorageError(f"could not {verb} {os.fsdecode(exc.filename)} ({os.strerror(exc.errno)})",
+                                path=os.fsdecode(exc.filename), errno=exc.errno)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _kept_file(path: Path, existed: bool) -> str:
     return f"the earlier {path} is unchanged" if existed else "no partial file was left"
 
@@ -168,7 +183,7 @@ def truncate_torn_tail(path: str | os.PathLike) -> int:
         last_start = data.rfind(b"\n", 0, len(data) - 1) + 1
         try:
             json.loads(data[last_start:])
-        except ValueError:
+        except (ValueError, RecursionError):
             keep = last_start
     if keep < len(data):
         with open(path, "r+b") as f:
@@ -194,9 +209,22 @@ def iter_jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any, Problem
             if not text.strip():
                 continue
             try:
-                yield lineno, json.loads(text), None
-            except json.JSONDecodeError as e:
-                yield lineno, None, Problem(str(path), lineno, None, f"is not valid JSON ({e.msg} at column {e.colno})")
+                value = json.loads(text)
+            except (ValueError, RecursionError) as e:
+                yield lineno, None, Problem(str(path), lineno, None, json_problem(e))
+                continue
+            yield lineno, value, None
+
+
+def json_problem(e: ValueError | RecursionError) -> str:
+    """What is wrong with JSON text that ``json.loads`` refused: a syntax error (``JSONDecodeError``), a number too
+    long to convert (Python's 4300-digit limit: a plain ``ValueError``) or nesting deeper than the recursion
+    limit (``RecursionError``)."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"is not valid JSON ({e.msg} at column {e.colno})"
+    if isinstance(e, RecursionError):
+        return "is not valid JSON (nested too deeply to read)"
+    return f"is not valid JSON ({str(e).split(';')[0].split(': value has')[0]})"
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

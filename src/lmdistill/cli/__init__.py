@@ -18,6 +18,7 @@ import sys
 
 from lmdistill import __version__, runtime
 from lmdistill.errors import LmdistillError
+from lmdistill.io import os_storage_error
 
 COMMANDS = {
     "data": "bundled benchmarks and data validation",
@@ -77,6 +78,13 @@ def main(argv: list[str] | None = None, *, process_settings: bool = False) -> in
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:   # a full disk, read-only or forbidden folder at a write that does not say so itself
+        err = os_storage_error(e)
+        if err is None:
+            raise
+        _close_progress_bars()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def _close_progress_bars() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from lmdistill.cli import COMMANDS
 from lmdistill.errors import ConfigError
 from lmdistill.models import load_model_and_tokenizer
-from lmdistill.serve.app import create_app
+from lmdistill.serve.app import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, create_app
 from lmdistill.serve.server import serve_forever
 
 
@@ -27,6 +27,13 @@ def register(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=None,
                    help="largest request body in bytes, answered 413 past it (default: 16 bytes per position of "
                         "the model's context, at least 1 MiB; 8 MiB when the model does not say its context)")
+    p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH,
+                   help=f"requests decoded together, joining and leaving the batch at each step (default "
+                        f"{DEFAULT_MAX_BATCH}; 0: no batching, each request decodes alone and concurrent ones "
+                        "take turns token by token)")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help=f"requests that may wait for a place in the batch (default {DEFAULT_MAX_QUEUE}); past "
+                        "that a request is answered 429 with Retry-After")
     p.add_argument("--truncate-prompt", action="store_true",
                    help="keep the last tokens of an over-long prompt instead of answering 400")
     p.add_argument("--device", default=None)
@@ -41,6 +48,10 @@ def cmd_serve(args) -> int:
         raise ConfigError("--max-logprobs must be at least 0")
     if args.max_body_bytes is not None and args.max_body_bytes < 1:
         raise ConfigError("--max-body-bytes must be at least 1")
+    if args.max_batch_size < 0:
+        raise ConfigError("--max-batch-size must be at least 0 (0: no batching)")
+    if args.max_queue < 0:
+        raise ConfigError("--max-queue must be at least 0")
     api_key = args.api_key or os.environ.get("LMDISTILL_API_KEY")
     try:
         public = not ipaddress.ip_address(args.host).is_loopback
@@ -53,8 +64,11 @@ def cmd_serve(args) -> int:
     name = args.model_name or Path(args.model.rstrip("/")).name
     app = create_app(model, tokenizer, model_name=name, api_key=api_key, max_tokens_limit=args.max_tokens_limit,
                      default_max_tokens=min(256, args.max_tokens_limit), truncate_prompt=args.truncate_prompt,
-                     max_logprobs=args.max_logprobs, max_body_bytes=args.max_body_bytes)
+                     max_logprobs=args.max_logprobs, max_body_bytes=args.max_body_bytes,
+                     max_batch_size=args.max_batch_size, max_queue=args.max_queue)
     print(f"serving {name} on http://{args.host}:{args.port}/v1 (client spec: openai:{name}@http://{args.host}:{args.port}/v1; "
-          f"request bodies up to {app.state.max_body_bytes} bytes)", file=sys.stderr)
+          f"request bodies up to {app.state.max_body_bytes} bytes; "
+          + (f"batches of up to {args.max_batch_size}, {args.max_queue} more queued)" if args.max_batch_size
+             else "no batching)"), file=sys.stderr)
     serve_forever(app, host=args.host, port=args.port)
     return 0

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 from lmdistill.errors import ConfigError
-from lmdistill.io import JsonlAppender, truncate_torn_tail
+from lmdistill.io import JsonlAppender, iter_jsonl_rows, truncate_torn_tail
 from lmdistill.clients.base import ChatClient, RequestRejected
 
 
@@ -33,20 +33,14 @@ class ResponseCache:
         self.duplicates_on_load = 0
         truncate_torn_tail(self.path)
         if self.path.exists():
-            with open(self.path, encoding="utf-8") as f:
-                for number, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                        row["key"]
-                    except (ValueError, KeyError, TypeError):
-                        raise ConfigError(f"{self.path}:{number}: not a response-cache record; fix or remove "
-                                          "the line (or use another --cache file)") from None
-                    if row["key"] in self._records:
-                        self.duplicates_on_load += 1
-                        continue
-                    self._records[row["key"]] = row
+            for number, row, problem in iter_jsonl_rows(self.path):   # bad bytes and JSON are problems, not errors
+                if problem is not None or not isinstance(row, dict) or not isinstance(row.get("key"), str):
+                    raise ConfigError(f"{self.path}:{number}: not a response-cache record; fix or remove "
+                                      "the line (or use another --cache file)")
+                if row["key"] in self._records:
+                    self.duplicates_on_load += 1
+                    continue
+                self._records[row["key"]] = row
         self._appender = JsonlAppender(self.path)
         self._inflight: dict[str, threading.Lock] = {}
 

@@ -258,16 +258,25 @@ def _error_message(err) -> str:
 
 
 class LocalChatClient(ChatClient):
-    """A local Hugging Face model generating with its chat template (temperature 0 = greedy)."""
+    """A local Hugging Face model generating with its chat template (temperature 0 = greedy).
+
+    Requests decode as one batch (``ChatEngine`` with ``max_batch_size``: the server's continuous batching):
+    ``concurrency`` is the batch size, so ``chat_many``'s threads keep the batch full, and each request gets
+    what it gets alone (its own settings and seed). ``max_batch_size=0`` decodes one request at a time.
+    A given ``engine`` is used as it is (batched or not).
+    """
 
     def __init__(self, path: str, *, device: str | None = None, dtype: str = "float32", name: str | None = None,
-                 truncate_prompt: bool = True, engine=None):
+                 truncate_prompt: bool = True, engine=None, max_batch_size: int = 16):
+        self._owns_engine = engine is None
         if engine is None:
             model, tokenizer = load_model_and_tokenizer(path, dtype=dtype, device=device)
-            engine = ChatEngine(model, tokenizer, truncate_prompt=truncate_prompt)
+            engine = ChatEngine(model, tokenizer, truncate_prompt=truncate_prompt,
+                                max_batch_size=max_batch_size or None)  # no queue bound: nothing to refuse in-process
         self.engine = engine
         self.name = name or str(path)
-        self.concurrency = 1  # the engine serialises generation anyway
+        batcher = getattr(engine, "batcher", None)
+        self.concurrency = batcher.max_batch if batcher is not None else 1  # unbatched, the engine serialises anyway
 
     def _chat(self, messages, *, temperature, max_tokens, top_p, seed) -> str:
         try:
@@ -275,6 +284,10 @@ class LocalChatClient(ChatClient):
                                         seed=seed).text
         except ContextLengthError as e:
             raise RequestRejected(f"{self.name}: {e}", 400) from None
+
+    def close(self) -> None:
+        if self._owns_engine and getattr(self.engine, "batcher", None) is not None:
+            self.engine.batcher.close()
 
 
 def make_client(spec: str, *, api_key_env: str = "OPENAI_API_KEY", api_key: str | None = None,

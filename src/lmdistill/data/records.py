@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from lmdistill.data.registry import BENCHMARKS, resolve
 from lmdistill.errors import DataError, Problem
-from lmdistill.io import iter_jsonl_rows
+from lmdistill.io import iter_jsonl_rows, json_problem
 
 ROLES = ("system", "user", "assistant")
 
@@ -55,6 +55,18 @@ class LoadResult:
                 f"at line(s) {', '.join(map(str, lines))}")
 
 
+#: A string JSON can hold but no tokenizer or UTF-8 file can: a lone UTF-16 surrogate from a ``\ud800`` escape.
+NOT_UNICODE = "is not valid Unicode (holds a lone UTF-16 surrogate, an unpaired \\ud800-\\udfff escape)"
+
+
+def is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_str(obj: dict, key: str, path: str, line: int, problems: list[Problem],
                required: bool, nonempty: bool = False) -> str:
     if key not in obj or obj[key] is None:
@@ -64,6 +76,9 @@ def _check_str(obj: dict, key: str, path: str, line: int, problems: list[Problem
     val = obj[key]
     if not isinstance(val, str):
         problems.append(Problem(path, line, key, f"must be a string, got {type(val).__name__}"))
+        return ""
+    if not is_unicode(val):
+        problems.append(Problem(path, line, key, NOT_UNICODE))
         return ""
     if nonempty and not val.strip():
         problems.append(Problem(path, line, key, "is empty"))
@@ -78,7 +93,10 @@ def parse_row(obj: Any, path: str, line: int, *, require_output: bool = True) ->
     rid = obj.get("id", f"{Path(path).stem}-{line}")
     if not isinstance(rid, (str, int)):
         problems.append(Problem(path, line, "id", f"must be a string or integer, got {type(rid).__name__}"))
-    source = obj.get("source", "") if isinstance(obj.get("source", ""), str) else ""
+    elif isinstance(rid, str) and not is_unicode(rid):
+        problems.append(Problem(path, line, "id", NOT_UNICODE))
+    source = obj.get("source", "")
+    source = source if isinstance(source, str) and is_unicode(source) else ""
 
     if "messages" in obj:
         msgs = obj["messages"]
@@ -94,6 +112,8 @@ def parse_row(obj: Any, path: str, line: int, *, require_output: bool = True) ->
                 problems.append(Problem(path, line, f"{fname}.role", f"must be one of {', '.join(ROLES)}, got {m.get('role')!r}"))
             if not isinstance(m.get("content"), str):
                 problems.append(Problem(path, line, f"{fname}.content", "is missing or not a string"))
+            elif not is_unicode(m["content"]):
+                problems.append(Problem(path, line, f"{fname}.content", NOT_UNICODE))
             clean.append({"role": m.get("role"), "content": m.get("content")})
         if problems:
             return None, problems
@@ -117,6 +137,8 @@ def parse_row(obj: Any, path: str, line: int, *, require_output: bool = True) ->
     if refs is not None:
         if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
             problems.append(Problem(path, line, "references", "must be a list of strings"))
+        elif not all(is_unicode(r) for r in refs):
+            problems.append(Problem(path, line, "references", NOT_UNICODE))
         else:
             references = [r for r in refs]
     if problems:
@@ -134,10 +156,14 @@ def _iter_json(path: Path) -> Iterable[tuple[int, Any, Problem | None]]:
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
-        yield 1, None, Problem(str(path), None, None, f"is not valid UTF-8 (byte {e.start})")
+        line = raw.count(b"\n", 0, e.start) + 1
+        yield line, None, Problem(str(path), line, None, f"is not valid UTF-8 (byte {e.start})")
         return
     except json.JSONDecodeError as e:
-        yield e.lineno, None, Problem(str(path), e.lineno, None, f"is not valid JSON ({e.msg} at column {e.colno})")
+        yield e.lineno, None, Problem(str(path), e.lineno, None, json_problem(e))
+        return
+    except (ValueError, RecursionError) as e:   # a 4300-digit number, nesting past the recursion limit
+        yield 1, None, Problem(str(path), None, None, json_problem(e))
         return
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]

@@ -172,3 +172,78 @@ class FastDecoder:
             x = x[:, -keep:]
         head = self.model.lm_head
         return F.linear(_rms(x, self.inner.norm), head.weight, head.bias)
+
+    # ---- rows as independent sequences (a serving batch) ------------------------------------------------------
+    #
+    # Row r holds one sequence of its own length: its tokens at columns (and positions) 0 .. n_r - 1, nothing
+    # shared with the other rows. ``forward_rows`` appends tokens to each row at its own column, ``copy_row``
+    # moves a sequence to another row (to keep the live rows first), ``grow`` widens every row. Columns a row
+    # has not written are masked out; the cache starts zeroed so they never hold NaN (0 weight x NaN = NaN).
+
+    def forward_rows(self, ids: torch.Tensor, starts: torch.Tensor, row0: int = 0, keep: int = 0) -> torch.Tensor:
+        """Append ``ids [b, T]`` to cache rows ``row0 .. row0 + b - 1``: row r holds ``starts[r]`` columns of its
+        own sequence, and its token t goes to column and position ``starts[r] + t``, attending to the row's
+        columns up to its own. Returns the ``[b, keep or T, V]`` logits of the last ``keep`` tokens (0: all)."""
+        b, t = ids.shape
+        starts = starts.to(ids.device)
+        cols = starts[:, None] + torch.arange(t, device=ids.device)[None, :]  # [b, T]
+        width = int(cols.max()) + 1
+        if row0 + b > self.batch:
+            raise ValueError(f"the KV cache holds {self.batch} rows, asked for rows {row0}..{row0 + b - 1}")
+        if width > self.capacity:
+            raise ValueError(f"the KV cache holds {self.capacity} columns, asked to fill up to {width}")
+        x = F.embedding(ids, self.inner.embed_tokens.weight)
+        cos, sin = self.cos[cols][:, None], self.sin[cols][:, None]  # [b, 1, T, D]
+        mask = (torch.arange(width, device=ids.device)[None, None, :] <= cols[:, :, None])[:, None]  # [b, 1, T, W]
+        rows = torch.arange(row0, row0 + b, device=ids.device)[:, None]  # [b, 1], broadcast against cols
+        if not self.keys or self.keys[0].dtype != x.dtype:
+            self._cache(x)
+            for cache in (*self.keys, *self.values):
+                cache.zero_()
+        self.written = max(self.written, width)
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            h = _rms(x, layer.input_layernorm)
+            q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(b, t, self.heads, self.head_dim)
+            k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(b, t, self.kv_heads, self.head_dim)
+            v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(b, t, self.kv_heads, self.head_dim)
+            if self.qk_norm:
+                q, k = _rms(q, attn.q_norm), _rms(k, attn.k_norm)
+            q = _rotate(q.transpose(1, 2), cos, sin)
+            self.keys[i][rows, :, cols] = _rotate(k.transpose(1, 2), cos, sin).transpose(1, 2)  # [b, T, H, D]
+            self.values[i][rows, :, cols] = v
+            o = F.scaled_dot_product_attention(q, self.keys[i][row0:row0 + b, :, :width],
+                                               self.values[i][row0:row0 + b, :, :width], attn_mask=mask,
+                                               scale=attn.scaling, enable_gqa=self.kv_heads != self.heads)
+            x = x + F.linear(o.transpose(1, 2).reshape(b, t, -1), attn.o_proj.weight, attn.o_proj.bias)
+            h = _rms(x, layer.post_attention_layernorm)
+            up = F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
+            x = x + F.linear(mlp.act_fn(F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)) * up,
+                             mlp.down_proj.weight, mlp.down_proj.bias)
+        if keep:
+            x = x[:, -keep:]
+        head = self.model.lm_head
+        return F.linear(_rms(x, self.inner.norm), head.weight, head.bias)
+
+    def copy_row(self, src: int, dst: int, columns: int) -> None:
+        """Copy the first ``columns`` columns of cache row ``src`` over row ``dst``."""
+        for cache in (*self.keys, *self.values):
+            cache[dst, :, :columns] = cache[src, :, :columns]
+
+    @property
+    def max_position(self) -> int:
+        """The largest position the RoPE table covers."""
+        return self.cos.shape[0] - 1
+
+    def grow(self, capacity: int) -> None:
+        """Make every row ``capacity`` columns wide (never narrower), keeping all the columns written so far."""
+        if capacity <= self.capacity:
+            return
+        self.capacity = capacity
+        if not self.keys:
+            return
+        old = (*self.keys, *self.values)
+        self._cache(old[0])
+        for new, was in zip((*self.keys, *self.values), old):
+            new.zero_()
+            new[:, :, :self.written] = was[:, :, :self.written]

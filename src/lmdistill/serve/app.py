@@ -3,9 +3,16 @@
 ``create_app(model, tokenizer, model_name=..., api_key=..., max_tokens_limit=...)`` builds the app:
 ``GET /v1/models``, ``POST /v1/chat/completions`` (plain JSON, or server-sent events with ``stream: true``
 ending in ``data: [DONE]``), ``POST /v1/completions`` (raw prompts or token ids, ``echo``, ``logprobs`` and
-vLLM's ``prompt_logprobs``: see ``lmdistill.serve.completions``). Every failure is answered with OpenAI's error body
-``{"error": {"message", "type", "param", "code"}}``: 401 for a missing or wrong key, 400 for a malformed
-request, 404 for an unknown model or route, 413 for a body over ``max_body_bytes``; never a 500 for bad input.
+vLLM's ``prompt_logprobs``: see ``lmdistill.serve.completions``), ``GET /openapi.json`` (the request bodies'
+JSON Schemas with this server's limits: ``lmdistill.serve.openapi``; no key needed). Every failure is answered
+with OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``: 401 for a missing or wrong key, 400
+for a malformed request, 404 for an unknown model or route, 413 for a body over ``max_body_bytes``, 429 with
+``Retry-After`` when the batch and its queue are full; never a 500 for bad input.
+
+Concurrent requests decode together (``max_batch_size``, continuous batching: ``lmdistill.serve.batcher``); at
+most ``max_queue`` more wait for a place, and a request past that is refused at once (before its prompt is
+tokenized when the queue is already full). A streamed request is queued before its response starts, so a full
+queue is a 429, never a broken stream; a client that hangs up takes its request out of the batch.
 
 The server bounds itself: a body over the limit is refused while it is read (whether it declares a
 ``Content-Length`` or comes chunked), its rest read and dropped so the client sees the 413 rather than a reset
@@ -16,23 +23,30 @@ so ``/health`` and small requests are answered during a burst of big ones. Every
 """
 
 
+import functools
 import hmac
 import json
 import time
 import uuid
 
-from lmdistill.serve.completions import (NEUTRAL, check_model, completion_choice, engine_kwargs,
+from lmdistill import __version__
+from lmdistill.serve.completions import (NEUTRAL, check_model, check_seed, completion_choice, engine_kwargs,
                                          parse_completion_request)
+from lmdistill.serve.batcher import QueueFull
 from lmdistill.serve.engine import ChatEngine, ContextLengthError
+from lmdistill.serve.openapi import chat_request_schema, completion_request_schema, operation
 
 ROLES = ("system", "user", "assistant")
+DEFAULT_MAX_BATCH = 16  # requests decoded together
+DEFAULT_MAX_QUEUE = 64  # requests waiting for a place in the batch before 429
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -42,7 +56,10 @@ def _number(body: dict, name: str, default, lo: float, hi: float, *, integer: bo
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+    if integer and isinstance(value, float) and value.is_integer():
+        value = int(value)   # 3.0 is an integer to JSON (and JSON Schema): accepted as 3
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int))
+            or value != value):   # NaN (json.loads reads it) passes every comparison below
         kind = "an integer" if integer else "a number"
         raise ApiError(400, f"'{name}' must be {kind}, got {json.dumps(value)}", param=name, code="invalid_type")
     if value > hi or value < lo or (lo_open and value == lo):
@@ -134,9 +151,7 @@ def parse_request(body, *, model_name: str, max_tokens_limit: int, default_max_t
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be a boolean", param="stream", code="invalid_type")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ApiError(400, "'seed' must be an integer", param="seed", code="invalid_type")
+    seed = check_seed(body, ApiError)
     stop = _stop(body)
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
@@ -185,8 +200,13 @@ def _logprobs_content(engine: ChatEngine, scores, k: int) -> list[dict]:
 
 def create_app(model, tokenizer, *, model_name: str = "local", api_key: str | None = None,
                max_tokens_limit: int = 2048, default_max_tokens: int = 256, truncate_prompt: bool = False,
-               max_body_bytes: int | None = None, max_logprobs: int = 20, max_batch_prompts: int = 64):
+               max_body_bytes: int | None = None, max_logprobs: int = 20, max_batch_prompts: int = 64,
+               max_batch_size: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE):
     """The FastAPI app serving ``model``. Forward passes are serialised on the model by the engine's lock.
+
+    ``max_batch_size``: how many requests decode together (continuous batching, ``lmdistill.serve.batcher``;
+    0: none, each request decodes alone and concurrent ones take turns token by token); ``max_queue``: how many
+    more may wait for a place in the batch; past that a request is answered 429 with ``Retry-After``.
 
     ``max_body_bytes``: the largest request body (413 past it; default ``default_max_body_bytes(model)``);
     ``max_logprobs``: the largest ``logprobs`` / ``prompt_logprobs`` a completions request, or ``top_logprobs``
@@ -201,10 +221,20 @@ def create_app(model, tokenizer, *, model_name: str = "local", api_key: str | No
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    engine = ChatEngine(model, tokenizer, truncate_prompt=truncate_prompt)
+    engine = ChatEngine(model, tokenizer, truncate_prompt=truncate_prompt, max_batch_size=max_batch_size or None,
+                        max_queue=max_queue)
+    # batched requests wait for their tokens in worker threads of their own budget (one per request the batcher
+    # can hold), so a full batch and queue never starve JSON parsing and tokenization of the default pool
+    limiter = None
+    if engine.batcher is not None:
+        import anyio
+
+        limiter = anyio.CapacityLimiter(engine.batcher.limit + 8)
     if max_body_bytes is None:
         max_body_bytes = default_max_body_bytes(model)
-    app = FastAPI(title="lmdistill serve", docs_url=None, redoc_url=None, openapi_url=None)
+    # GET /openapi.json describes the request bodies (lmdistill.serve.openapi): clients and fuzzers build on it
+    app = FastAPI(title="lmdistill serve", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
     app.state.engine = engine
     app.state.max_body_bytes = max_body_bytes
     created = int(time.time())
@@ -213,6 +243,8 @@ def create_app(model, tokenizer, *, model_name: str = "local", api_key: str | No
         headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
         if err.status == 413:
             headers = {"Connection": "close"}
+        if err.headers:
+            headers = {**(headers or {}), **err.headers}
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     @app.exception_handler(ApiError)
@@ -290,16 +322,51 @@ def create_app(model, tokenizer, *, model_name: str = "local", api_key: str | No
             await drain(request)
             raise
         try:
-            return await run_in_threadpool(json.loads, raw)
+            return await run_in_threadpool(_loads, raw)
+        except RecursionError:
+            raise ApiError(400, "the request body is not valid JSON (nested too deeply)") from None
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "the request body is not valid JSON") from None
 
-    @app.post("/v1/chat/completions")
+    limits = {"max_tokens_limit": max_tokens_limit, "max_logprobs": max_logprobs}
+    chat_doc = operation(chat_request_schema(**limits, neutral=CHAT_NEUTRAL), authenticated=api_key is not None)
+    completions_doc = operation(completion_request_schema(**limits, vocab=engine.vocab_rows,
+                                                          max_batch=max_batch_prompts),
+                                authenticated=api_key is not None)
+
+    def busy(err: QueueFull | None = None) -> ApiError:
+        """429 with ``Retry-After``: the batch and its queue are full (OpenAI's rate-limit error body)."""
+        batcher = engine.batcher
+        message = str(err) if err is not None else (
+            f"the server is busy: {batcher.inflight} requests are running or waiting (at most {batcher.max_batch} "
+            f"run at once and {batcher.max_queue} wait); retry later")
+        retry = err.retry_after if err is not None else batcher.retry_after()
+        return ApiError(429, message, type="requests", code="rate_limit_exceeded",
+                        headers={"Retry-After": str(retry)})
+
+    def refuse_if_full() -> None:
+        """Before any tokenizing: a request that will find the queue full is answered at once."""
+        if engine.batcher is not None and engine.batcher.full():
+            raise busy()
+
+    async def generate(fn, *args, **kwargs):
+        """``fn`` (a blocking engine call) in a worker thread: batched ones on their own limiter."""
+        try:
+            if limiter is None:
+                return await run_in_threadpool(fn, *args, **kwargs)
+            import anyio
+
+            return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=limiter)
+        except QueueFull as e:
+            raise busy(e) from None
+
+    @app.post("/v1/chat/completions", openapi_extra=chat_doc)
     async def chat_completions(request: Request):
         body = await read_json(request)
         req = parse_request(body, model_name=model_name, max_tokens_limit=max_tokens_limit,
                             default_max_tokens=default_max_tokens, max_logprobs=max_logprobs)
         gen_kwargs = {k: req[k] for k in ("max_tokens", "temperature", "top_p", "seed", "stop", "logprobs")}
+        refuse_if_full()
         try:  # fail early (400) on an over-long prompt, before a stream has started; tokenized in a worker
             ids = await run_in_threadpool(engine.prompt_ids, req["messages"], req["max_tokens"])
         except ContextLengthError as e:
@@ -307,9 +374,15 @@ def create_app(model, tokenizer, *, model_name: str = "local", api_key: str | No
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         if req["stream"]:
-            return StreamingResponse(_sse(engine, ids, req, gen_kwargs, cid, now, model_name),
+            scores = [] if req["logprobs"] is not None else None
+            try:  # batched: queued now, so a full queue is a 429, not a stream that fails
+                stream = engine.stream_ids(ids, **gen_kwargs, scores_out=scores)
+            except QueueFull as e:
+                raise busy(e) from None
+            events = _sse(engine, stream, scores, req, cid, now, model_name)
+            return StreamingResponse(events if limiter is None else _drive(events, limiter),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        done = await run_in_threadpool(engine.complete_ids, ids, **gen_kwargs)
+        done = await generate(engine.complete_ids, ids, **gen_kwargs)
         logprobs = None
         if req["logprobs"] is not None:
             logprobs = {"content": _logprobs_content(engine, done.logprobs or [], req["logprobs"]), "refusal": None}
@@ -320,9 +393,10 @@ def create_app(model, tokenizer, *, model_name: str = "local", api_key: str | No
             "usage": _usage(done),
         })
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=completions_doc)
     async def completions(request: Request):
         body = await read_json(request)
+        refuse_if_full()
         # in a worker: string prompts are tokenized here (after the cheap length bound)
         req = await run_in_threadpool(lambda: parse_completion_request(
             body, engine=engine, model_name=model_name, max_tokens_limit=max_tokens_limit, max_logprobs=max_logprobs,
@@ -340,10 +414,8 @@ def create_app(model, tokenizer, *, model_name: str = "local", api_key: str | No
                 raise ApiError(400, str(e), param="prompt", code="context_length_exceeded") from None
             prompts.append((fitted, text if fitted is ids else None))
 
-        def run_all():
-            return [engine.complete_ids(ids, **kwargs) for ids, _ in prompts]
-
-        done = await run_in_threadpool(run_all)
+        # batched: all the prompts join the batch together
+        done = await generate(engine.complete_many_ids, [ids for ids, _ in prompts], **kwargs)
         choices = [completion_choice(engine, i, ids, text, d, req)
                    for i, ((ids, text), d) in enumerate(zip(prompts, done))]
         prompt_tokens = sum(d.prompt_tokens for d in done)
@@ -355,6 +427,50 @@ def create_app(model, tokenizer, *, model_name: str = "local", api_key: str | No
                                        "total_tokens": prompt_tokens + completion_tokens}})
 
     return app
+
+
+def _loads(raw: bytes):
+    """The request body's JSON value. A string holding a lone UTF-16 surrogate (a ``\\ud800`` escape without its
+    pair: valid JSON, but no text a tokenizer can read) is a 400."""
+    value = json.loads(raw)
+    if b"\\ud" in raw or b"\\uD" in raw:   # a surrogate can only come from an escape (raw UTF-8 refuses them)
+        _check_unicode(value)
+    return value
+
+
+def _check_unicode(value) -> None:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, "the request body holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                               "escape); strings must be valid Unicode", code="invalid_value") from None
+        elif isinstance(v, dict):
+            stack.extend(v)
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
+async def _drive(events, limiter):
+    """Iterate the sync generator ``events`` one item per worker-thread call on ``limiter``. When the response
+    ends early (the client gone) the generator is closed, which takes its request out of the batch."""
+    import anyio
+
+    try:
+        while True:
+            item = await anyio.to_thread.run_sync(next, events, None, limiter=limiter)
+            if item is None:
+                return
+            yield item
+    finally:
+        try:
+            events.close()
+        except ValueError:  # still running in its thread (cannot happen: the thread call is not abandoned)
+            pass
 
 
 def _forget_frames(exc: BaseException) -> None:
@@ -378,14 +494,13 @@ def _usage(done) -> dict:
             "total_tokens": done.prompt_tokens + done.completion_tokens}
 
 
-def _sse(engine: ChatEngine, ids: list[int], req: dict, gen_kwargs: dict, cid: str, now: int, model_name: str):
+def _sse(engine: ChatEngine, stream, scores: list | None, req: dict, cid: str, now: int, model_name: str):
     """Server-sent events in OpenAI's chunk format (a sync generator: Starlette iterates it in a thread).
 
     With ``logprobs`` each chunk carries the scores of the tokens generated since the previous one; tokens whose
     text is never sent (held back, or cut at a stop string) ride on the last chunk, so the chunks' scores, joined,
     are the non-streaming answer's."""
     k = req["logprobs"]
-    scores: list = []
     sent = 0
 
     def chunk(delta: dict, finish=None, usage=None) -> str:
@@ -402,7 +517,7 @@ def _sse(engine: ChatEngine, ids: list[int], req: dict, gen_kwargs: dict, cid: s
 
     yield chunk({"role": "assistant", "content": ""})
     final = None
-    for delta, done in engine.stream_ids(ids, **gen_kwargs, scores_out=scores if k is not None else None):
+    for delta, done in stream:
         if delta:
             yield chunk({"content": delta})
         final = done or final

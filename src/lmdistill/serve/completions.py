@@ -32,6 +32,21 @@ def check_model(body: dict, model_name: str, error) -> str:
     return model
 
 
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)   # what torch.Generator.manual_seed takes
+
+
+def check_seed(body: dict, error) -> int | None:
+    """The request's ``seed`` (None when absent); 400 unless an integer torch can seed with."""
+    seed = body.get("seed")
+    if isinstance(seed, float) and seed.is_integer():
+        seed = int(seed)   # 3.0 is an integer to JSON
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise error(400, "'seed' must be an integer", param="seed", code="invalid_type")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise error(400, f"'seed' must be >= -2**63 and <= 2**64 - 1, got {seed}", param="seed", code="invalid_value")
+    return seed
+
+
 def _flag(body: dict, name: str, default: bool, error) -> bool:
     value = body.get(name)
     if value is None:
@@ -44,6 +59,7 @@ def _flag(body: dict, name: str, default: bool, error) -> bool:
 def _token_list(value, where: str, vocab: int, error) -> list[int]:
     if not value:
         raise error(400, f"{where} must not be empty", param="prompt", code="invalid_value")
+    value = [int(t) if isinstance(t, float) and t.is_integer() else t for t in value]   # 3.0 is an integer to JSON
     for t in value:
         if isinstance(t, bool) or not isinstance(t, int):
             raise error(400, f"{where} must hold only integer token ids", param="prompt", code="invalid_type")
@@ -110,9 +126,7 @@ def parse_completion_request(body, *, engine, model_name: str, max_tokens_limit:
     max_tokens = number(body, "max_tokens", min(16, max_tokens_limit), 0, max_tokens_limit, integer=True)
     if max_tokens == 0 and not echo:
         raise error(400, "'max_tokens' must be >= 1 unless 'echo' is true", param="max_tokens", code="invalid_value")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise error(400, "'seed' must be an integer", param="seed", code="invalid_type")
+    seed = check_seed(body, error)
     req = {
         "max_tokens": max_tokens, "echo": echo, "seed": seed, "stop": stop_param(body),
         "n": number(body, "n", 1, 1, 1, integer=True),

@@ -4,6 +4,10 @@ One ``ChatEngine`` wraps a model and its tokenizer. A lock serialises the forwar
 be shared by concurrent server requests or client threads safely: one decoding step on the model at a
 time, and concurrent requests take turns token by token (each keeps its own KV cache).
 
+With ``max_batch_size`` the engine decodes through a ``batcher.Batcher`` instead: concurrent requests run as
+one batch (continuous batching: they join and leave at step boundaries), each keeping its own settings, and
+the same text loop (stop strings, holdback, multi-byte characters) reads the tokens of either path.
+
 Chat (``stream`` / ``complete``: messages through the chat template) and raw completions (``stream_ids`` /
 ``complete_ids``: token ids as given) share one decode loop. ``complete_ids`` can also score: the
 log-probabilities (``log_softmax`` of the raw logits, no temperature) of the prompt tokens, from the one forward
@@ -153,10 +157,13 @@ class ChatEngine:
     """Generate chat answers with ``model`` and ``tokenizer``.
 
     ``truncate_prompt``: when a prompt is too long for the context window, keep its last tokens instead of
-    raising ``ContextLengthError`` (the default, as OpenAI-compatible servers do).
+    raising ``ContextLengthError`` (the default, as OpenAI-compatible servers do). ``max_batch_size``: decode
+    concurrent requests together, at most this many at once (``None``/0: each alone, taking turns per token);
+    ``max_queue``: with batching, how many more may wait before ``batcher.QueueFull`` (``None``: unbounded).
     """
 
-    def __init__(self, model, tokenizer, *, truncate_prompt: bool = False):
+    def __init__(self, model, tokenizer, *, truncate_prompt: bool = False, max_batch_size: int | None = None,
+                 max_queue: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.truncate_prompt = truncate_prompt
@@ -176,6 +183,11 @@ class ChatEngine:
         self._byte_level = type(decoder).__name__ == "ByteLevel"
         self._special = set(getattr(tokenizer, "all_special_ids", None) or [])
         self._special |= set(getattr(tokenizer, "added_tokens_decoder", None) or {})
+        self.batcher = None
+        if max_batch_size:
+            from lmdistill.serve.batcher import Batcher
+
+            self.batcher = Batcher(self, max_batch=max_batch_size, max_queue=max_queue)
 
     @property
     def device(self) -> torch.device:
@@ -246,53 +258,105 @@ class ChatEngine:
         ``prompt_logprobs=K``: one for each prompt token after the first (taken from the first forward pass, or
         from a single forward pass when ``max_tokens`` is 0). ``scores_out``: a list the generated tokens'
         ``TokenLogprob`` are appended to as they come (a stream's chunks carry the scores of their tokens).
-        """
-        stop = [s for s in (stop or []) if s]
-        holdback = max((len(s) for s in stop), default=1) - 1  # never emit what may become a stop string
-        gen = None
-        if temperature > 0:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(int(seed) if seed is not None else torch.seed())
-        input_ids = torch.tensor([ids], device=self.device)
-        from transformers import DynamicCache
 
-        cache = cache_kwargs(self.model, DynamicCache(config=self.model.config))  # filled in place
-        out_ids: list[int] = []
-        scores: list[TokenLogprob] = scores_out if scores_out is not None else []
-        prompt_scores: list[TokenLogprob | None] | None = None
+        With a batcher the request is queued now (``QueueFull`` is raised here, before anything is read) and
+        decoded in the running batch; closing the returned iterator cancels it.
+        """
+        return self._many_ids([ids], max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                              stop=stop, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                              scores_out=[scores_out])[0]
+
+    def _many_ids(self, prompts: list[list[int]], *, max_tokens: int, temperature: float, top_p: float,
+                  seed: int | None, stop: list[str] | None, logprobs: int | None, prompt_logprobs: int | None,
+                  scores_out: list) -> list[Iterator[tuple[str, Completion | None]]]:
+        gens = [self._generator(temperature, seed) for _ in prompts]
+        if self.batcher is not None:
+            steps = self.batcher.submit([
+                {"ids": list(ids), "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "gen": gen,
+                 "logprobs": logprobs, "prompt_logprobs": prompt_logprobs} for ids, gen in zip(prompts, gens)])
+        else:
+            steps = [self._steps(ids, max_tokens, temperature, top_p, gen, logprobs, prompt_logprobs)
+                     for ids, gen in zip(prompts, gens)]
+        return [self._text(ids, s, stop=stop, logprobs=logprobs, scores_out=out)
+                for ids, s, out in zip(prompts, steps, scores_out)]
+
+    def _generator(self, temperature: float, seed: int | None) -> torch.Generator | None:
+        """A request's own random generator (``None`` for greedy): seeded, it draws the same alone or batched."""
+        if temperature <= 0:
+            return None
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(int(seed) if seed is not None else torch.seed())
+        return gen
+
+    def _score(self, logits: torch.Tensor, token: int, k: int | None) -> TokenLogprob | None:
+        """The chosen token's score under its step's ``[V]`` logits, when asked (never for a stop token)."""
+        if k is None or token in self.stop_ids:
+            return None
+        return score_rows(logits[None], [token], k)[0]
+
+    def _steps(self, ids: list[int], max_tokens: int, temperature: float, top_p: float, gen, logprobs: int | None,
+               prompt_logprobs: int | None):
+        """The unbatched token source: the request alone on the HF forward with its own ``DynamicCache``. Yields
+        ``(token, score, prompt_scores)`` per step (``(None, None, prompt_scores)`` once when ``max_tokens`` is 0),
+        as a ``batcher.Ticket`` does."""
+        input_ids = torch.tensor([ids], device=self.device)
         if prompt_logprobs is not None and max_tokens == 0:
             with self.lock, torch.inference_mode():
                 logits = self.model(input_ids=input_ids).logits[0]
                 prompt_scores = [None, *score_rows(logits[:-1], ids[1:], prompt_logprobs)]
-        emitted = ""
-        finish = "length"
-        for _ in range(max_tokens):
+            yield None, None, prompt_scores
+            return
+        from transformers import DynamicCache
+
+        cache = cache_kwargs(self.model, DynamicCache(config=self.model.config))  # filled in place
+        for step in range(max_tokens):
             # the lock is held per decoding step, never across a yield: a client that stops reading a
             # stream cannot block the model for everyone else
             with self.lock, torch.inference_mode():
                 outputs = self.model(input_ids=input_ids, **cache, use_cache=True)
                 last = outputs.logits[0, -1].float()
                 token = self._pick(last, temperature, top_p, gen)
-                if prompt_logprobs is not None and prompt_scores is None:  # the first step saw the whole prompt
+                prompt_scores = None
+                if prompt_logprobs is not None and step == 0:  # the first step saw the whole prompt
                     prompt_scores = [None, *score_rows(outputs.logits[0, :-1], ids[1:], prompt_logprobs)]
-            if logprobs is not None and token not in self.stop_ids:
-                scores += score_rows(last[None], [token], logprobs)
-            if token in self.stop_ids:
-                finish = "stop"
-                break
-            out_ids.append(token)
+            yield token, self._score(last, token, logprobs), prompt_scores
             input_ids = torch.tensor([[token]], device=self.device)
-            text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-            cut = _stop_index(text, stop)
-            if cut is not None:
-                finish = "stop"
-                break
-            if text.endswith("\ufffd"):
-                continue  # an incomplete multi-byte character: wait for the next token
-            safe = text[:max(0, len(text) - holdback)]
-            if len(safe) > len(emitted) and safe.startswith(emitted):
-                yield safe[len(emitted):], None
-                emitted = safe
+
+    def _text(self, ids: list[int], steps, *, stop: list[str] | None, logprobs: int | None,
+              scores_out: list | None) -> Iterator[tuple[str, Completion | None]]:
+        """Tokens from ``steps`` (``_steps`` or a batcher ticket) to text deltas and the final ``Completion``."""
+        stop = [s for s in (stop or []) if s]
+        holdback = max((len(s) for s in stop), default=1) - 1  # never emit what may become a stop string
+        out_ids: list[int] = []
+        scores: list[TokenLogprob] = scores_out if scores_out is not None else []
+        prompt_scores: list[TokenLogprob | None] | None = None
+        emitted = ""
+        finish = "length"
+        try:
+            for token, score, step_prompt_scores in steps:
+                if step_prompt_scores is not None:
+                    prompt_scores = step_prompt_scores
+                if token is None:
+                    continue
+                if score is not None:
+                    scores.append(score)
+                if token in self.stop_ids:
+                    finish = "stop"
+                    break
+                out_ids.append(token)
+                text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+                cut = _stop_index(text, stop)
+                if cut is not None:
+                    finish = "stop"
+                    break
+                if text.endswith("\ufffd"):
+                    continue  # an incomplete multi-byte character: wait for the next token
+                safe = text[:max(0, len(text) - holdback)]
+                if len(safe) > len(emitted) and safe.startswith(emitted):
+                    yield safe[len(emitted):], None
+                    emitted = safe
+        finally:  # done, a stop string, or the reader gone: the source stops (a batched request leaves the batch)
+            steps.close()
         final = self.tokenizer.decode(out_ids, skip_special_tokens=True)
         cut = _stop_index(final, stop)
         if cut is not None:
@@ -308,6 +372,16 @@ class ChatEngine:
     def complete_ids(self, ids: list[int], **kwargs) -> Completion:
         """``stream_ids`` to its end: the generated text, token ids and (when asked) the logprobs."""
         return _last(self.stream_ids(ids, **kwargs))
+
+    def complete_many_ids(self, prompts: list[list[int]], **kwargs) -> list[Completion]:
+        """``complete_ids`` of each prompt, in order. With a batcher they are queued together (all or none:
+        ``QueueFull``) and decode as one batch; without, one after another."""
+        if self.batcher is None:
+            return [self.complete_ids(ids, **kwargs) for ids in prompts]
+        kwargs = {"max_tokens": 256, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": None, "logprobs": None,
+                  "prompt_logprobs": None, **kwargs}
+        streams = self._many_ids(prompts, **kwargs, scores_out=[None] * len(prompts))
+        return [_last(s) for s in streams]
 
     def piece(self, token: int) -> str:
         """The text of one token on its own (cached)."""
@@ -336,7 +410,10 @@ class ChatEngine:
         if temperature <= 0:
             return int(torch.argmax(logits))
         # the nucleus rule of the sequence engine (generation.sampling.filter_logits), drawn with the request's generator
-        probs = torch.softmax(filter_logits(logits / temperature, top_p=top_p), dim=-1)
+        scaled = logits / temperature
+        if not torch.isfinite(scaled.max()):   # a temperature so small (1e-40) that logits / T overflows: its limit
+            return int(torch.argmax(logits))
+        probs = torch.softmax(filter_logits(scaled, top_p=top_p), dim=-1)
         return int(torch.multinomial(probs, 1, generator=gen))
 
 
