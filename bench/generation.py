@@ -1,10 +1,15 @@
 """Benchmark the sequence engine on the tiny models (random weights, full-length generation).
 
     .venv/bin/python bench/generation.py [--batch 8] [--new-tokens 128 256] [--repeats 3] [--out FILE.md]
+        [--draft-tokens 4 8] [--tau0-quantile 0.5] [--switch-only]
 
 Rows (all sampling at temperature 1, batch ``--batch``, every row runs the full length):
-- ``switch``: our SWITCH loop (student + teacher, one cached step each per token, switch_switch_tau0 chosen so both
-  models contribute tokens).
+- ``switch``: our SWITCH loop (student + teacher, one cached step each per token, ``switch_draft_tokens=0``;
+  switch_tau0 the ``--tau0-quantile`` of a student-only probe's JSDs, so both models contribute tokens).
+- ``speculative switch, k <= K``: the same rule with speculative verification (``generation/speculative.py``,
+  ``switch_draft_tokens=K`` for each ``--draft-tokens``): the student drafts, the teacher checks a draft in one
+  forward. Reported with both models' forward passes per generated token and how often its float32 output equals
+  ``switch``'s (the multi-token forward rounds differently; identical in float64, tests/test_switch_speculative.py).
 - ``naive switch``: the same decisions, but both models re-run over the whole prefix at every step (no cache).
 - ``floor``: one HF ``model.generate`` of the student plus one of the teacher, same length.
 - ``scrg``: student sampling, one teacher forward, one correction, suffix re-generation.
@@ -12,7 +17,9 @@ Rows (all sampling at temperature 1, batch ``--batch``, every row runs the full 
 - ``..., hf decoder``: the same policy with ``decoder="hf"`` (``model(...)`` + ``DynamicCache`` instead of
   the fast decoder), to show what the decoder buys and what the algorithm does.
 - ``teacher scoring forward``: one teacher forward over prompt + response (what SCRG's scoring costs).
-Times are the minimum over ``--repeats`` interleaved runs (the naive one runs once).
+Times are the minimum over ``--repeats`` interleaved runs (the naive one runs once), wall time or with ``--clock cpu``
+the process's CPU time. ``--switch-only``: only the
+switch loops and the floor (the second table is left out).
 """
 
 from __future__ import annotations
@@ -81,12 +88,30 @@ def hf_generate(model, prompts, n: int, pad_id: int, seed: int):
     return out
 
 
+def forwards(out) -> dict:
+    """Each model's forward passes per generated token (a batch's pass counts once per row it computes)."""
+    tokens = sum(s["length"] for s in out.stats)
+    return {m: sum(s[f"{m}_forwards"] for s in out.stats) / tokens for m in ("teacher", "student")}
+
+
+def agreement(a, b) -> str:
+    """How often two runs wrote the same response: rows identical, and the share of positions before rows differ."""
+    same = sum(x == y for x, y in zip(a.responses, b.responses))
+    prefix = 0
+    for x, y in zip(a.responses, b.responses):
+        prefix += next((i for i, (u, w) in enumerate(zip(x, y)) if u != w), min(len(x), len(y)))
+    return f"{same}/{len(a.responses)} ({prefix / sum(map(len, a.responses)):.0%} of positions before a difference)"
+
+
+CLOCK = time.perf_counter  # --clock cpu: time.process_time, this process's CPU time (steadier on a shared machine)
+
+
 def timed(fn, repeats: int) -> float:
     best = math.inf
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, CLOCK() - t0)
     return best
 
 
@@ -97,12 +122,21 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--switch-tau0", "--tau0", dest="switch_tau0", type=float, default=None,
                     help="switch threshold (default: about half teacher tokens)")
+    ap.add_argument("--tau0-quantile", type=float, default=0.5,
+                    help="default switch_tau0: this quantile of the probe's JSDs (higher: fewer teacher tokens)")
+    ap.add_argument("--draft-tokens", type=int, nargs="+", default=[4],
+                    help="speculative switch: switch_draft_tokens values to measure")
+    ap.add_argument("--switch-only", action="store_true", help="only the switch loops and the floor")
     ap.add_argument("--no-naive", action="store_true", help="skip the (slow) naive switch")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: time the process's CPU time (all its threads) instead of wall time")
     ap.add_argument("--out", default=None, help="also write the markdown table to this file")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_grad_enabled(False)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,75 +148,108 @@ def main(argv=None) -> int:
     switch_tau0 = args.switch_tau0
     if switch_tau0 is None:  # median JSD of a short student-only probe: both models then contribute tokens
         probe = generate(student, prompts, "switch", teacher=teacher, config=SamplingConfig(
-            max_new_tokens=32, seed=0, switch_tau0=math.inf), **kw)
+            max_new_tokens=32, seed=0, switch_tau0=math.inf, switch_draft_tokens=0), **kw)
         values = sorted(v for s in probe.stats for v in s["jsd"])
-        switch_tau0 = values[len(values) // 2]
+        i = min(int(args.tau0_quantile * len(values)), len(values) - 2)
+        switch_tau0 = (values[i] + values[i + 1]) / 2  # between two observed JSDs: no exact ties with the probe's
 
     rows = []
     for n in args.new_tokens:
-        cfg = SamplingConfig(max_new_tokens=n, seed=0, switch_tau0=switch_tau0, switch_decay=0.0, scrg_rounds=1)
+        cfg = SamplingConfig(max_new_tokens=n, seed=0, switch_tau0=switch_tau0, switch_decay=0.0, scrg_rounds=1,
+                             switch_draft_tokens=0)
         cfg_hf = replace(cfg, decoder="hf")
+        spec_cfg = {k: replace(cfg, switch_draft_tokens=k) for k in args.draft_tokens}
         sw_out = generate(student, prompts, "switch", teacher=teacher, config=cfg, **kw)  # also warms up
-        sc_out = generate(student, prompts, "scrg", teacher=teacher, config=cfg, **kw)
-        scored = sc_out.input_ids[:, sc_out.prompt_width:]
-        ids, mask = pad_left(prompts, pad)
+        spec_out = {k: generate(student, prompts, "switch", teacher=teacher, config=c, **kw)
+                    for k, c in spec_cfg.items()}
         variants = {
             "switch": lambda: generate(student, prompts, "switch", teacher=teacher, config=cfg, **kw),
             "hf_s": lambda: hf_generate(student, prompts, n, pad, 0),
             "hf_t": lambda: hf_generate(teacher, prompts, n, pad, 0),
-            "student": lambda: generate(student, prompts, "student", config=cfg, **kw),
-            "scrg": lambda: generate(student, prompts, "scrg", teacher=teacher, config=cfg, **kw),
-            "switch_hf": lambda: generate(student, prompts, "switch", teacher=teacher, config=cfg_hf, **kw),
-            "scrg_hf": lambda: generate(student, prompts, "scrg", teacher=teacher, config=cfg_hf, **kw),
-            # SCRG's teacher scoring forward over prompt + response, alone
-            "score": lambda: CachedLM(teacher, ids, mask, n).score(scored),
         }
+        for k, c in spec_cfg.items():
+            variants[f"spec{k}"] = lambda c=c: generate(student, prompts, "switch", teacher=teacher, config=c, **kw)
+        if not args.switch_only:
+            sc_out = generate(student, prompts, "scrg", teacher=teacher, config=cfg, **kw)
+            scored = sc_out.input_ids[:, sc_out.prompt_width:]
+            ids, mask = pad_left(prompts, pad)
+            variants.update({
+                "student": lambda: generate(student, prompts, "student", config=cfg, **kw),
+                "scrg": lambda: generate(student, prompts, "scrg", teacher=teacher, config=cfg, **kw),
+                "switch_hf": lambda: generate(student, prompts, "switch", teacher=teacher, config=cfg_hf, **kw),
+                "scrg_hf": lambda: generate(student, prompts, "scrg", teacher=teacher, config=cfg_hf, **kw),
+                # SCRG's teacher scoring forward over prompt + response, alone
+                "score": lambda: CachedLM(teacher, ids, mask, n).score(scored),
+            })
         best = {k: math.inf for k in variants}
         for _ in range(args.repeats):  # interleaved, so a change in machine load hits every variant alike
             for k, fn in variants.items():
                 best[k] = min(best[k], timed(fn, 1))
-        t_switch, t_hf_s, t_hf_t, t_student, t_scrg, t_switch_hf, t_scrg_hf, t_score = (best[k] for k in variants)
+        t_switch, t_hf_s, t_hf_t = best["switch"], best["hf_s"], best["hf_t"]
+        spec = [dict(k=k, time=best[f"spec{k}"], **forwards(o), agree=agreement(sw_out, o))
+                for k, o in spec_out.items()]
         t_naive = None
-        if not args.no_naive:
+        if not args.no_naive and not args.switch_only:
             t_naive = timed(lambda: naive_switch(student, teacher, prompts, cfg, pad), 1)
         floor = t_hf_s + t_hf_t
         frac = sum(s["teacher_fraction"] for s in sw_out.stats) / len(sw_out.stats)
-        regen = sum(s["regenerated_tokens"] for s in sc_out.stats) / len(sc_out.stats)
-        first_j = min(s["correction_positions"][0] for s in sc_out.stats if s["correction_positions"])
-        rows.append(dict(n=n, switch=t_switch, naive=t_naive, floor=floor, hf_s=t_hf_s, hf_t=t_hf_t,
-                         student=t_student, scrg=t_scrg, frac=frac, regen=regen, first_j=first_j, score=t_score,
-                         switch_hf=t_switch_hf, scrg_hf=t_scrg_hf))
+        row = dict(n=n, switch=t_switch, naive=t_naive, floor=floor, hf_s=t_hf_s, hf_t=t_hf_t, frac=frac, spec=spec,
+                   step_fw=forwards(sw_out))
+        if not args.switch_only:
+            row.update(student=best["student"], scrg=best["scrg"], score=best["score"], switch_hf=best["switch_hf"],
+                       scrg_hf=best["scrg_hf"],
+                       regen=sum(s["regenerated_tokens"] for s in sc_out.stats) / len(sc_out.stats),
+                       first_j=min((s["correction_positions"][0] for s in sc_out.stats if s["correction_positions"]),
+                                   default=-1))
+        rows.append(row)
         print(f"n={n}: done", file=sys.stderr)
 
     lines = [
         f"Tiny models (tiny-student 1.3M, tiny-teacher 5.8M, random weights), batch {args.batch}, prompts "
         f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, full-length sampling (no EOS), CPU "
         f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
-        f"torch {torch.__version__}; "
-        f"switch_tau0={switch_tau0:.4g}, switch_decay=0.",
+        f"torch {torch.__version__}; {'CPU' if args.clock == 'cpu' else 'wall'} time; "
+        f"switch_tau0={switch_tau0:.4g} (quantile {args.tau0_quantile} of the probe's JSDs), switch_decay=0.",
         "",
+    ]
+    if not args.switch_only:
+        lines += [
         "| new tokens | switch (s) | floor: HF student + teacher generate (s) | **switch / floor** | naive switch (s) "
         "| **naive / switch** | switch, hf decoder (s) | hf-decoder switch / floor | teacher-token share |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            naive = f"{r['naive']:.2f}" if r["naive"] is not None else "-"
+            speed = f"{r['naive'] / r['switch']:.1f}x" if r["naive"] is not None else "-"
+            lines.append(
+                f"| {r['n']} | {r['switch']:.3f} | {r['floor']:.3f} | {r['switch'] / r['floor']:.2f}x | {naive} "
+                f"| {speed} | {r['switch_hf']:.3f} | {r['switch_hf'] / r['floor']:.2f}x | {r['frac']:.0%} |")
+        lines.append("")
+    lines += [
+        "| new tokens | switch, one step per token (s) | floor (s) | switch / floor | speculative k <= K | time (s) "
+        "| **speculative / switch** | **speculative / floor** | teacher forwards per token (switch: 1) "
+        "| student forwards per token (switch: 1) | float32 rows identical to switch | teacher-token share |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        naive = f"{r['naive']:.2f}" if r["naive"] is not None else "-"
-        speed = f"{r['naive'] / r['switch']:.1f}x" if r["naive"] is not None else "-"
-        lines.append(
-            f"| {r['n']} | {r['switch']:.3f} | {r['floor']:.3f} | {r['switch'] / r['floor']:.2f}x | {naive} | {speed} "
-            f"| {r['switch_hf']:.3f} | {r['switch_hf'] / r['floor']:.2f}x | {r['frac']:.0%} |")
-    lines += [
+        for sp in r["spec"]:
+            lines.append(
+                f"| {r['n']} | {r['switch']:.3f} | {r['floor']:.3f} | {r['switch'] / r['floor']:.2f}x | {sp['k']} "
+                f"| {sp['time']:.3f} | {sp['time'] / r['switch']:.2f}x | {sp['time'] / r['floor']:.2f}x "
+                f"| {sp['teacher']:.3f} | {sp['student']:.3f} | {sp['agree']} | {r['frac']:.0%} |")
+    if not args.switch_only:
+        lines += [
         "",
         "| new tokens | scrg (s) | HF student generate (s) | **scrg / HF student** | our student (s) "
         "| scrg / our student | scrg, hf decoder (s) | hf-decoder scrg / HF student | teacher scoring forward (s) "
         "| mean regenerated | earliest j |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['n']} | {r['scrg']:.3f} | {r['hf_s']:.3f} | {r['scrg'] / r['hf_s']:.2f}x | {r['student']:.3f} "
-            f"| {r['scrg'] / r['student']:.2f}x | {r['scrg_hf']:.3f} | {r['scrg_hf'] / r['hf_s']:.2f}x "
-            f"| {r['score']:.3f} | {r['regen']:.0f} | {r['first_j']} |")
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['n']} | {r['scrg']:.3f} | {r['hf_s']:.3f} | {r['scrg'] / r['hf_s']:.2f}x | {r['student']:.3f} "
+                f"| {r['scrg'] / r['student']:.2f}x | {r['scrg_hf']:.3f} | {r['scrg_hf'] / r['hf_s']:.2f}x "
+                f"| {r['score']:.3f} | {r['regen']:.0f} | {r['first_j']} |")
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -32,6 +32,12 @@ class SamplingConfig:
       (bench/switch_fraction.py, SmolLM2-135M teacher, SFT-initialised 10-layer student): 0.7 and 0.01 per token
       gave 45% teacher tokens (the paper's best: ~53%; 33% at tau0 1.0, 71% at 0.5); the paper's "decay factor 1/10"
       read per token (0.1) leaves the threshold near 0 after ~30 tokens and the teacher writes 94-100% of them.
+    - ``switch_draft_tokens``, ``switch_draft_min``: SWITCH's speculative verification (``generation/speculative.py``):
+      the student drafts up to ``switch_draft_tokens`` tokens and the teacher checks them in one forward pass; the
+      draft length adapts between ``switch_draft_min`` and ``switch_draft_tokens``. ``switch_draft_tokens = 0``: one
+      teacher step per token (``policies/switch.py``). The tokens are the same either way (to float rounding). 4:
+      on the CPU benchmark (bench/README.md, issue 19) neutral at batch 8 with a third teacher tokens, 0.57-0.89x
+      the time of one step per token at batch 1; larger bounds pay only where takeovers are rare.
     - ``scrg_rounds``: rounds of correction + re-generation for ``scrg`` (MGSR).
     - ``teacher_mix_alpha``: ``teacher_mix`` (MiniLLM) samples from ``alpha * p + (1 - alpha) * q``.
     - ``vocab_size``: sample only among the first ``vocab_size`` ids (default: the smallest vocabulary
@@ -53,6 +59,8 @@ class SamplingConfig:
     mixed_coin: str = "batch"
     switch_tau0: float = 0.7
     switch_decay: float = 0.01
+    switch_draft_tokens: int = 4
+    switch_draft_min: int = 1
     scrg_rounds: int = 1
     teacher_mix_alpha: float = 0.2
     vocab_size: int | None = None
@@ -83,6 +91,13 @@ class SamplingConfig:
             raise bad(f"switch_tau0 must be a number (inf allowed), got {self.switch_tau0!r}")
         if not (isinstance(self.switch_decay, (int, float)) and math.isfinite(self.switch_decay) and self.switch_decay >= 0):
             raise bad(f"switch_decay must be a finite number >= 0, got {self.switch_decay!r}")
+        if not isinstance(self.switch_draft_tokens, int) or self.switch_draft_tokens < 0:
+            raise bad(f"switch_draft_tokens must be an integer >= 0 (0 = off), got {self.switch_draft_tokens!r}")
+        if not isinstance(self.switch_draft_min, int) or self.switch_draft_min < 1:
+            raise bad(f"switch_draft_min must be an integer >= 1, got {self.switch_draft_min!r}")
+        if self.switch_draft_tokens and self.switch_draft_min > self.switch_draft_tokens:
+            raise bad(f"switch_draft_min ({self.switch_draft_min}) exceeds switch_draft_tokens "
+                      f"({self.switch_draft_tokens})")
         if not isinstance(self.scrg_rounds, int) or self.scrg_rounds < 0:
             raise bad(f"scrg_rounds must be an integer >= 0, got {self.scrg_rounds!r}")
         if not (isinstance(self.teacher_mix_alpha, (int, float)) and 0 <= self.teacher_mix_alpha <= 1):

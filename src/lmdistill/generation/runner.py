@@ -132,11 +132,21 @@ class CachedLM:
         elif self.cache is not None:
             self.cache.reorder_cache(order)
 
-    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed ``[B, k]`` response tokens at once; return ``[B, k, V]`` logits (position i predicts token i+1)."""
+    def extend(self, tokens: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """Feed ``[B, k]`` response tokens at once; return ``[B, k, V]`` logits (position i predicts token i+1).
+
+        ``rows``: as in ``step``, the first rows only (``[rows, k, V]``; where ``can_skip_rows``).
+        """
         k = tokens.shape[1]
         positions = self.prompt_len[:, None] + self.fed + torch.arange(k, device=self.device)[None, :]
         self.fed += k
+        if rows is not None and rows < positions.shape[0]:
+            if not self.can_skip_rows:
+                raise ValueError("only the fast backend can feed a subset of rows")
+            if rows == 0:
+                return torch.empty((0, k, self.vocab), device=self.device)
+            return self.fast.forward(tokens.to(self.device)[:rows], positions[:rows], self.prompt_width + self.fed - k,
+                                     self.allowed[:rows], 0)
         return self._forward(tokens.to(self.device), positions, self.prompt_width + self.fed, 0)
 
     def crop(self, keep: int) -> None:

@@ -2,7 +2,7 @@
 
 At response step t both models give next-token logits over the shared vocabulary. When
 ``JSD(p_t, q_t) > tau_t = switch_tau0 * exp(-switch_decay * t)`` the token is sampled from the teacher, otherwise
-from the student; both caches then advance on the chosen token (one cached step per model per token).
+from the student.
 
 Our choices (docs/METHODS.md leaves them open): the JSD is the symmetric one (beta = 0.5, in nats, between
 0 and ln 2) of ``softmax(logits / T)`` at the sampling temperature T (T = 1 when greedy), computed by
@@ -18,12 +18,24 @@ distributions: it measures how far the two models disagree, and the ban (the sam
 the context) is a decoding constraint, not part of either model; banning first would also renormalise both
 over the allowed ids and make the trace depend on n. ``stats["jsd"]`` is therefore the same with and without a
 ban for the same tokens.
+
+Two loops compute this rule, with the same tokens, sources, trace and lengths (exactly in float64; float32
+rounding of a multi-token forward differs from single steps, see ``generation/speculative.py``):
+
+- ``switch_draft_tokens = 0``: ``stepwise`` below, one cached step per model per token.
+- ``switch_draft_tokens = k_max > 0`` (the default): ``speculative.run``. The student drafts up to k tokens
+  exactly as it would write them alone; the teacher scores all k positions in one forward pass; the first
+  position where the rule fires takes the teacher's token and the drafts after it are dropped.
+
+``stats["teacher_forwards"]`` / ``stats["student_forwards"]``: the forward passes (prefill included) each model
+ran while the row was unfinished; per generated token that is 1 for ``stepwise``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from lmdistill.generation import speculative
 from lmdistill.generation.batch import PADDING, STUDENT, TEACHER, Batch, Decoded, mark_eos
 from lmdistill.generation.decode import ActiveRows, no_eos
 from lmdistill.generation.sampling import NgramBan, pick
@@ -31,6 +43,21 @@ from lmdistill.losses import per_token_divergence
 
 
 def run(student, teacher, batch: Batch) -> Decoded:
+    loop = speculative.run if batch.config.switch_draft_tokens else stepwise
+    return decoded(*loop(student, teacher, batch))
+
+
+def decoded(tokens, sources, trace, lengths, teacher_forwards, student_forwards) -> Decoded:
+    """The policy's result from what both loops return (per-row tensors in the caller's row order)."""
+    stats = [{"jsd": row[:k], "teacher_tokens": sum(1 for x in src[:k] if x == TEACHER),
+              "teacher_forwards": tf, "student_forwards": sf}
+             for row, src, k, tf, sf in zip(trace.tolist(), sources.tolist(), lengths.tolist(),
+                                            teacher_forwards.tolist(), student_forwards.tolist())]
+    return Decoded(tokens, lengths, sources, stats)
+
+
+def stepwise(student, teacher, batch: Batch):
+    """``(tokens, sources, trace, lengths, teacher_forwards, student_forwards)``, one step per model per token."""
     cfg, n, v, dev = batch.config, batch.max_new_tokens, batch.vocab, batch.device
     s_lm, t_lm = batch.runner(student), batch.runner(teacher)
     q, p = s_lm.prefill(), t_lm.prefill()
@@ -69,6 +96,5 @@ def run(student, teacher, batch: Batch) -> Decoded:
         q, p = rows.step(s_lm, tokens[:, t], q), rows.step(t_lm, tokens[:, t], p)
     tokens, sources, trace, lengths = (rows.to_caller(x) for x in (tokens, sources, trace, lengths))
     rows.restore()
-    stats = [{"jsd": row[:k], "teacher_tokens": sum(1 for x in src[:k] if x == TEACHER)}
-             for row, src, k in zip(trace.tolist(), sources.tolist(), lengths.tolist())]
-    return Decoded(tokens, lengths, sources, stats)
+    # a row of length L took part in the prefill and L - 1 steps of each model
+    return tokens, sources, trace, lengths, lengths, lengths
