@@ -52,3 +52,30 @@ def test_verdicts_follow_the_numbers():
     assert "`gkd` does **not** beat SFT" in lines
     assert "`seqkd` is **worse than SFT**" in lines
     assert "dolly -5.00 (behind), average +20.00 (ahead)" in teacher_vs_sft(results)[0]
+
+
+def test_worker_processes_compute_what_one_process_computes(tmp_path):
+    """Student runs and evaluation jobs in 2 worker processes give the same weights, training logs, predictions
+    and results as running them one after another in this process (the teacher cache is shared)."""
+    small = dataclasses.replace(MICRO, methods=("sft", "kd", "gkd", "mgsr"), ablations=("mgsr-no-span",))
+    run_demo(small, tmp_path, name="seq", workers=1)
+    run_demo(small, tmp_path, name="par", workers=2)
+    seq, par = tmp_path / "seq", tmp_path / "par"
+    assert json.loads((par / "demo.json").read_text())["workers"] == 2
+    assert "2 worker processes" in (par / "report.md").read_text()
+
+    def logged(path):   # the training log without its clock (tokens_per_s)
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+                for line in path.read_text().splitlines()]
+
+    for m in (*small.methods, *small.ablations):
+        weights = [(d / "methods" / m / "final" / "model.safetensors").read_bytes() for d in (seq, par)]
+        assert weights[0] == weights[1], m
+        assert logged(seq / "methods" / m / "metrics.jsonl") == logged(par / "methods" / m / "metrics.jsonl"), m
+    for f in sorted((seq / "eval" / "predictions").rglob("*.jsonl")):
+        assert f.read_text() == (par / f.relative_to(seq)).read_text(), f
+    results = [json.loads((d / "eval" / "results.json").read_text())["models"] for d in (seq, par)]
+    for r in results:   # the folders differ (seq/ and par/); every number must not
+        for entry in r.values():
+            entry.pop("source")
+    assert results[0] == results[1] and list(results[1]) == ["teacher", *small.methods, *small.ablations]

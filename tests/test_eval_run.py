@@ -292,3 +292,28 @@ def test_max_prompt_length_option_and_an_emptied_benchmark(tmp_path, model_dirs,
     assert res["models"]["student"]["average"]["mean"] is None
     md = (tmp_path / "results.md").read_text()
     assert "| student | " in md and "| - | - |" in md and (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_length_order_and_worker_processes_change_no_prediction(run, tmp_path, model_dirs):
+    """Batches are cut from the prompts sorted by length, the files keep the benchmark's order, and two worker
+    processes write the same files and results as this process."""
+    from lmdistill.evaluate.predictors import Item
+    from lmdistill.evaluate.run import length_order
+
+    ex = load_examples("dolly").examples[:4]
+    items = [Item(e, prompt_ids=[1] * n) for e, n in zip(ex, (5, 2, 9, 2))]
+    assert length_order(items) == [1, 3, 0, 2]
+    assert length_order([Item(e) for e in ex]) == [0, 1, 2, 3]   # API items: no ids, file order
+    out, _ = run
+    models = [f"student={model_dirs['student']}", model_dirs["teacher"]]
+    kw = dict(limit=LIMIT, max_new_tokens=8, batch_size=3, progress=False)
+    par = evaluate_models(models, ["dolly", "sni"], list(SEEDS), tmp_path, workers=2, **kw)
+    seq = json.loads((out / "results.json").read_text())
+    for name in ("student", Path(model_dirs["teacher"]).name):
+        for bench in ("dolly", "sni"):
+            assert par["models"][name]["benchmarks"][bench] == seq["models"][name]["benchmarks"][bench]
+            for s in SEEDS:
+                rows = read_rows(tmp_path / "predictions" / name / bench / f"seed{s}.jsonl")
+                assert rows == read_rows(out / "predictions" / name / bench / f"seed{s}.jsonl")
+                assert [r["id"] for r in rows] == [e.id for e in load_examples(bench).examples[:LIMIT]]
+    assert list(par["models"]) == ["student", Path(model_dirs["teacher"]).name]   # the order asked for

@@ -244,7 +244,9 @@ def reference_search(result, n_questions, ratio=0.5, alpha=0.1, beta=0.2):
 def test_paper_mode_equals_the_reference_search(tmp_path):
     target, helper, judge_client = fakes()
     # five seeds so that 14 steps reach below the seeds (with 76 the first 76 steps visit each seed once)
-    config = IceConfig(fact=FACT, budget=25 * 14, languages=("en",), seed=5, templates=load_templates()[:5])
+    # helper_length_factor=0: the reference's plain 2048-token cap for mutations (the bound is tested apart)
+    config = IceConfig(fact=FACT, budget=25 * 14, languages=("en",), seed=5, templates=load_templates()[:5],
+                       helper_length_factor=0)
     result = run_ice(target, helper, LLMJudge(judge_client), config, progress=False)  # paper mode is the default
     steps, q = result["steps"], 25
     assert result["config"]["mode"] == "paper" and len(steps) == 14
@@ -271,8 +273,14 @@ def test_paper_mode_equals_the_reference_search(tmp_path):
     loose_asks = [m for m, _ in judge_client.calls if "<factor>" in m[1]["content"]]
     strict_asks = [m for m, _ in judge_client.calls if "<rate>1</rate>" in m[1]["content"]]
     assert all(m[0]["content"] == PAPER_SYSTEM for m, _ in judge_client.calls)
-    assert len(loose_asks) == 25 * 14 and f"<factor>{FACT}</factor>" in loose_asks[0][1]["content"]
-    assert len(strict_asks) == result["scores"]["loose_hits"] and all(FACT not in m[1]["content"] for m in strict_asks)
+    # every answer is judged; identical answers within a step's round are asked once (the same request)
+    distinct = sum(len({r["response"] for r in result["queries"] if r["step"] == s["step"]}) for s in steps)
+    distinct_hits = sum(len({r["response"] for r in result["queries"] if r["step"] == s["step"] and r["loose"]})
+                        for s in steps)
+    assert len(loose_asks) == distinct and f"<factor>{FACT}</factor>" in loose_asks[0][1]["content"]
+    assert {m[1]["content"].split("Statement 2: <factor>")[1].split("</factor>")[0] for m in loose_asks} == \
+        {r["response"] for r in result["queries"]}
+    assert len(strict_asks) == distinct_hits and all(FACT not in m[1]["content"] for m in strict_asks)
     assert result["scores"]["strict_hits"] == sum("ChatGPT" in r["response"] for r in result["queries"])
     assert result["judge_label"] == "LLM judge fake-judge (paper prompts)"
     md = write_ice(result, tmp_path / "llm")

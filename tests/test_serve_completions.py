@@ -141,7 +141,12 @@ def test_generated_token_logprobs_are_raw_log_softmax(served, prompts):
     body = {"prompt": ids, "max_tokens": 5, "temperature": 0.7, "seed": 3, "logprobs": 3,
             "return_tokens_as_token_ids": True}
     a, b = ok(served, body)["choices"][0], ok(served, body)["choices"][0]
-    assert a == b  # a seed reproduces the sample
+    # a seed reproduces the sample; the scores only to rounding: the second request reuses the first's cached prompt
+    # columns (prefix reuse), computed in another batch shape than a fresh prefill (seen: 1e-6 apart on an AMD EPYC)
+    assert a["text"] == b["text"] and a["logprobs"]["tokens"] == b["logprobs"]["tokens"]
+    for x, y in zip(a["logprobs"]["top_logprobs"], b["logprobs"]["top_logprobs"]):
+        assert list(x) == list(y) and all(abs(x[k] - y[k]) < 1e-5 for k in x)
+    assert a["logprobs"]["token_logprobs"] == pytest.approx(b["logprobs"]["token_logprobs"], abs=1e-5)
     lp = a["logprobs"]
     gen = [int(t.split(":")[1]) for t in lp["tokens"]]
     assert len(gen) == ok(served, body)["usage"]["completion_tokens"]

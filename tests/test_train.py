@@ -353,3 +353,53 @@ def test_nan_steps_are_skipped_then_stop(model_dirs, tmp_path, monkeypatch):
     ckpt = tmp_path / "checkpoints" / "step-0000002"
     state = torch.load(ckpt / "student.pt")
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_length_ordered_micro_batches_train_the_same_objective(model_dirs, tmp_path):
+    """micro_batch_order=length cuts the step's rows, sorted by length, into micro-batches: less padding computed,
+    the same token-weighted objective, so the weights match one whole-batch forward up to float summation order."""
+    from lmdistill.train.trainer import Callback
+
+    class Widths(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_sequences(self, run, step, seqs):
+            self.seen.append((step, seqs.batch["input_ids"].numel(), [len(r.input_ids) for r in seqs.rows]))
+
+    finals, padded = {}, {}
+    for name, extra in {"whole": ["micro_batch_size=8"], "data": ["micro_batch_size=2"],
+                        "length": ["micro_batch_size=2", "micro_batch_order=length"]}.items():
+        cb = Widths()
+        cfg = load_config("sft", base_overrides(model_dirs, tmp_path / name, max_steps=3, batch_size=8,
+                                                max_train_examples=32, teacher="", **{"lr": 1e-2}) + extra)
+        finals[name] = weights(Path(train(cfg, callbacks=[cb])["final"]))
+        padded[name] = sum(n for _, n, _ in cb.seen)
+        if name == "length":   # within each step the rows come shortest first
+            for step in range(3):
+                lengths = [x for s, _, rows in cb.seen if s == step for x in rows]
+                assert lengths == sorted(lengths)
+    assert padded["length"] < padded["data"] <= padded["whole"]
+    for k in finals["whole"]:
+        torch.testing.assert_close(finals["length"][k], finals["whole"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_training_rows_are_tokenized_once_per_process(model_dirs, tmp_path, monkeypatch):
+    import lmdistill.train.setup as setup
+
+    calls = []
+    real = setup.tokenize_examples
+    monkeypatch.setattr(setup, "tokenize_examples", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(setup, "_ROWS_MEMO", {})
+    from lmdistill.models import load_tokenizer
+
+    tok = load_tokenizer(model_dirs["student"])
+    cfg = load_config("sft", base_overrides(model_dirs, tmp_path, teacher="", max_train_examples=16))
+    first, _, reports = setup.load_rows(cfg, tok)
+    again, _, reports2 = setup.load_rows(cfg, tok)
+    assert len(calls) == 1 and [r.input_ids for r in again] == [r.input_ids for r in first] and reports2 == reports
+    again.pop()                                              # the caller's list, not the memo's
+    assert len(setup.load_rows(cfg, tok)[0]) == len(first) and len(calls) == 1
+    shorter = load_config("sft", base_overrides(model_dirs, tmp_path, teacher="", max_train_examples=16,
+                                                max_length=90))
+    assert max(len(r.input_ids) for r in setup.load_rows(shorter, tok)[0]) <= 90 and len(calls) == 2

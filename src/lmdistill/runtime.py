@@ -32,3 +32,42 @@ def rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def denormals_flushed() -> bool:
+    """Whether this process's CPU treats subnormal floats as zero (``flush_denormals`` or
+    ``torch.set_flush_denormal(True)``): a subnormal float32 multiplied by 1 reads 0 then."""
+    import torch
+
+    return bool((torch.tensor([1e-40], dtype=torch.float32) * 1.0)[0] == 0)
+
+
+def _init_worker(threads: int, flush: bool) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(flush)
+
+
+def worker_pool(workers: int, threads: int | None = None):
+    """A pool of ``workers`` fresh processes (``spawn``: no state forked from this one) for independent jobs.
+
+    Each worker runs ``threads`` intra-op threads (default: this process's CPUs shared out, at least 1) and the
+    subnormal-float mode of this process, so a job computes there what it would compute here with that many
+    threads. Why: the demo's models are small (1-5M parameters) and its decoding runs token by token, where a
+    second intra-op thread gains little; two jobs side by side on one thread each keep both cores busy.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = threads or max(1, available_cpus() // max(workers, 1))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(threads, denormals_flushed()))

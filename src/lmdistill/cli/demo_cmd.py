@@ -14,6 +14,9 @@ def register(sub) -> None:
                                    "and quantification in one report (29.5 min measured on 2 CPU cores; 45-min budget).")
     p.add_argument("--preset", default="quick", choices=["quick", "full", *REAL_PRESETS])
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--workers", type=int, default=None,
+                   help="quick/full: processes for the student runs and the evaluation (default: one per CPU, at "
+                        "most 8; 1 = all in this process)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -21,5 +24,5 @@ def cmd_demo(args) -> int:
     if args.preset in REAL_PRESETS:
         run_real_demo(args.preset, args.out)
         return 0
-    run_demo(args.preset, args.out)
+    run_demo(args.preset, args.out, workers=args.workers)
     return 0

@@ -9,7 +9,7 @@ from lmdistill.cli import COMMANDS
 from lmdistill.clients import ResponseCache, make_client
 from lmdistill.io import write_json
 from lmdistill.quantify.ice import IceConfig, run_ice, write_ice
-from lmdistill.quantify.judges import judge_agreement, labelled_examples, make_judge
+from lmdistill.quantify.judges import LLMJudge, judge_agreement, labelled_examples, make_judge
 from lmdistill.quantify.report import combined_report
 from lmdistill.quantify.rse import load_prompt_set, run_rse, write_rse
 from lmdistill.quantify.similarity import Embedder
@@ -54,6 +54,14 @@ def register(sub) -> None:
                      help="answer length limit for the target (default: 2048 in paper mode, 256 in lmdistill mode)")
     ice.add_argument("--helper-temperature", type=float, default=None,
                      help="default: 0 (greedy, as the reference) in paper mode, 0.7 in lmdistill mode")
+    ice.add_argument("--helper-max-tokens", type=int, default=None,
+                     help="cap on a mutation's new tokens (default: 2048 in paper mode, 1024 in lmdistill mode)")
+    ice.add_argument("--helper-length-factor", type=float, default=2.0,
+                     help="a mutation may write at most this many times the (estimated) tokens of the template(s) "
+                          "it rewrites, at least 256, within --helper-max-tokens; 0 = only the cap (the reference)")
+    ice.add_argument("--mutants-per-round", type=int, default=1,
+                     help="mutants whose requests are batched together; 1 (default) = the reference's search, one "
+                          "mutant per selection; K > 1 makes K selections before their rewards are known")
     ice.add_argument("--out", required=True)
     _client_args(ice)
     ice.set_defaults(func=cmd_ice)
@@ -79,6 +87,7 @@ def register(sub) -> None:
     wb.add_argument("--max-new-tokens", type=int, default=128)
     wb.add_argument("--use-references", action="store_true",
                     help="teacher-force on the file's output/reference field instead of the teacher's greedy answer")
+    wb.add_argument("--batch-size", type=int, default=8, help="prompts generated and scored together")
     wb.add_argument("--device", default=None)
     wb.add_argument("--out", required=True)
     wb.add_argument("--no-progress", action="store_true")
@@ -109,12 +118,20 @@ def _open(args, out: Path):
 def cmd_ice(args) -> int:
     out = Path(args.out)
     cache, kw = _open(args, out)
-    target = make_client(args.target, **kw)
-    helper = make_client(args.helper, **kw)
-    judge = make_judge(args.judge, prompts=args.judge_prompts, **kw)
+    made: dict = {}  # one client (one local model, one batch) per spec, shared by the roles that name it
+
+    def client(spec):
+        if spec not in made:
+            made[spec] = make_client(spec, **kw)
+        return made[spec]
+
+    target, helper = client(args.target), client(args.helper)
+    judge = (make_judge("rule") if args.judge in (None, "", "rule")
+             else LLMJudge(client(args.judge), prompts=args.judge_prompts))
     config = IceConfig(fact=args.fact, mode=args.mode, budget=args.budget, seed=args.seed, max_tokens=args.max_tokens,
                        languages=tuple(x.strip() for x in args.languages.split(",") if x.strip()),
-                       helper_temperature=args.helper_temperature)
+                       helper_temperature=args.helper_temperature, helper_max_tokens=args.helper_max_tokens,
+                       helper_length_factor=args.helper_length_factor, mutants_per_round=args.mutants_per_round)
     result = run_ice(target, helper, judge, config, progress=not args.no_progress)
     summary = write_ice(result, out)
     cache.close()
@@ -127,9 +144,15 @@ def cmd_rse(args) -> int:
     out = Path(args.out)
     sets = dict(load_prompt_set(spec, args.limit) for spec in args.prompts)
     cache, kw = _open(args, out)
-    target = make_client(args.target, **kw)
-    reference = make_client(args.reference, **kw)
-    judge = make_client(args.judge, **kw) if args.judge else None
+    made: dict = {}  # one client per spec, shared by the roles that name it
+
+    def client(spec):
+        if spec not in made:
+            made[spec] = make_client(spec, **kw)
+        return made[spec]
+
+    target, reference = client(args.target), client(args.reference)
+    judge = client(args.judge) if args.judge else None
     embedder = Embedder(args.embedding_model, device=args.device) if args.embedding_model else None
     result = run_rse(target, reference, sets, judge=judge, embedder=embedder, max_tokens=args.max_tokens,
                      max_reasks=args.max_reasks, progress=not args.no_progress)
@@ -143,7 +166,8 @@ def cmd_rse(args) -> int:
 def cmd_whitebox(args) -> int:
     items = load_whitebox_items(args.prompts, args.limit)
     result = run_whitebox(args.teacher, args.student, items, max_new_tokens=args.max_new_tokens,
-                          use_references=args.use_references, device=args.device, progress=not args.no_progress)
+                          use_references=args.use_references, device=args.device, progress=not args.no_progress,
+                          batch_size=args.batch_size)
     summary = write_whitebox(result, args.out)
     print(json.dumps({k: summary[k] for k in ("prompts", "tokens", "kl_mean", "top1_agreement")}, indent=2))
     return 0

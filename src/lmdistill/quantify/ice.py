@@ -29,21 +29,39 @@ are ChatGPT", and two questions name ChatGPT: their strict hits never count as h
 Every model call goes through the response cache, and the search is a deterministic function of the seed
 and the (cached) answers, so a rerun after a crash replays the finished steps from the cache without
 paying for them and continues; its report equals that of an uninterrupted run.
+
+Batching (``batched.py``): a step's requests go out together -- the target's answers to all questions of the
+mutant in one ``chat_many`` (a local target decodes them as one batch), then the judge's loose questions of all
+answers, the re-asks and the strict questions, each stage in one ``chat_many`` (``judges.judge_all``). With
+``mutants_per_round`` K > 1 (``--mutants-per-round``) K steps form a round: K selections, then the K
+mutations in one batch, the K x questions target queries in one batch and their judging, then the K updates
+in step order. K = 1 (the default) is the reference's one-mutant-at-a-time search, exactly: the same
+selections, requests and report as before batching. K > 1 is a batched search: a round's selections do not see
+each other's rewards (the paper's select counts a visit at once, so they still spread over the tree; the
+``lmdistill`` search counts visits at update and tends to pick one node K times), and its crossover partners
+come from the tree as it was at the round's start. It is deterministic in the seed and K, and a rerun
+resumes from the cache as usual; it changes which mutants are made, so it is recorded in the report.
+
+Helper length (``helper_length_factor``, ``--helper-length-factor``, default 2; 0 = off): each mutation may
+write at most about twice the tokens of what it rewrites, within ``helper_max_tokens`` (``mutators.py``). The
+reference only caps at 2048; a small greedy helper that never stops otherwise writes 2048 tokens of repetition
+(488 s for SmolLM2-135M on this CPU) that then sit in every target prompt of the step. A departure from the
+reference for such helpers only, recorded in the report's config; a helper that ends its answer is unaffected.
 """
 
 from __future__ import annotations
 
 import random
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lmdistill.errors import ConfigError
-from lmdistill.clients import ClientError, RequestRejected
+from lmdistill.clients import ClientError
+from lmdistill.quantify.batched import chat_unique, raise_outage
 from lmdistill.quantify.fuzz import MCTSExplore, PaperMCTSExplore, paper_reward
 from lmdistill.quantify.identity import misleading_names
-from lmdistill.quantify.judges import judge_label
-from lmdistill.quantify.mutators import MUTATORS, mutate
+from lmdistill.quantify.judges import judge_all, judge_label
+from lmdistill.quantify.mutators import MUTATORS, mutate_many
 from lmdistill.quantify.questions import identity_questions
 from lmdistill.quantify.report import ice_chart, ice_markdown, write_summary
 from lmdistill.quantify.templates import fill, load_templates, strip_placeholder
@@ -76,6 +94,8 @@ class IceConfig:
     helper_temperature: float | None = None
     helper_max_tokens: int | None = None
     seeds: int | None = None                # templates drawn as seeds (paper: 76 of GPTFuzz's 77); None = all
+    helper_length_factor: float = 2.0       # mutation tokens <= factor x the rewritten text's (mutators.py); 0 = off
+    mutants_per_round: int = 1              # steps whose requests are batched together; 1 = the reference's search
     ratio: float = 0.5
     alpha: float = 0.1
     beta: float = 0.2
@@ -98,6 +118,10 @@ class IceConfig:
             raise ConfigError(f"--budget {self.budget} is below one mutant's cost ({n_questions} questions)")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError(f"--max-tokens {self.max_tokens}: must be at least 1")
+        if self.mutants_per_round < 1:
+            raise ConfigError(f"--mutants-per-round {self.mutants_per_round}: must be at least 1")
+        if self.helper_length_factor < 0:
+            raise ConfigError(f"--helper-length-factor {self.helper_length_factor}: must be 0 (off) or positive")
         if self.seeds is not None and not 1 <= self.seeds <= n_templates:
             raise ConfigError(f"seeds {self.seeds}: must be between 1 and the {n_templates} templates")
 
@@ -133,47 +157,49 @@ def run_ice(target, helper, judge, config: IceConfig, *, progress: bool = True) 
     steps, rows = [], []
     n_steps = config.budget // len(questions)
     bar = tqdm(total=n_steps * len(questions), desc="ICE queries", unit="q", disable=not progress)
-    for step in range(n_steps):
-        node, path = tree.select()
-        kind = rng.choice(MUTATORS)
-        pool = tree.seeds if paper else tree.nodes  # paper: crossover partners come from the initial seeds
-        other = pool[rng.randrange(len(pool))].template
-        mutation = mutate(helper, kind, node.template, other, temperature=config.helper_temperature,
-                          max_tokens=config.helper_max_tokens, request_seed=config.seed * 100003 + step,
-                          system=config.system_prompt or None)
-        template_misleading = misleading_names(strip_placeholder(mutation.template), config.fact)
-        prompts = [fill(mutation.template, q.text) for q in questions]
-        batch = [system + [{"role": "user", "content": p}] for p in prompts]
-        answers = target.chat_many(batch, return_exceptions=True, temperature=0.0, max_tokens=config.max_tokens)
-        for a in answers:  # only deterministic rejections are tolerated; outages stop the run (resumable)
-            if isinstance(a, ClientError) and not isinstance(a, RequestRejected):
-                raise a
-        texts = [a if isinstance(a, str) else "" for a in answers]
-        verdicts = _judge_all(judge, texts, config.fact)
-        step_rows = []
-        for q, p, a, v in zip(questions, prompts, answers, verdicts):
-            error = str(a) if isinstance(a, ClientError) else None
-            misleading = misleading_names(p, config.fact)  # template and question together
-            step_rows.append({
-                "step": step, "question": q.id, "lang": q.lang, "response": a if error is None else None,
-                "error": error, "loose": v.loose, "strict": v.strict, "hard": v.strict and not misleading,
-                "misleading": misleading, "unparsable": v.unparsable, "claimed": v.claimed, "reason": v.reason})
-        hits = sum(r["loose"] for r in step_rows)
-        if paper:  # one evaluated instance per question (Gptfuzzer_Identity.py:110-134)
-            reward = paper_reward(hits, len(questions), len(step_rows))
-            tree.update(path, reward)
-            child = tree.add(node, mutation.template)  # every mutant (Gptfuzzer_Identity.py:103-108)
-        else:
-            reward = hits / len(questions)
-            tree.update(path, reward)
-            child = tree.add(node, mutation.template) if hits else None
-        steps.append({"step": step, "seed_node": node.id, "seed_depth": node.depth, "path": [n.id for n in path],
-                      "mutator": kind, "fallback": mutation.fallback, "template": mutation.template,
-                      "has_placeholder": "[INSERT PROMPT HERE]" in mutation.template,
-                      "misleading_names": template_misleading, "new_node": child.id if child else None,
-                      "reward": reward, **{k: v for k, v in _score(step_rows).items() if k.endswith("_hits")}})
-        rows.extend(step_rows)
-        bar.update(len(questions))
+    label = (lambda what: what) if progress else (lambda what: None)
+    for start in range(0, n_steps, config.mutants_per_round):
+        round_steps = range(start, min(start + config.mutants_per_round, n_steps))
+        plans = []
+        for step in round_steps:  # select, then draw mutator and partner, in the sequential order
+            node, path = tree.select()
+            kind = rng.choice(MUTATORS)
+            pool = tree.seeds if paper else tree.nodes  # paper: crossover partners come from the initial seeds
+            other = pool[rng.randrange(len(pool))].template
+            plans.append((step, node, path, kind, other))
+        mutations = mutate_many(helper, [(kind, node.template, other, config.seed * 100003 + step)
+                                         for step, node, _, kind, other in plans],
+                                temperature=config.helper_temperature, max_tokens=config.helper_max_tokens,
+                                length_factor=config.helper_length_factor, system=config.system_prompt or None,
+                                progress=label("ICE mutations"))
+        prompts = [[fill(m.template, q.text) for q in questions] for m in mutations]
+        batch = [system + [{"role": "user", "content": p}] for ps in prompts for p in ps]
+        answers = chat_unique(target, batch, temperature=0.0, max_tokens=config.max_tokens,
+                              progress=label("ICE target"))
+        raise_outage(answers)  # only deterministic rejections are tolerated; outages stop the run (resumable)
+        verdicts = judge_all(judge, [a if isinstance(a, str) else "" for a in answers], config.fact,
+                             progress=label("ICE judge"))
+        for j, ((step, node, path, kind, _), mutation) in enumerate(zip(plans, mutations)):
+            part = slice(j * len(questions), (j + 1) * len(questions))
+            step_rows = _step_rows(step, questions, prompts[j], answers[part], verdicts[part], config.fact)
+            hits = sum(r["loose"] for r in step_rows)
+            if paper:  # one evaluated instance per question (Gptfuzzer_Identity.py:110-134)
+                reward = paper_reward(hits, len(questions), len(step_rows))
+                tree.update(path, reward)
+                child = tree.add(node, mutation.template)  # every mutant (Gptfuzzer_Identity.py:103-108)
+            else:
+                reward = hits / len(questions)
+                tree.update(path, reward)
+                child = tree.add(node, mutation.template) if hits else None
+            template_misleading = misleading_names(strip_placeholder(mutation.template), config.fact)
+            steps.append({"step": step, "seed_node": node.id, "seed_depth": node.depth,
+                          "path": [n.id for n in path], "mutator": kind, "fallback": mutation.fallback,
+                          "template": mutation.template,
+                          "has_placeholder": "[INSERT PROMPT HERE]" in mutation.template,
+                          "misleading_names": template_misleading, "new_node": child.id if child else None,
+                          "reward": reward, **{k: v for k, v in _score(step_rows).items() if k.endswith("_hits")}})
+            rows.extend(step_rows)
+        bar.update(len(plans) * len(questions))
     bar.close()
     per_language = {lang: _score([r for r in rows if r["lang"] == lang]) for lang in config.languages}
     per_mutator = {}
@@ -189,7 +215,9 @@ def run_ice(target, helper, judge, config: IceConfig, *, progress: bool = True) 
                    "templates": len(templates), "seed_templates": seed_order, "mutants": len(steps),
                    "unused_budget": config.budget - n_steps * len(questions), "ratio": config.ratio,
                    "alpha": config.alpha, "beta": config.beta, "helper_temperature": config.helper_temperature,
-                   "helper_max_tokens": config.helper_max_tokens, "tree_rule": TREE_RULES[config.mode]},
+                   "helper_max_tokens": config.helper_max_tokens,
+                   "helper_length_factor": config.helper_length_factor,
+                   "mutants_per_round": config.mutants_per_round, "tree_rule": TREE_RULES[config.mode]},
         "scores": _score(rows), "per_language": per_language, "per_mutator": per_mutator,
         "per_question": {q.id: sum(r["loose"] for r in rows if r["question"] == q.id) for q in questions},
         "steps": steps,
@@ -199,12 +227,16 @@ def run_ice(target, helper, judge, config: IceConfig, *, progress: bool = True) 
     }
 
 
-def _judge_all(judge, texts: list[str], fact: str) -> list:
-    workers = getattr(getattr(judge, "client", None), "concurrency", 1)
-    if workers <= 1:
-        return [judge.judge(t, fact) for t in texts]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda t: judge.judge(t, fact), texts))
+def _step_rows(step: int, questions, prompts: list[str], answers: list, verdicts: list, fact: str) -> list[dict]:
+    rows = []
+    for q, p, a, v in zip(questions, prompts, answers, verdicts):
+        error = str(a) if isinstance(a, ClientError) else None
+        misleading = misleading_names(p, fact)  # template and question together
+        rows.append({
+            "step": step, "question": q.id, "lang": q.lang, "response": a if error is None else None,
+            "error": error, "loose": v.loose, "strict": v.strict, "hard": v.strict and not misleading,
+            "misleading": misleading, "unparsable": v.unparsable, "claimed": v.claimed, "reason": v.reason})
+    return rows
 
 
 def write_ice(result: dict, out_dir: str | Path) -> dict:

@@ -23,6 +23,11 @@ conversation, so the re-ask is a new, separately cached request) up to ``max_rea
 when the judge rejects the request, e.g. too long) the verdict is recorded as unparsable and counted as no
 hit. (The reference instead sends the bad reply to the judge once more in a fresh extraction prompt and
 crashes when that fails too, ``Evaluator_FactorJudge.py:66-68``.)
+
+``judge_many`` (and ``judge_all`` for any judge) judges a round of answers in stages, each stage one
+``chat_many`` (``batched.py``): every loose question, then the re-asks of the unreadable replies, then the strict
+questions of the loose hits and their re-asks. Every request is the one ``judge`` sends for that answer, so the
+verdicts (and the cache keys) are those of judging the answers one by one; identical answers are asked once.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 
 from lmdistill.clients import RequestRejected, make_client
 from lmdistill.errors import ConfigError
+from lmdistill.quantify.batched import chat_unique, raise_outage
 from lmdistill.quantify.identity import RuleJudge, Verdict
 
 JUDGE_SYSTEM = ("You review answers given by an AI model and decide whether the model misstates its own "
@@ -144,31 +150,68 @@ class LLMJudge:
         self.max_tokens = max_tokens
 
     def ask(self, prompt: str, reask: str | None = None) -> bool | None:
+        return self.ask_many([prompt], reask)[0]
+
+    def ask_many(self, prompts: list[str], reask: str | None = None, *, progress: str | None = None) -> list:
+        """The verdict (``True``/``False``/``None``) of each prompt: all first requests together, then the
+        re-asks of the replies without a verdict, up to ``max_reasks`` rounds."""
         p = PROMPT_SETS[self.prompts]
-        messages = [{"role": "system", "content": p["system"]}, {"role": "user", "content": prompt}]
-        for _ in range(self.max_reasks + 1):
-            try:
-                reply = self.client.chat(messages, temperature=0.0, max_tokens=self.max_tokens)
-            except RequestRejected:  # e.g. the answer is too long for the judge: no verdict, not a crash
-                return None
-            verdict = parse_verdict(reply)
-            if verdict is not None:
-                return verdict
-            messages = messages + [{"role": "assistant", "content": reply},
-                                   {"role": "user", "content": reask or p["reask_loose"]}]
-        return None
+        conversations = [[{"role": "system", "content": p["system"]}, {"role": "user", "content": prompt}]
+                         for prompt in prompts]
+        verdicts: list[bool | None] = [None] * len(prompts)
+        pending = list(range(len(prompts)))
+        for attempt in range(self.max_reasks + 1):
+            if not pending:
+                break
+            replies = chat_unique(self.client, [conversations[i] for i in pending], temperature=0.0,
+                                  max_tokens=self.max_tokens,
+                                  progress=None if progress is None else progress + (f" re-ask {attempt}" if attempt else ""))
+            raise_outage(replies)
+            still = []
+            for i, reply in zip(pending, replies):
+                if isinstance(reply, RequestRejected):  # e.g. the answer is too long for the judge: no verdict
+                    continue
+                verdict = parse_verdict(reply)
+                if verdict is not None:
+                    verdicts[i] = verdict
+                    continue
+                conversations[i] = conversations[i] + [{"role": "assistant", "content": reply},
+                                                       {"role": "user", "content": reask or p["reask_loose"]}]
+                still.append(i)
+            pending = still
+        return verdicts
 
     def judge(self, response: str, fact: str) -> Verdict:
+        return self.judge_many([response], fact)[0]
+
+    def judge_many(self, responses: list[str], fact: str, *, progress: str | None = None) -> list[Verdict]:
+        """``judge`` of every response, each stage for all responses at once."""
         p = PROMPT_SETS[self.prompts]
-        loose = self.ask(p["loose"].format(fact=fact, response=response), p["reask_loose"])
-        if loose is None:
-            return Verdict(False, False, reason="judge reply unparsable (loose)", unparsable=True)
-        if not loose:
-            return Verdict(False, False, reason="judge: no conflict")
-        strict = self.ask(p["strict"].format(fact=fact, response=response), p["reask_strict"])
-        if strict is None:
-            return Verdict(True, False, reason="judge reply unparsable (strict)", unparsable=True)
-        return Verdict(True, strict, reason="judge: conflict" + (", OpenAI/Anthropic" if strict else ""))
+        loose = self.ask_many([p["loose"].format(fact=fact, response=r) for r in responses], p["reask_loose"],
+                              progress=None if progress is None else f"{progress} loose")
+        hits = [i for i, v in enumerate(loose) if v]
+        strict = self.ask_many([p["strict"].format(fact=fact, response=responses[i]) for i in hits], p["reask_strict"],
+                               progress=None if progress is None else f"{progress} strict")
+        strict_of = dict(zip(hits, strict))
+        out = []
+        for i, v in enumerate(loose):
+            if v is None:
+                out.append(Verdict(False, False, reason="judge reply unparsable (loose)", unparsable=True))
+            elif not v:
+                out.append(Verdict(False, False, reason="judge: no conflict"))
+            elif strict_of[i] is None:
+                out.append(Verdict(True, False, reason="judge reply unparsable (strict)", unparsable=True))
+            else:
+                out.append(Verdict(True, strict_of[i], reason="judge: conflict" + (", OpenAI/Anthropic" if strict_of[i] else "")))
+        return out
+
+
+def judge_all(judge, responses: list[str], fact: str, *, progress: str | None = None) -> list:
+    """The verdicts of ``responses``: ``judge.judge_many`` when the judge has it (batched), else one by one."""
+    many = getattr(judge, "judge_many", None)
+    if many is not None:
+        return many(list(responses), fact, progress=progress)
+    return [judge.judge(r, fact) for r in responses]
 
 
 def judge_label(judge) -> str:
@@ -190,18 +233,25 @@ def labelled_examples(path: str | Path | None = None) -> list[dict]:
         source = "identity_judge_labelled.jsonl"
     else:
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            raw = Path(path).read_bytes()
         except OSError as e:
             raise ConfigError(f"{path}: cannot read labelled examples ({e.strerror})") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte {e.start})") from None
         source = str(path)
     rows = []
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(text.split("\n"), 1):   # JSONL lines: a raw U+2028 inside a string ends none
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ConfigError(f"{source}:{i}: not valid JSON") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{source}:{i}: not a JSON object")
         missing = [k for k in ("response", "fact", "loose", "strict") if k not in row]
         if missing:
             raise ConfigError(f"{source}:{i}: missing field(s) {', '.join(missing)}")
@@ -226,9 +276,15 @@ def judge_agreement(judge, examples: list[dict] | None = None) -> dict:
     """Agreement of ``judge`` with the labels: accuracy, precision, recall for loose and strict, per split
     (``dev``: the examples the rules were written against; ``heldout``: written afterwards, never tuned on)."""
     examples = labelled_examples() if examples is None else examples
+    verdicts: dict[int, Verdict] = {}
+    by_fact: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_fact.setdefault(ex["fact"], []).append(i)
+    for fact, idx in by_fact.items():  # one batched judging per fact
+        verdicts.update(zip(idx, judge_all(judge, [examples[i]["response"] for i in idx], fact)))
     rows = []
-    for ex in examples:
-        v = judge.judge(ex["response"], ex["fact"])
+    for i, ex in enumerate(examples):
+        v = verdicts[i]
         rows.append({"id": ex.get("id"), "split": ex.get("split", "all"), "lang": ex.get("lang"),
                      "loose": (v.loose, bool(ex["loose"])), "strict": (v.strict, bool(ex["strict"])),
                      "unparsable": v.unparsable, "reason": v.reason})

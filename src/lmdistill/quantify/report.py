@@ -59,7 +59,13 @@ def ice_markdown(results: list[dict]) -> str:
         if "mode" in c:
             system = c.get("system_prompt") or "none"
             text += (f"Mode: {c['mode']} (target system prompt: {system!r}, temperature {c.get('temperature', 0.0)}, "
-                     f"up to {c['max_tokens']} tokens; tree: {c.get('tree_rule', '?')}).\n\n")
+                     f"up to {c['max_tokens']} tokens; tree: {c.get('tree_rule', '?')}).\n")
+            if "helper_length_factor" in c:
+                factor = c["helper_length_factor"]
+                bound = (f"at most {factor:g}x the rewritten template's estimated tokens" if factor else "no length bound")
+                text += (f"Helper: up to {c.get('helper_max_tokens')} tokens per mutation, {bound}; "
+                         f"{c.get('mutants_per_round', 1)} mutant(s) per round.\n")
+            text += "\n"
         else:
             text += "\n"
         text += _table(["Mutator", "Mutants", "Loose hits"],

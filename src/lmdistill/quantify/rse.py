@@ -12,6 +12,11 @@ counted in ``judge_scores.unparsable`` and listed in ``judge_scores.errors`` -- 
 Judge-free similarity (``similarity.py``, labelled "ours (judge-free)" in reports: it is not the paper's
 metric) is always computed, so RSE also runs without any judge. Means per prompt set, then the mean of
 the sets.
+
+Batching (``batched.py``): each model's answers to a prompt set go out in one ``chat_many``, and the judge
+scores all pairs in rounds (``judge_pairs``): every first request in one ``chat_many``, then the re-asks of the
+malformed replies, round by round. The requests are those of judging the pairs one by one (``judge_pair``), so
+the scores and the cache keys are the same; a rerun after kill -9 sends only the requests without an answer.
 """
 
 from __future__ import annotations
@@ -19,13 +24,13 @@ from __future__ import annotations
 import json
 import re
 import statistics
-from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
 from lmdistill.errors import ConfigError
 from lmdistill.io import iter_jsonl_rows
 from lmdistill.clients import ClientError, RequestRejected
+from lmdistill.quantify.batched import chat_unique, raise_outage
 from lmdistill.quantify.report import ASPECTS, JUDGE_FREE_LABEL, rse_chart, rse_markdown, write_summary
 from lmdistill.quantify.similarity import similarity
 
@@ -111,22 +116,42 @@ def parse_scores(text: str | None) -> dict[str, float] | None:
 def judge_pair(judge, prompt: str, reference: str, response: str, *, max_reasks: int = 2,
                max_tokens: int = 256) -> tuple[dict | None, int, str | None]:
     """``(scores, judge requests, error)``: scores or None, with the reason when None."""
-    messages = [{"role": "system", "content": RSE_SYSTEM},
-                {"role": "user", "content": RSE_PROMPT.format(prompt=prompt, reference=reference, response=response)}]
-    problem = None
+    return judge_pairs(judge, [(prompt, reference, response)], max_reasks=max_reasks, max_tokens=max_tokens)[0]
+
+
+def judge_pairs(judge, pairs: list[tuple[str, str, str]], *, max_reasks: int = 2, max_tokens: int = 256,
+                progress: str | None = None) -> list[tuple[dict | None, int, str | None]]:
+    """``judge_pair`` of every ``(prompt, reference, response)``, one batched request round per attempt."""
+    conversations = [[{"role": "system", "content": RSE_SYSTEM},
+                      {"role": "user", "content": RSE_PROMPT.format(prompt=p, reference=ref, response=resp)}]
+                     for p, ref, resp in pairs]
+    results: list = [None] * len(pairs)
+    recorded: list = [None] * len(pairs)
+    pending = list(range(len(pairs)))
     for attempt in range(max_reasks + 1):
-        try:
-            reply = judge.chat(messages, temperature=0.0, max_tokens=max_tokens)
-        except RequestRejected as e:  # e.g. the pair is too long for the judge: recorded, not a crash
-            return None, attempt + 1, f"judge rejected the request: {e}"
-        scores, problem = parse_scores_detail(reply)
-        if scores is not None:
-            return scores, attempt + 1, None
-        last = (reply or "").strip().replace("\n", " ")
-        recorded = f"{problem} (last reply: {last[:120]!r})"
-        messages = messages + [{"role": "assistant", "content": reply or ""},
-                               {"role": "user", "content": REASK.format(problem=problem)}]
-    return None, max_reasks + 1, f"malformed judge reply after {max_reasks + 1} request(s): {recorded}"
+        if not pending:
+            break
+        replies = chat_unique(judge, [conversations[i] for i in pending], temperature=0.0, max_tokens=max_tokens,
+                              progress=None if progress is None else progress + (f" re-ask {attempt}" if attempt else ""))
+        raise_outage(replies)
+        still = []
+        for i, reply in zip(pending, replies):
+            if isinstance(reply, RequestRejected):  # e.g. the pair is too long for the judge: recorded, not a crash
+                results[i] = (None, attempt + 1, f"judge rejected the request: {reply}")
+                continue
+            scores, problem = parse_scores_detail(reply)
+            if scores is not None:
+                results[i] = (scores, attempt + 1, None)
+                continue
+            last = (reply or "").strip().replace("\n", " ")
+            recorded[i] = f"{problem} (last reply: {last[:120]!r})"
+            conversations[i] = conversations[i] + [{"role": "assistant", "content": reply or ""},
+                                                   {"role": "user", "content": REASK.format(problem=problem)}]
+            still.append(i)
+        pending = still
+    for i in pending:
+        results[i] = (None, max_reasks + 1, f"malformed judge reply after {max_reasks + 1} request(s): {recorded[i]}")
+    return results
 
 
 def _prompt_of(row: dict) -> str | None:
@@ -198,11 +223,9 @@ def run_rse(target, reference, prompt_sets: dict[str, list[dict]], *, judge=None
         batch = [[{"role": "user", "content": it["prompt"]}] for it in items]
         answers = {}
         for role, client in (("reference", reference), ("response", target)):
-            got = client.chat_many(batch, return_exceptions=True, temperature=0.0, max_tokens=max_tokens,
-                                   progress=f"{set_name}: {role}" if progress else None)
-            for a in got:
-                if isinstance(a, ClientError) and not isinstance(a, RequestRejected):
-                    raise a
+            got = chat_unique(client, batch, temperature=0.0, max_tokens=max_tokens,
+                              progress=f"{set_name}: {role}" if progress else None)
+            raise_outage(got)
             answers[role] = got
         for it, ref, resp in zip(items, answers["reference"], answers["response"]):
             error = next((str(x) for x in (ref, resp) if isinstance(x, ClientError)), None)
@@ -214,14 +237,9 @@ def run_rse(target, reference, prompt_sets: dict[str, list[dict]], *, judge=None
         r["similarity"] = similarity(r["response"], r["reference"], embedder)
     unparsable = 0
     if judge is not None:
-        def one(r):
-            return judge_pair(judge, r["prompt"], r["reference"], r["response"], max_reasks=max_reasks,
-                              max_tokens=judge_max_tokens)
-
-        workers = max(1, getattr(judge, "concurrency", 1))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(tqdm(pool.map(one, scored), total=len(scored), desc="RSE judge", disable=not progress,
-                                leave=False))
+        results = judge_pairs(judge, [(r["prompt"], r["reference"], r["response"]) for r in scored],
+                              max_reasks=max_reasks, max_tokens=judge_max_tokens,
+                              progress="RSE judge" if progress else None)
         for r, (scores, requests, error) in zip(scored, results):
             r["judge"], r["judge_requests"], r["judge_error"] = scores, requests, error
             unparsable += scores is None

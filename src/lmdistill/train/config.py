@@ -70,6 +70,9 @@ class TrainConfig:
     max_steps: int = 100
     batch_size: int = 8                     # global batch (sequences per optimiser step)
     micro_batch_size: int = 8               # per process per forward
+    # data: micro-batches cut from the step's rows in data order; length: from the rows sorted by length, so each
+    # right-padded micro-batch pads less (the same objective: every term is weighted by its global token count)
+    micro_batch_order: str = "data"
     clip_grad: float = 1.0
     lr_schedule: str = "cosine"
     mixed_precision: str = "auto"           # auto | no | bf16
@@ -121,6 +124,8 @@ class TrainConfig:
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                               f"({self.micro_batch_size})")
+        if self.micro_batch_order not in ("data", "length"):
+            raise ConfigError("micro_batch_order: must be data or length")
         if self.lr_schedule not in ("cosine", "linear", "constant"):
             raise ConfigError("lr_schedule: must be one of cosine, linear, constant")
         if self.mixed_precision not in ("auto", "no", "bf16"):

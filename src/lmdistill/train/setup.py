@@ -6,6 +6,7 @@ Each builder takes the recipe (``TrainConfig``) and returns one piece; ``trainer
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -51,13 +52,37 @@ def load_tokenizers(cfg: TrainConfig):
     return tokenizer
 
 
+#: Tokenized training sets of this process, by content (examples, tokenizer, template, lengths): the demo's ten
+#: student runs share one tokenization of Dolly train instead of redoing it (a few seconds each).
+_ROWS_MEMO: dict[tuple, tuple[list, list[str]]] = {}
+_ROWS_MEMO_SIZE = 4
+
+
+def _tokenizer_key(tokenizer) -> str:
+    """What decides a tokenizer's ids: its whole serialised pipeline where it has one (fast tokenizers: vocabulary,
+    merges, normaliser), plus the vocabulary, special ids and chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    full = hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest() if backend is not None else ""
+    return full + tokenizer_hash(tokenizer)
+
+
+def _tokenized_rows(examples, tokenizer, cfg: TrainConfig) -> tuple[list, list[str]]:
+    key = (examples_hash(examples), _tokenizer_key(tokenizer), cfg.template, cfg.max_prompt_length, cfg.max_length)
+    if key not in _ROWS_MEMO:
+        rows, reports = tokenize_examples(examples, tokenizer, template=cfg.template,
+                                          max_prompt_length=cfg.max_prompt_length, max_length=cfg.max_length)
+        while len(_ROWS_MEMO) >= _ROWS_MEMO_SIZE:
+            _ROWS_MEMO.pop(next(iter(_ROWS_MEMO)))
+        _ROWS_MEMO[key] = (rows, [str(r) for r in reports])
+    rows, reports = _ROWS_MEMO[key]
+    return list(rows), list(reports)   # rows are never modified in place; the lists are the caller's
+
+
 def load_rows(cfg: TrainConfig, tokenizer) -> tuple[list, list, list[str]]:
     """Tokenized training rows, validation rows (the first ``eval_limit``) and the filters' reports."""
     train = load_examples(cfg.data)
     examples = train.examples[: cfg.max_train_examples or None]
-    rows, reports = tokenize_examples(examples, tokenizer, template=cfg.template,
-                                      max_prompt_length=cfg.max_prompt_length, max_length=cfg.max_length)
-    reports = [str(r) for r in reports]
+    rows, reports = _tokenized_rows(examples, tokenizer, cfg)
     if not rows:
         raise ConfigError(f"data: no training rows left after filtering ({'; '.join(reports)})")
     valid_rows = []

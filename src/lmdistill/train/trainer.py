@@ -155,6 +155,8 @@ class Run:
         self.hook("on_step_begin", step)
         idx = global_batch_indices(step, cfg.batch_size, len(self.train_rows), cfg.seed)
         mine = [self.train_rows[i] for i in rank_slice(idx, self.rank, self.world)]
+        if cfg.micro_batch_order == "length":   # similar lengths share a micro-batch: less padding computed
+            mine.sort(key=lambda r: len(r.input_ids))
         micros = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
         prepared = []
         with gathered(*self.gather_for_generation):   # FSDP2: every rank gathers, whatever its source decides
