@@ -22,9 +22,12 @@ from pathlib import Path
 from lmdistill.cli import COMMANDS
 from lmdistill.data import load_examples, tokenize_examples
 from lmdistill.errors import ConfigError
-from lmdistill.generation import NEEDS_TEACHER, POLICIES, SamplingConfig, generate, key_from
+from lmdistill.generation import NEEDS_TEACHER, POLICIES, SCORES_SEQUENCES, SamplingConfig, generate, key_from, \
+    scores_sequences
 from lmdistill.io import JsonlAppender, read_jsonl, truncate_torn_tail, write_json
 from lmdistill.models import load_model, load_tokenizer
+from lmdistill.teachers.served import ServedTeacher
+from lmdistill.teachers.spec import SERVED, teacher_kind
 
 
 def register(sub) -> None:
@@ -33,7 +36,12 @@ def register(sub) -> None:
     p.add_argument("--policy", required=True, choices=list(POLICIES))
     p.add_argument("--student", required=True, help="student model folder or hub id (its tokenizer is used)")
     p.add_argument("--teacher", default=None,
-                   help="teacher model (needed by teacher, switch, scrg, teacher_mix; by mixed for rows without gold)")
+                   help="teacher model (needed by teacher, switch, scrg, teacher_mix; by mixed for rows without gold); "
+                        "scrg also takes a served teacher, openai:NAME@URL (completions API log-probabilities)")
+    p.add_argument("--teacher-top-k", type=int, default=20,
+                   help="served teacher: log-probabilities per position (vLLM's default --max-logprobs is 20)")
+    p.add_argument("--teacher-logprobs-api", default="echo", choices=["echo", "prompt_logprobs"],
+                   help="served teacher: echo + logprobs (OpenAI completions, lmdistill serve) or vLLM's prompt_logprobs")
     p.add_argument("--data", required=True,
                    help="bundled benchmark (dolly, dolly:train, ...) or a JSONL/JSON file/folder")
     p.add_argument("--split", default=None)
@@ -80,6 +88,8 @@ def _settings(args) -> dict:
     s["switch_tau0"] = repr(float(s["switch_tau0"]))  # inf is not JSON
     if not s["no_repeat_ngram_size"]:  # off: recorded as before the knob existed, so older outputs still resume
         del s["no_repeat_ngram_size"]
+    if args.teacher and teacher_kind(args.teacher) == SERVED:
+        s["teacher_top_k"], s["teacher_logprobs_api"] = args.teacher_top_k, args.teacher_logprobs_api
     return s
 
 
@@ -147,8 +157,9 @@ def cmd_generate(args) -> int:
                                                      and any(not x.example.output.strip() for x in rows))
     if needs_teacher and not args.teacher:
         raise ConfigError("--policy mixed needs --teacher for examples without a gold output")
-    teacher = load_model(args.teacher, dtype=args.dtype, device=args.device) if args.teacher else None
-    vocabs = [m.get_output_embeddings().weight.shape[0] for m in (student, teacher) if m is not None]
+    teacher = _teacher(args)
+    vocabs = [m.get_output_embeddings().weight.shape[0] for m in (student, teacher)
+              if m is not None and not scores_sequences(m)]
     config = SamplingConfig(**base, vocab_size=len(tok) if len(tok) <= min(vocabs) else None)
 
     if not meta.exists():
@@ -184,6 +195,18 @@ def cmd_generate(args) -> int:
     bar.close()
     print(f"wrote {out} ({len(done)} of {len(rows)} examples)", file=sys.stderr)
     return 0
+
+
+def _teacher(args):
+    """The ``--teacher``: a model loaded here, or a served one (``openai:NAME@URL``, SCRG only)."""
+    if not args.teacher:
+        return None
+    if teacher_kind(args.teacher) == SERVED:
+        if args.policy not in SCORES_SEQUENCES:
+            raise ConfigError(f"--policy {args.policy} needs the teacher at every generated token, so a local --teacher; "
+                              f"a served one serves {', '.join(SCORES_SEQUENCES)}")
+        return ServedTeacher.from_spec(args.teacher, top_k=args.teacher_top_k, api=args.teacher_logprobs_api)
+    return load_model(args.teacher, dtype=args.dtype, device=args.device)
 
 
 def _as_data(example, response: str) -> dict:

@@ -14,7 +14,8 @@ from lmdistill.generation.config import SamplingConfig
 from lmdistill.generation.engine import generate
 from lmdistill.generation.noise import key_from
 from lmdistill.generation.output import GenerationOutput
-from lmdistill.generation.policies import NEEDS_TEACHER, POLICIES
+from lmdistill.generation.policies import NEEDS_TEACHER, POLICIES, SCORES_SEQUENCES
+from lmdistill.generation.policies.scrg import scores_sequences
 
-__all__ = ["CORRECTED", "GenerationOutput", "NEEDS_TEACHER", "PADDING", "POLICIES", "STUDENT", "SamplingConfig",
-           "TEACHER", "generate", "key_from"]
+__all__ = ["CORRECTED", "GenerationOutput", "NEEDS_TEACHER", "PADDING", "POLICIES", "SCORES_SEQUENCES", "STUDENT",
+           "SamplingConfig", "TEACHER", "generate", "key_from", "scores_sequences"]

@@ -11,11 +11,14 @@ from lmdistill.generation.batch import Batch
 from lmdistill.generation.config import SamplingConfig
 from lmdistill.generation.noise import NoiseSource, keys_from_seed
 from lmdistill.generation.output import GenerationOutput, assemble
-from lmdistill.generation.policies import NEEDS_TEACHER, POLICIES
+from lmdistill.generation.policies import NEEDS_TEACHER, POLICIES, SCORES_SEQUENCES
+from lmdistill.generation.policies.scrg import scores_sequences
 from lmdistill.losses.vocab import shared_vocab
 
 
-def _vocab_rows(model) -> int:
+def _vocab_rows(model) -> int | None:
+    if scores_sequences(model):   # a served teacher: its vocabulary is checked against the ids it lists
+        return getattr(model, "vocab", None)
     return model.get_output_embeddings().weight.shape[0]
 
 
@@ -87,6 +90,11 @@ def generate(student, prompts: list[list[int]], policy: str = "student", teacher
     if needs_teacher and teacher is None:
         raise ConfigError(f"policy {policy!r} needs a teacher model"
                           + (" (or gold responses for every row)" if policy == "mixed" else ""))
+    scorer = teacher is not None and scores_sequences(teacher)
+    if scorer and needs_teacher and policy not in SCORES_SEQUENCES:
+        raise ConfigError(f"policy {policy!r} needs the teacher's tokens at every generated step, so it needs a local "
+                          f"teacher; a served teacher only scores whole sequences ({', '.join(SCORES_SEQUENCES)} can "
+                          "use one)")
     if pad_id is None:
         pad_id = eos_id
     if pad_id is None:
@@ -95,7 +103,7 @@ def generate(student, prompts: list[list[int]], policy: str = "student", teacher
         raise ConfigError(f"row_keys has {len(row_keys)} entries but prompts has {len(prompts)}")
 
     vocab = _vocab_rows(student)
-    if teacher is not None:
+    if teacher is not None and _vocab_rows(teacher) is not None:
         vocab = shared_vocab(vocab, _vocab_rows(teacher))
     if config.vocab_size is not None:
         if config.vocab_size > vocab:
@@ -106,6 +114,6 @@ def generate(student, prompts: list[list[int]], policy: str = "student", teacher
     ids, mask = pad_left([list(p) for p in prompts], pad_id)
     batch = Batch(ids.to(device), mask.to(device), config, pad_id, eos_id, vocab, NoiseSource(keys, vocab, device),
                   device, [list(g) if g is not None else None for g in gold] if gold is not None else None)
-    with torch.no_grad(), _eval_mode(student, teacher):
+    with torch.no_grad(), _eval_mode(student, None if scorer else teacher):
         decoded = POLICIES[policy](student, teacher, batch)
     return assemble(batch, decoded, policy)

@@ -7,8 +7,9 @@ each trained position become a :class:`~lmdistill.losses.sparse.SparseTeacher` (
 server did not list). Requests go through the clients' retry policy; answers are appended to a crash-safe response
 cache (``teacher_scores.jsonl`` in the run folder), so a resumed run asks only for what it has not seen.
 
-Methods that need the teacher while generating (SWITCH, SCRG, the teacher's own samples) need a local teacher;
-``TrainConfig.check`` refuses them with a served teacher.
+SCRG scores the student's whole responses with it (``sequence_scores``; ``generation/policies/scrg.py``). Methods
+that need the teacher's own tokens while generating (SWITCH, the teacher's samples, MiniLLM's mixed sampling) need
+a local teacher; ``TrainConfig.check`` refuses them with a served teacher.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ class ServedTeacher:
         self.client, self.top_k, self.api, self.cache = client, top_k, api, cache
         self.requests = 0
         self.temperature = 1.0
+        self.vocab = None   # the server's vocabulary is not known here: SCRG checks the listed ids against its own
+
+    #: The sequence engine's SCRG may score with this teacher (``generation.policies.scrg.scores_sequences``).
+    scores_sequences = True
 
     @classmethod
     def from_spec(cls, spec: str, *, top_k: int, api: str, cache_path=None, tokenizer=None, **client_kwargs):
@@ -79,8 +84,13 @@ class ServedTeacher:
         out: list = [None] * len(seqs)
         missing = []
         for i, ids in enumerate(seqs):
+            if not wanted[i]:
+                out[i] = ([], [])
+                continue
             row = self.cache.get(self._key(ids)) if self.cache is not None else None
-            if row is not None and len(row["ids"]) == len(wanted[i]):
+            # a row scored at other positions (SCRG from a correction on, training at the loss positions) is asked
+            # again; rows written before positions were recorded are matched by count
+            if row is not None and row.get("pos", wanted[i]) == wanted[i] and len(row["ids"]) == len(wanted[i]):
                 out[i] = (row["ids"], row["lps"])
             else:
                 missing.append(i)
@@ -91,21 +101,26 @@ class ServedTeacher:
                 ids, lps = top_k_rows(positions, wanted[i], self.top_k)
                 out[i] = (ids, lps)
                 if self.cache is not None:
-                    self.cache.put({"key": self._key(seqs[i]), "ids": ids,
+                    self.cache.put({"key": self._key(seqs[i]), "ids": ids, "pos": wanted[i],
                                     "lps": [[lp if math.isfinite(lp) else -1e30 for lp in r] for r in lps]})
         return out
 
-    def sparse_scores(self, rows, batch: dict) -> SparseTeacher:
-        seqs = [list(r.input_ids) for r in rows]
-        wanted = [[t for t in range(1, len(r.loss_mask)) if r.loss_mask[t]] for r in rows]
-        scored = self._score(seqs, wanted)
+    def sequence_scores(self, seqs: list[list[int]], wanted: list[list[int]]) -> SparseTeacher:
+        """The top-k of token ``t`` given ``seq[:t]`` for every ``t`` of ``wanted[i]`` of each ``seqs[i]``, as one
+        :class:`SparseTeacher` over the positions in row-major order (rows with no position are not sent)."""
+        scored = self._score([list(s) for s in seqs], wanted)
         ids = torch.tensor([i for s in scored for i in s[0]], dtype=torch.long).reshape(-1, self.top_k)
         lps = torch.tensor([lp for s in scored for lp in s[1]], dtype=torch.float32).reshape(-1, self.top_k)
         lps = torch.where(lps <= -1e29, torch.full_like(lps, -math.inf), lps)
+        return SparseTeacher(ids, lps, tail_log_mass(lps), self.temperature, self.vocab)
+
+    def sparse_scores(self, rows, batch: dict) -> SparseTeacher:
+        wanted = [[t for t in range(1, len(r.loss_mask)) if r.loss_mask[t]] for r in rows]
+        sparse = self.sequence_scores([list(r.input_ids) for r in rows], wanted)
         expected = int(batch["loss_mask"][:, 1:].sum())
-        if ids.shape[0] != expected:
-            raise ConfigError(f"served teacher: {ids.shape[0]} scored positions for a batch that trains {expected}")
-        return SparseTeacher(ids, lps, tail_log_mass(lps), 1.0, None)
+        if len(sparse) != expected:
+            raise ConfigError(f"served teacher: {len(sparse)} scored positions for a batch that trains {expected}")
+        return sparse
 
     def close(self) -> None:
         if self.cache is not None:

@@ -23,7 +23,7 @@ import yaml
 
 from lmdistill.errors import ConfigError
 from lmdistill.generation import POLICIES as GENERATION_POLICIES
-from lmdistill.generation import NEEDS_TEACHER, SamplingConfig
+from lmdistill.generation import NEEDS_TEACHER, SCORES_SEQUENCES, SamplingConfig
 from lmdistill.losses.objective import TERMS, check_objective, entry_name, entry_params, reads_teacher, term_class
 from lmdistill.teachers.spec import CACHE, LOCAL, SERVED, teacher_kind
 from lmdistill.train.sources import SOURCES, source_class
@@ -194,10 +194,10 @@ def check_teacher_use(cfg: TrainConfig) -> None:
         return
     where = f"teacher: {cfg.teacher}"
     generator = source_class(cfg.policy).generator_policy(cfg)
-    if generator in NEEDS_TEACHER:
+    if generator in NEEDS_TEACHER and generator not in SCORES_SEQUENCES:
         raise ConfigError(f"{where}: policy {generator!r} needs the teacher at every generated token, so it needs a "
                           f"local teacher (teacher: PATH); a {'cached' if kind == CACHE else 'served'} teacher only "
-                          "scores whole sequences")
+                          f"scores whole sequences (policies that can use a served one: {', '.join(SCORES_SEQUENCES)})")
     if kind == CACHE and generator is not None:
         raise ConfigError(f"{where}: a cache holds the teacher's scores of fixed sequences, but policy "
                           f"{cfg.policy!r} samples new ones each step; use a served teacher (openai:NAME@URL) or a "
@@ -214,6 +214,10 @@ def check_teacher_use(cfg: TrainConfig) -> None:
             raise ConfigError(f"teacher_top_k: must be a positive integer, got {cfg.teacher_top_k!r}")
         if cfg.teacher_logprobs_api not in ("echo", "prompt_logprobs"):
             raise ConfigError(f"teacher_logprobs_api: must be echo or prompt_logprobs, got {cfg.teacher_logprobs_api!r}")
+        if generator in SCORES_SEQUENCES and cfg.sampling_config(0).divergence_temperature != 1.0:
+            raise ConfigError(f"{where}: SCRG compares the models at the sampling temperature "
+                              f"(sampling.temperature={cfg.sampling.get('temperature')}); a served teacher's "
+                              "log-probabilities are at temperature 1: sample at 1 (or greedy) or use a local teacher")
         hot = [entry_name(e) for e in used if float(entry_params(e).get("temperature", 1.0)) != 1.0]
         if hot:
             raise ConfigError(f"{where}: term(s) {', '.join(hot)} set a temperature; a served teacher's log-probabilities "

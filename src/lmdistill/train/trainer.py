@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from lmdistill.errors import LmdistillError
 from lmdistill.generation.policies import NEEDS_TEACHER
+from lmdistill.generation.policies.scrg import scores_sequences
 from lmdistill.io import atomic_dir, write_json
 from lmdistill.losses.model_forward import shifted
 from lmdistill.losses.objective import Objective
@@ -73,6 +74,9 @@ class Run:
         self.teacher = load_teacher(cfg, device, self.tokenizer)   # a model, a cache or a server
         # what the sequence engine may sample with: only a teacher in this process
         self.local_teacher = self.teacher if isinstance(self.teacher, torch.nn.Module) else None
+        # what it may score with: that teacher, or a served one (SCRG scores whole responses through it)
+        self.generation_teacher = self.local_teacher if self.local_teacher is not None else \
+            self.teacher if scores_sequences(self.teacher) else None
         if self.fsdp:
             bf16 = self.acc.mixed_precision == "bf16"
             shard(student, bf16=bf16)
@@ -162,7 +166,7 @@ class Run:
         with gathered(*self.gather_for_generation):   # FSDP2: every rank gathers, whatever its source decides
             for m, rows in enumerate(micros):
                 seqs = self.source.build(rows, step=step, micro=m, rank=self.rank, student=self.unwrapped(),
-                                         teacher=self.local_teacher, tokenizer=self.tokenizer)
+                                         teacher=self.generation_teacher, tokenizer=self.tokenizer)
                 gold = seqs if seqs.is_gold else self.source.gold(rows, self.tokenizer)  # one batch serves both
                 prepared.append((gold, seqs))
                 self.hook("on_sequences", step, seqs)

@@ -14,4 +14,8 @@ POLICIES = {
 #: policies that always need a teacher (``mixed`` needs one only for rows without gold).
 NEEDS_TEACHER = ("teacher", "switch", "scrg", "teacher_mix")
 
-__all__ = ["NEEDS_TEACHER", "POLICIES"]
+#: policies that can use a teacher that only scores whole sequences (a served teacher: ``scrg.scores_sequences``);
+#: the others need the teacher's own tokens or distribution at every generated token.
+SCORES_SEQUENCES = ("scrg",)
+
+__all__ = ["NEEDS_TEACHER", "POLICIES", "SCORES_SEQUENCES"]

@@ -27,6 +27,14 @@ row's banned ids at -inf (``decode.sample_loop``), and the teacher's "argmax" at
 its logits with the ids banned by prompt + y_<t set to -inf, so a correction never introduces a repeated
 n-gram (and a position whose student token is the teacher's best allowed token is not a candidate). d_t is
 KL of the unbanned distributions (the models' disagreement, as SWITCH's JSD; see ``switch.py``).
+
+A teacher that scores whole sequences (``teacher.scores_sequences``: a served teacher, ``teachers/served.py``)
+instead of running in this process: after the student has written, one request per row returns the teacher's top-k
+log-probabilities at every response position (:class:`SequenceScorer`); the student's logits at those positions
+come from one pass over its own tokens, d_t is the forward KL on the K + 1 bins (the K listed ids and the tail,
+``losses.sparse``) and the teacher's argmax is its most likely listed id the ban allows. With K covering the
+vocabulary this is the local path's d_t and argmax (tests/test_scrg_served.py checks the tokens are identical in
+float64); with K < V a merged tail can only lower d_t.
 """
 
 from __future__ import annotations
@@ -37,7 +45,9 @@ from lmdistill.generation.batch import CORRECTED, PADDING, STUDENT, Batch, Decod
 from lmdistill.generation.decode import sample_loop
 from lmdistill.generation.runner import CachedLM
 from lmdistill.generation.sampling import NgramBan
+from lmdistill.errors import ConfigError
 from lmdistill.losses import per_token_divergence
+from lmdistill.losses.sparse import sparse_per_token
 
 SCORE_CHUNK = 32
 
@@ -74,7 +84,7 @@ class StreamingScorer:
         if self.filled == self.chunk:
             self.flush(tokens)
 
-    def flush(self, tokens: torch.Tensor) -> None:
+    def flush(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
         a, k = self.start, self.filled
         if k == 0:
             return
@@ -89,6 +99,86 @@ class StreamingScorer:
                 banned = self.ban.mask(tokens[:, :a + i]).to(p.device)
                 self.top[:, a + i] = p[:, i].masked_fill(banned, float("-inf")).argmax(-1)
         self.pending, self.start, self.filled = ahead[:, -1], a + k, 0
+
+
+def scores_sequences(teacher) -> bool:
+    """Whether ``teacher`` is a scorer of whole sequences (a served teacher) rather than a model."""
+    return bool(getattr(teacher, "scores_sequences", False))
+
+
+class SequenceScorer:
+    """SCRG's d_t and teacher argmax from a teacher that scores whole sequences.
+
+    ``teacher.sequence_scores(sequences, wanted)`` takes unpadded token lists (prompt + response) and, per row, the
+    indices of the positions to score; it returns a :class:`~lmdistill.losses.sparse.SparseTeacher` over those
+    positions in row-major order (position i: the teacher's top-k of token i given the tokens before it).
+    ``restart(tokens, t)`` marks position ``t`` as the first to score again; ``flush(tokens, lengths)`` scores every
+    response position from there to each row's end (one request per row, then the student's logits in chunks of
+    ``SCORE_CHUNK`` positions: ``O(B * SCORE_CHUNK * V)`` memory, as the streaming scorer).
+    """
+
+    observe = None   # nothing to do while the student writes
+
+    def __init__(self, teacher, student: CachedLM, batch: Batch, chunk: int = SCORE_CHUNK):
+        self.teacher, self.student, self.vocab, self.chunk = teacher, student, batch.vocab, chunk
+        self.temperature = batch.config.divergence_temperature
+        n = batch.max_new_tokens
+        self.kl = torch.zeros((batch.size, n), dtype=torch.float32, device=batch.device)
+        self.top = torch.zeros((batch.size, n), dtype=torch.long, device=batch.device)
+        self.prompts = [row[mask.bool()].tolist() for row, mask in zip(batch.prompt_ids, batch.prompt_mask)]
+        self.ban = NgramBan.of(batch)
+        self.start = 0
+
+    def restart(self, tokens: torch.Tensor | None, t: int) -> None:
+        self.start = t
+
+    def flush(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
+        a = self.start
+        ends = [int(x) for x in lengths.tolist()]
+        top_end = max(ends)
+        if top_end <= a:
+            return
+        seqs = [p + tokens[b, :ends[b]].tolist() for b, p in enumerate(self.prompts)]
+        wanted = [[len(p) + t for t in range(a, ends[b])] for b, p in enumerate(self.prompts)]
+        sparse = self.teacher.sequence_scores(seqs, wanted)
+        if sparse.temperature != self.temperature:
+            raise ConfigError(f"SCRG: the teacher scored at temperature {sparse.temperature}, the student samples at "
+                              f"{self.temperature}; sample at that temperature (or greedy) or use a local teacher")
+        if bool((sparse.ids >= self.vocab).any()):
+            raise ConfigError(f"SCRG: the teacher listed token ids past the shared vocabulary ({self.vocab}); "
+                              "teacher and student must share the tokenizer")
+        offsets = torch.tensor([0] + [len(w) for w in wanted], dtype=torch.long).cumsum(0)
+        pending = self.student.logits_at(tokens, a)
+        for c in range(a, top_end, self.chunk):
+            k = min(self.chunk, top_end - c)
+            ahead = self.student.extend(tokens[:, c:c + k])          # predicts c+1 .. c+k
+            q = torch.cat([pending[:, None], ahead[:, :-1]], 1)[:, :, :self.vocab].to(self.kl.device)
+            pending = ahead[:, -1]
+            for i in range(k):
+                t = c + i
+                rows = [b for b in range(len(ends)) if t < ends[b]]
+                if not rows:
+                    break
+                idx = torch.tensor([int(offsets[b]) + t - a for b in rows], dtype=torch.long)
+                teacher_t = sparse.index_select(idx)
+                r = torch.tensor(rows, dtype=torch.long, device=self.kl.device)
+                self.kl[r, t] = sparse_per_token("fkl", q[r, i], teacher_t.to(q.device),
+                                                 temperature=self.temperature).to(self.kl.dtype)
+                self.top[r, t] = self._best_allowed(teacher_t, tokens, r, t)
+        self.start = top_end
+
+    def _best_allowed(self, teacher_t, tokens: torch.Tensor, rows: torch.Tensor, t: int) -> torch.Tensor:
+        """The most likely listed id at position ``t`` of ``rows`` that the n-gram ban allows; where none is, the
+        row's own token (so the position is no candidate)."""
+        ids = teacher_t.ids.to(tokens.device)
+        lps = teacher_t.logprobs.to(tokens.device)
+        blocked = torch.isneginf(lps)
+        if self.ban is not None:
+            banned = self.ban.mask(tokens[:, :t]).to(tokens.device)[rows]
+            blocked = blocked | banned.gather(1, ids)
+        score = lps.masked_fill(blocked, float("-inf"))
+        best = ids.gather(1, score.argmax(1, keepdim=True)).squeeze(1)
+        return torch.where(blocked.all(1), tokens[rows, t], best)
 
 
 def error_positions(tokens: torch.Tensor, lengths: torch.Tensor, kl: torch.Tensor,
@@ -107,14 +197,15 @@ def run(student, teacher, batch: Batch) -> Decoded:
     s_lm = batch.runner(student)
     scorer = None
     if cfg.scrg_rounds > 0:
-        scorer = StreamingScorer(batch.runner(teacher), batch)
+        scorer = SequenceScorer(teacher, s_lm, batch) if scores_sequences(teacher) else \
+            StreamingScorer(batch.runner(teacher), batch)
         scorer.restart(None, 0)
     tokens, lengths = sample_loop(s_lm, s_lm.prefill(), batch, observe=scorer and scorer.observe)
     sources = source_tags(lengths, n, STUDENT)
     stats = [{"correction_positions": [], "regenerated_tokens": 0} for _ in range(batch.size)]
     pos = torch.arange(n, device=dev)[None, :]
     for rnd in range(1, cfg.scrg_rounds + 1):
-        scorer.flush(tokens)
+        scorer.flush(tokens, lengths)
         j, has = error_positions(tokens, lengths, scorer.kl, scorer.top)
         if not bool(has.any()):
             break
