@@ -131,7 +131,7 @@ def students(args) -> None:
     for method in args.methods.split(","):
         recipe, extra = ABLATIONS.get(method, (method, []))
         over = [f"student={s_init}", f"teacher={teacher}", *_common(P, Path(args.work) / f"s-{method}",
-                                                                     P.student_steps, P.student_lr),
+                                                                     P.student_steps, P.student_lr, P.student_batch),
                 f"sampling.max_new_tokens={P.max_new_tokens}", *DEMO_OVERRIDES.get(recipe, []), *extra,
                 f"method={method}", "progress=false"]
         c = time.process_time()

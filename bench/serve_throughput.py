@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from bench_server import start_server
 
 PROMPTS = [
     "Give three tips for staying healthy.", "What is the capital of France?", "Write a haiku about autumn.",
@@ -43,39 +44,11 @@ PROMPTS = [
 ]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def uptime() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "load average: %.2f, %.2f, %.2f" % os.getloadavg()
-
-
-def start_server(model: str, batch: int, queue: int, threads: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "lmdistill", "serve", model, "--port", str(port), "--model-name", "m",
-           "--max-batch-size", str(batch), "--max-queue", str(queue)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not start within 180 s")
 
 
 def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
@@ -109,7 +82,7 @@ def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
 
 def run_mode(model: str, batch: int, clients: list[int], requests: list[int], max_tokens: int,
              threads: int) -> list[dict]:
-    proc, url = start_server(model, batch, max(64, max(clients)), threads)
+    proc, url = start_server(model, ["--max-batch-size", str(batch), "--max-queue", str(max(64, max(clients)))], threads)
     try:
         with httpx.Client(timeout=600) as c:  # warm up: the first forwards allocate
             for n in (1, 2):

@@ -30,39 +30,11 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from bench_server import start_server
 import psutil
 
 MB = 1024 * 1024
 SMALL = {"messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 8, "temperature": 0}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: str, limit: str, threads: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "lmdistill", "serve", model, "--port", str(port), "--model-name", "m"]
-    if limit != "default":
-        cmd += ["--max-body-bytes", limit]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not start within 120 s")
 
 
 class Peak(threading.Thread):
@@ -100,7 +72,7 @@ def send_burst(url: str, n: int) -> tuple[list[int], list[str]]:
 
 
 def probe(model: str, limit: str, n_prompts: int, threads: int, rounds: int) -> dict:
-    proc, url = start_server(model, limit, threads)
+    proc, url = start_server(model, [] if limit == "default" else ["--max-body-bytes", limit], threads, timeout=120)
     try:
         with httpx.Client(timeout=300) as c:
             for _ in range(3):  # warm up: the first forwards allocate

@@ -47,3 +47,16 @@ def prompts(tokenizer):
     texts = ["Give three tips for staying healthy.", "Hi", "What is the capital of France? Answer briefly please.",
              "Write a poem"]
     return [tokenizer(t)["input_ids"] for t in texts]
+
+
+@pytest.fixture(scope="module")
+def teacher_server(model_dirs):
+    """``lmdistill serve``'s app for the micro teacher on a local port (model name ``teacher``, logprobs up to the
+    whole vocabulary): a served teacher (``teacher=openai:teacher@URL``) for the tests."""
+    from lmdistill.models import load_model_and_tokenizer
+    from lmdistill.serve import ServerThread, create_app
+
+    model, tok = load_model_and_tokenizer(model_dirs["teacher"])
+    app = create_app(model, tok, model_name="teacher", max_logprobs=len(tok))
+    with ServerThread(app) as srv:
+        yield srv

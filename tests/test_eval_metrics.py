@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rouge_score import rouge_scorer
 
 from lmdistill.data import load_examples
@@ -52,3 +54,18 @@ def test_edge_cases():
         rouge_l("x", [])
     with pytest.raises(ValueError):
         rouge_l_corpus(["a", "b"], [["a"]])
+
+
+WORDS = ["running", "runs", "cats", "cat", "the", "quickly", "Generously", "was", "is", "tokens", "Ünïcode", "a1",
+         "connection", "connected", "happiness", "happy", "x", "42", "re-run", "don't"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(pred=st.lists(st.sampled_from(WORDS) | st.text(max_size=8), max_size=30).map(" ".join),
+       refs=st.lists(st.lists(st.sampled_from(WORDS) | st.text(max_size=8), max_size=30).map(" ".join),
+                     min_size=1, max_size=3))
+def test_equals_rouge_score_exactly_on_generated_texts(pred, refs):
+    """The cached tokenizer and stemmer change nothing: bit-equal to ``RougeScorer.score`` (repeated texts too)."""
+    want = 100 * max(DIRECT.score(r, pred)["rougeL"].fmeasure for r in refs)
+    assert rouge_l(pred, refs) == want
+    assert rouge_l(pred, refs) == want    # the second time from the token cache

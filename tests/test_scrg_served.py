@@ -17,8 +17,6 @@ import torch
 from lmdistill.errors import ConfigError
 from lmdistill.generation import SamplingConfig, generate
 from lmdistill.losses.sparse import SparseTeacher, top_k_teacher
-from lmdistill.models import load_model_and_tokenizer
-from lmdistill.serve import ServerThread, create_app
 from lmdistill.teachers.served import ServedTeacher
 from lmdistill.train import load_config, train
 
@@ -106,11 +104,8 @@ def test_a_scorer_at_another_temperature_is_refused(f64, tokenizer, prompts):
 
 # ---------------------------------------------------------------------------------------------- over HTTP
 @pytest.fixture(scope="module")
-def server(model_dirs):
-    model, tok = load_model_and_tokenizer(model_dirs["teacher"])
-    app = create_app(model, tok, model_name="teacher", max_logprobs=len(tok))
-    with ServerThread(app) as srv:
-        yield srv
+def server(teacher_server):
+    return teacher_server
 
 
 def test_served_teacher_scrg_corrects_where_the_teacher_disagrees_most(server, models, tokenizer, prompts):

@@ -16,17 +16,13 @@ from lmdistill.errors import ConfigError
 from lmdistill.losses.model_forward import selected_logits
 from lmdistill.losses.sparse import top_k_teacher
 from lmdistill.models import load_model_and_tokenizer
-from lmdistill.serve import ServerThread, create_app
 from lmdistill.teachers.served import ServedTeacher, tail_log_mass, top_k_rows
 from lmdistill.train import load_config, train
 
 
 @pytest.fixture(scope="module")
-def server(model_dirs):
-    model, tok = load_model_and_tokenizer(model_dirs["teacher"])
-    app = create_app(model, tok, model_name="teacher", max_logprobs=len(tok))
-    with ServerThread(app) as srv:
-        yield srv
+def server(teacher_server):
+    return teacher_server
 
 
 def spec(server) -> str:

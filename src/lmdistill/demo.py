@@ -38,10 +38,11 @@ ABLATIONS = {
 
 PART_NAMES = {"scrg": "SCRG", "dackl": "DAC-KL", "span": "Span correlation"}
 
-#: The student runs' relative costs on the `full` preset (bench/README.md "Demo time"): the worker pool takes the
-#: costliest first, so the last run to finish is a short one. Only the order matters; unknown names go last.
-RUN_COST = {"mgsr": 780, "mgsr-no-dackl": 640, "mgsr-no-span": 495, "mgsr-no-scrg": 490, "switch": 390,
-            "gkd": 230, "distillm": 215, "kd": 170, "seqkd": 155, "sft": 55}
+#: The student runs' relative costs on the `full` preset (seconds of each run on one thread, 2026-12-07, bench/README.md
+#: "Demo time"): the worker pool takes the costliest first, so the last run to finish is a short one. Only the order
+#: matters; unknown names go last.
+RUN_COST = {"mgsr": 126, "mgsr-no-dackl": 126, "mgsr-no-span": 100, "mgsr-no-scrg": 100, "switch": 87, "seqkd": 69,
+            "gkd": 63, "distillm": 60, "kd": 58, "sft": 30}
 
 #: The demo's CPU-budget departures from the recipes (printed in the report). DistiLLM's threshold starts at 0
 #: and rises only when the validation loss rises by 0.1 over ~20 epochs (finetune.py:265, 411-417); in the
@@ -68,13 +69,19 @@ class Preset:
     teacher_size: str = "tiny-teacher"
     student_size: str = "tiny-student"
     train_examples: int = 0       # 0 = all of Dolly train
+    student_batch_size: int = 0   # 0 = batch_size (the teacher's)
+
+    @property
+    def student_batch(self) -> int:
+        return self.student_batch_size or self.batch_size
 
 
 PRESETS = {
     "quick": Preset(teacher_steps=60, teacher_lr=3e-3, student_steps=12, student_lr=2e-3, batch_size=8, max_length=96,
                     max_prompt_length=64, max_new_tokens=16, benchmarks=("dolly",), eval_limit=40,
                     eval_max_new_tokens=48, train_examples=2000),
-    "full": Preset(teacher_steps=1000, teacher_lr=3e-3, student_steps=120, student_lr=2e-3, batch_size=16,
+    "full": Preset(teacher_steps=400, teacher_lr=3e-3, student_steps=100, student_lr=2e-3, batch_size=16,
+                   student_batch_size=8,
                    max_length=160, max_prompt_length=96, max_new_tokens=32,
                    benchmarks=("dolly", "selfinst", "vicuna", "sni", "unni"), eval_limit=100,
                    eval_max_new_tokens=128),
@@ -85,9 +92,10 @@ def _key(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _common(p: Preset, out: Path, steps: int, lr: float) -> list[str]:
-    return [f"output_dir={out}", f"max_steps={steps}", f"lr={lr}", f"batch_size={p.batch_size}",
-            f"micro_batch_size={p.batch_size}", f"max_length={p.max_length}",
+def _common(p: Preset, out: Path, steps: int, lr: float, batch: int | None = None) -> list[str]:
+    batch = batch or p.batch_size
+    return [f"output_dir={out}", f"max_steps={steps}", f"lr={lr}", f"batch_size={batch}",
+            f"micro_batch_size={batch}", f"max_length={p.max_length}",
             f"max_prompt_length={p.max_prompt_length}", f"max_train_examples={p.train_examples}",
             f"save_steps={steps}", f"eval_steps={max(1, steps // 4)}", "eval_limit=16", "eval_max_new_tokens=32",
             f"warmup_steps={max(1, steps // 20)}", "progress=true", "seed=42"]
@@ -134,7 +142,7 @@ def distill_all(p: Preset, teacher: Path, out: Path, pool=None) -> tuple[dict[st
             print(f"[demo] reusing {method} from {run_dir}")
             continue
         todo[method] = (recipe, [f"student={init}", f"teacher={teacher}",
-                                 *_common(p, run_dir, p.student_steps, p.student_lr),
+                                 *_common(p, run_dir, p.student_steps, p.student_lr, p.student_batch),
                                  f"sampling.max_new_tokens={p.max_new_tokens}", *DEMO_OVERRIDES.get(recipe, []),
                                  *extra, f"method={method}"])
     if pool is None:
@@ -262,7 +270,7 @@ def run_demo(preset: str | Preset = "full", out: str | Path = "runs/demo", name:
     lines = [f"# lmdistill demo ({preset})", "",
              f"Teacher `{p.teacher_size}` trained with SFT for {p.teacher_steps} steps on Dolly train; student "
              f"`{p.student_size}` distilled from one initialisation with the same data order for {p.student_steps} "
-             f"steps per method (batch {p.batch_size}).",
+             f"steps per method (batch {p.student_batch}).",
              f"Evaluation: paper protocol (Alpaca template, sampling T=1, top-p 1, top-k 0, ROUGE-L with stemmer), "
              f"first {p.eval_limit} examples per benchmark, at most {p.eval_max_new_tokens} new tokens, seeds "
              f"{', '.join(map(str, p.seeds))}; cells are mean ± std over seeds.", "", table, "",
@@ -288,6 +296,11 @@ def run_demo(preset: str | Preset = "full", out: str | Path = "runs/demo", name:
               + (f"student runs and evaluation in {workers} worker processes of {threads} thread(s) each, the "
                  f"teacher in this process; the student runs' own times add up to {sum(run_seconds.values()):.0f} s)."
                  if pool else "one process).")]
+    if preset == "full":
+        lines += ["", "The `full` preset is sized to finish within 20 minutes on 2 CPU cores: its teacher trains 400 "
+                  "steps and its students 100 steps of 8 sequences (before issue 19: 1000 steps, and 120 of 16, "
+                  "33.9 min). The methods, benchmarks and protocol are the same; bench/README.md (\"Demo time\") "
+                  "compares the verdicts of both sizes."]
     report = out / "report.md"
     write_text(report, "\n".join(lines) + "\n")
     write_json(out / "demo.json", {"preset": asdict(p), "times_s": times, "total_s": total, "workers": workers,

@@ -12,10 +12,30 @@ from typing import Sequence
 
 
 @lru_cache(maxsize=1)
-def _scorer():
-    from rouge_score import rouge_scorer
+def _stemmed_tokenizer():
+    """``rouge_score``'s tokenizer with its Porter stemmer (as ``RougeScorer(['rougeL'], use_stemmer=True)`` builds
+    it), each word's stem computed once: an evaluation scores the same references for every seed and model, and
+    stemming was most of ROUGE's time."""
+    from nltk.stem import porter
+    from rouge_score import tokenize
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    class CachedStemmer:
+        stem = staticmethod(lru_cache(maxsize=1 << 16)(porter.PorterStemmer().stem))
+
+    return lambda text: tokenize.tokenize(text, CachedStemmer)
+
+
+@lru_cache(maxsize=1 << 12)
+def _tokens(text: str) -> tuple[str, ...]:
+    return tuple(_stemmed_tokenizer()(text))
+
+
+def _fmeasure(reference: str, prediction: str) -> float:
+    """``RougeScorer(['rougeL'], use_stemmer=True).score(reference, prediction)['rougeL'].fmeasure``, with the
+    token lists of repeated texts reused (tests/test_eval_metrics.py checks equality with ``rouge_score``)."""
+    from rouge_score.rouge_scorer import _score_lcs
+
+    return _score_lcs(list(_tokens(reference)), list(_tokens(prediction))).fmeasure
 
 
 def _as_list(references: str | Sequence[str]) -> list[str]:
@@ -29,8 +49,7 @@ def _as_list(references: str | Sequence[str]) -> list[str]:
 
 def rouge_l(prediction: str, references: str | Sequence[str]) -> float:
     """ROUGE-L F-measure x100 of ``prediction`` against its best-matching reference."""
-    scorer = _scorer()
-    return 100.0 * max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in _as_list(references))
+    return 100.0 * max(_fmeasure(ref, prediction) for ref in _as_list(references))
 
 
 def rouge_l_scores(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> list[float]:

@@ -51,6 +51,33 @@ class RetryPolicy:
         return max(0.0, wait * (1 + random.uniform(-self.jitter, self.jitter)))
 
 
+def answer_each(ask, count: int, concurrency: int, progress: str | None = None) -> list:
+    """``[ask(0), ..., ask(count - 1)]`` with at most ``concurrency`` calls in flight (threads; in this thread when
+    1); a call that raises ``ClientError`` gives the error in its place. ``progress``: a tqdm bar's label."""
+    from tqdm import tqdm
+
+    results: list = [None] * count
+    bar = tqdm(total=count, desc=progress, disable=progress is None, leave=False)
+
+    def one(i: int) -> None:
+        try:
+            results[i] = ask(i)
+        except ClientError as e:
+            results[i] = e
+        finally:
+            bar.update(1)
+
+    workers = max(1, min(concurrency, count))
+    if workers == 1:
+        for i in range(count):
+            one(i)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(one, range(count)))
+    bar.close()
+    return results
+
+
 class ChatClient:
     """Base class. Subclasses implement ``_chat``; ``name`` identifies the model in caches and reports."""
 
@@ -75,27 +102,7 @@ class ChatClient:
         otherwise the first failure is raised once all requests have finished (the others are kept, and
         cached when the client caches).
         """
-        from tqdm import tqdm
-
-        results: list = [None] * len(batch)
-        bar = tqdm(total=len(batch), desc=progress, disable=progress is None, leave=False)
-
-        def one(i: int) -> None:
-            try:
-                results[i] = self.chat(batch[i], **params)
-            except ClientError as e:
-                results[i] = e
-            finally:
-                bar.update(1)
-
-        workers = max(1, min(self.concurrency, len(batch)))
-        if workers == 1:
-            for i in range(len(batch)):
-                one(i)
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(one, range(len(batch))))
-        bar.close()
+        results = answer_each(lambda i: self.chat(batch[i], **params), len(batch), self.concurrency, progress)
         if not return_exceptions:
             for r in results:
                 if isinstance(r, ClientError):

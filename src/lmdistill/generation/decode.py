@@ -11,6 +11,19 @@ from lmdistill.generation.runner import CachedLM
 from lmdistill.generation.sampling import NgramBan, pick
 
 
+def front_permutation(needed: list[bool], k: int) -> torch.Tensor:
+    """A permutation that brings the ``k`` needed rows into slots ``0 .. k-1`` moving as few rows as possible: each
+    unneeded row among the first ``k`` slots swaps with a needed row behind them (``perm[i]``: the row slot ``i``
+    takes). Only swapped rows are copied in the caches (``FastDecoder.reorder``), where a stable sort would shift
+    every row behind the first finished one."""
+    perm = list(range(len(needed)))
+    holes = [i for i in range(k) if not needed[i]]
+    extras = [i for i in range(k, len(needed)) if needed[i]]
+    for h, e in zip(holes, extras):
+        perm[h], perm[e] = e, h
+    return torch.tensor(perm, dtype=torch.long)
+
+
 class ActiveRows:
     """Keeps the rows a loop still computes in the first ``k`` slots of the batch.
 
@@ -39,7 +52,7 @@ class ActiveRows:
         stop, self.k, in_front = torch.stack([finished.long(), needed.sum(), in_front.long()]).tolist()
         if stop or in_front:
             return bool(stop), rows
-        perm = torch.argsort((~needed).to(torch.int8), stable=True)
+        perm = front_permutation(needed.tolist(), self.k).to(needed.device)
         for lm in self.lms:
             lm.reorder(perm)
         self.noise = self.noise.select(perm.tolist())

@@ -126,8 +126,12 @@ class FastDecoder:
     def reorder(self, order: torch.Tensor) -> None:
         """Permute the cache's rows (row ``i`` becomes old row ``order[i]``), every column ever written
         (columns past the caller's current length may still be valid for rows it skips)."""
-        for cache in (*self.keys, *self.values):
-            cache[:, :, :self.written] = cache[order, :, :self.written]
+        moved = (order != torch.arange(order.numel(), device=order.device)).nonzero().squeeze(1)
+        if moved.numel() == 0:
+            return
+        src = order[moved]
+        for cache in (*self.keys, *self.values):   # only the rows that move (the right side is gathered first)
+            cache[moved, :, :self.written] = cache[src, :, :self.written]
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, start: int, allowed: torch.Tensor,
                 keep: int = 0) -> torch.Tensor:
@@ -149,6 +153,19 @@ class FastDecoder:
         if not self.keys or self.keys[0].dtype != x.dtype:
             self._cache(x)
         self.written = max(self.written, end)
+
+        def attend(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            self.keys[i][:b, :, start:end] = k
+            self.values[i][:b, :, start:end] = v
+            return self.keys[i][:b, :, :end], self.values[i][:b, :, :end]
+
+        return self._layers(x, cos, sin, mask, attend, keep)
+
+    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, attend,
+                keep: int) -> torch.Tensor:
+        """The decoder layers and the head over ``x [b, T, H]``: ``attend(i, k, v)`` (rotated keys and values
+        ``[b, KV, T, D]`` of layer ``i``) writes them to the cache and returns the keys and values to attend to."""
+        b, t = x.shape[:2]
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = _rms(x, layer.input_layernorm)
@@ -158,10 +175,8 @@ class FastDecoder:
             if self.qk_norm:
                 q, k = _rms(q, attn.q_norm), _rms(k, attn.k_norm)
             q = _rotate(q.transpose(1, 2), cos, sin)
-            self.keys[i][:b, :, start:end] = _rotate(k.transpose(1, 2), cos, sin)
-            self.values[i][:b, :, start:end] = v.transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, self.keys[i][:b, :, :end], self.values[i][:b, :, :end],
-                                               attn_mask=mask, scale=attn.scaling,
+            keys, values = attend(i, _rotate(k.transpose(1, 2), cos, sin), v.transpose(1, 2))
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
                                                enable_gqa=self.kv_heads != self.heads)
             x = x + F.linear(o.transpose(1, 2).reshape(b, t, -1), attn.o_proj.weight, attn.o_proj.bias)
             h = _rms(x, layer.post_attention_layernorm)
@@ -201,29 +216,13 @@ class FastDecoder:
             for cache in (*self.keys, *self.values):
                 cache.zero_()
         self.written = max(self.written, width)
-        for i, layer in enumerate(self.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            h = _rms(x, layer.input_layernorm)
-            q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(b, t, self.heads, self.head_dim)
-            k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(b, t, self.kv_heads, self.head_dim)
-            v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(b, t, self.kv_heads, self.head_dim)
-            if self.qk_norm:
-                q, k = _rms(q, attn.q_norm), _rms(k, attn.k_norm)
-            q = _rotate(q.transpose(1, 2), cos, sin)
-            self.keys[i][rows, :, cols] = _rotate(k.transpose(1, 2), cos, sin).transpose(1, 2)  # [b, T, H, D]
-            self.values[i][rows, :, cols] = v
-            o = F.scaled_dot_product_attention(q, self.keys[i][row0:row0 + b, :, :width],
-                                               self.values[i][row0:row0 + b, :, :width], attn_mask=mask,
-                                               scale=attn.scaling, enable_gqa=self.kv_heads != self.heads)
-            x = x + F.linear(o.transpose(1, 2).reshape(b, t, -1), attn.o_proj.weight, attn.o_proj.bias)
-            h = _rms(x, layer.post_attention_layernorm)
-            up = F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
-            x = x + F.linear(mlp.act_fn(F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)) * up,
-                             mlp.down_proj.weight, mlp.down_proj.bias)
-        if keep:
-            x = x[:, -keep:]
-        head = self.model.lm_head
-        return F.linear(_rms(x, self.inner.norm), head.weight, head.bias)
+
+        def attend(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            self.keys[i][rows, :, cols] = k.transpose(1, 2)  # [b, T, H, D] at each row's own columns
+            self.values[i][rows, :, cols] = v.transpose(1, 2)
+            return self.keys[i][row0:row0 + b, :, :width], self.values[i][row0:row0 + b, :, :width]
+
+        return self._layers(x, cos, sin, mask, attend, keep)
 
     def copy_row(self, src: int, dst: int, columns: int) -> None:
         """Copy the first ``columns`` columns of cache row ``src`` over row ``dst``."""

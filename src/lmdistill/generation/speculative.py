@@ -65,6 +65,18 @@ class DraftLength:
         self.k = min(self.hi, self.k + 2) if kept_whole else max(self.lo, self.k - 1)
 
 
+def output_buffers(batch: Batch, b: int) -> tuple[torch.Tensor, ...]:
+    """SWITCH's per-row state for ``b`` rows: tokens (pad), sources (PADDING), JSD trace (0), lengths (the maximum),
+    done (False), and a column of pad ids."""
+    n, dev = batch.max_new_tokens, batch.device
+    return (torch.full((b, n), batch.pad_id, dtype=torch.long, device=dev),
+            torch.full((b, n), PADDING, dtype=torch.long, device=dev),
+            torch.zeros((b, n), dtype=torch.float32, device=dev),
+            torch.full((b,), n, dtype=torch.long, device=dev),
+            torch.zeros(b, dtype=torch.bool, device=dev),
+            torch.full((b,), batch.pad_id, dtype=torch.long, device=dev))
+
+
 def run(student, teacher, batch: Batch):
     """``(tokens, sources, trace, lengths, teacher_forwards, student_forwards)``, as ``switch.stepwise``."""
     cfg, n, v, dev, eos = batch.config, batch.max_new_tokens, batch.vocab, batch.device, batch.eos_id
@@ -75,12 +87,7 @@ def run(student, teacher, batch: Batch):
     def jsd(q, p):  # the rule's divergence, unbanned (see switch.py)
         return per_token_divergence("jsd", q, p, temperature=cfg.divergence_temperature, beta=0.5)
 
-    tokens = torch.full((b, n), batch.pad_id, dtype=torch.long, device=dev)
-    sources = torch.full((b, n), PADDING, dtype=torch.long, device=dev)
-    trace = torch.zeros((b, n), dtype=torch.float32, device=dev)
-    lengths = torch.full((b,), n, dtype=torch.long, device=dev)
-    done = torch.zeros(b, dtype=torch.bool, device=dev)
-    pad = torch.full((b,), batch.pad_id, dtype=torch.long, device=dev)
+    tokens, sources, trace, lengths, done, pad = output_buffers(batch, b)
     rounds = []  # (start, size, teacher pass) of every round, for the forward counts
     rows = ActiveRows([s_lm, t_lm], batch.noise, b, ban=NgramBan.of(batch))
     draft = DraftLength(cfg.switch_draft_min, cfg.switch_draft_tokens)

@@ -21,10 +21,10 @@ What stays as in the one-at-a-time path:
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from lmdistill.clients import ClientError, RequestRejected
+from lmdistill.clients.base import answer_each
 
 
 def _key(messages: list[dict], params: dict) -> str:
@@ -59,29 +59,8 @@ def chat_unique(client, batch: Sequence[list[dict]], *, progress: str | None = N
 
 
 def _pool(client, requests: list[tuple[list[dict], dict]], progress: str | None) -> list:
-    from tqdm import tqdm
-
-    results: list = [None] * len(requests)
-    bar = tqdm(total=len(requests), desc=progress, disable=progress is None, leave=False)
-
-    def one(i: int) -> None:
-        messages, params = requests[i]
-        try:
-            results[i] = client.chat(messages, **params)
-        except ClientError as e:
-            results[i] = e
-        finally:
-            bar.update(1)
-
-    workers = max(1, min(getattr(client, "concurrency", 1), len(requests)))
-    if workers == 1:
-        for i in range(len(requests)):
-            one(i)
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(one, range(len(requests))))
-    bar.close()
-    return results
+    return answer_each(lambda i: client.chat(requests[i][0], **requests[i][1]), len(requests),
+                       getattr(client, "concurrency", 1), progress)
 
 
 def raise_outage(answers: Sequence) -> None:

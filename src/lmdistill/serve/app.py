@@ -30,8 +30,8 @@ import time
 import uuid
 
 from lmdistill import __version__
-from lmdistill.serve.completions import (NEUTRAL, check_model, check_seed, completion_choice, engine_kwargs,
-                                         parse_completion_request)
+from lmdistill.serve.completions import (NEUTRAL, check_model, check_seed, check_supported, completion_choice,
+                                         engine_kwargs, parse_completion_request)
 from lmdistill.serve.batcher import QueueFull
 from lmdistill.serve.engine import ChatEngine, ContextLengthError
 from lmdistill.serve.openapi import chat_request_schema, completion_request_schema, operation
@@ -93,14 +93,7 @@ CHAT_KNOWN = {"model", "messages", "max_tokens", "max_completion_tokens", "n", "
 
 def _check_params(body: dict) -> None:
     """400 naming the first parameter this server does not implement (unknown, or at a value that matters)."""
-    for name in body:
-        if name not in CHAT_KNOWN:
-            raise ApiError(400, f"unsupported parameter '{name}'", param=name, code="unsupported_parameter")
-    for name, allowed in CHAT_NEUTRAL.items():
-        value = body.get(name)
-        if value is not None and (isinstance(value, bool) or value not in allowed):
-            raise ApiError(400, f"'{name}' = {json.dumps(value)[:80]} is not supported by this server", param=name,
-                           code="unsupported_parameter")
+    check_supported(body, CHAT_KNOWN, CHAT_NEUTRAL, ApiError)
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise ApiError(400, "'user' must be a string", param="user", code="invalid_type")

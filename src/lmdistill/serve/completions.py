@@ -10,6 +10,8 @@ default. Any parameter that would change the answer and is not implemented (``be
 
 from __future__ import annotations
 
+import json
+
 from lmdistill.serve.engine import Completion, ContextLengthError, TokenLogprob
 
 FLOOR = -9999.0  # what OpenAI and vLLM send for -inf (JSON has no infinity)
@@ -19,6 +21,19 @@ NEUTRAL = {"best_of": (1,), "suffix": ("",), "logit_bias": ({},), "presence_pena
            "top_k": (-1, 0), "min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,)}
 KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "logprobs", "echo",
          "stop", "seed", "user", "prompt_logprobs", "return_tokens_as_token_ids", "add_special_tokens", *NEUTRAL}
+
+
+def check_supported(body: dict, known, neutral: dict, error) -> None:
+    """400 naming the first parameter not in ``known``, or one of ``neutral`` (accepted only at values that change
+    nothing here) at another value."""
+    for name in body:
+        if name not in known:
+            raise error(400, f"unsupported parameter '{name}'", param=name, code="unsupported_parameter")
+    for name, allowed in neutral.items():
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or value not in allowed):
+            raise error(400, f"'{name}' = {json.dumps(value)[:80]} is not supported by this server", param=name,
+                        code="unsupported_parameter")
 
 
 def check_model(body: dict, model_name: str, error) -> str:
@@ -110,14 +125,7 @@ def parse_completion_request(body, *, engine, model_name: str, max_tokens_limit:
     plain generation: scores must cover the prompt as sent, so never with ``echo`` or ``prompt_logprobs``)."""
     if not isinstance(body, dict):
         raise error(400, "the request body must be a JSON object")
-    for name in body:
-        if name not in KNOWN:
-            raise error(400, f"unsupported parameter '{name}'", param=name, code="unsupported_parameter")
-    for name, allowed in NEUTRAL.items():
-        value = body.get(name)
-        if value is not None and (isinstance(value, bool) or value not in allowed):
-            raise error(400, f"'{name}' = {value!r} is not supported by this server", param=name,
-                        code="unsupported_parameter")
+    check_supported(body, KNOWN, NEUTRAL, error)
     check_model(body, model_name, error)
     if _flag(body, "stream", False, error):
         raise error(400, "streaming is not supported for /v1/completions; send 'stream': false", param="stream",

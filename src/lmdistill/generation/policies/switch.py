@@ -63,12 +63,7 @@ def stepwise(student, teacher, batch: Batch):
     q, p = s_lm.prefill(), t_lm.prefill()
     b = q.shape[0]
     temp = cfg.divergence_temperature
-    tokens = torch.full((b, n), batch.pad_id, dtype=torch.long, device=dev)
-    sources = torch.full((b, n), PADDING, dtype=torch.long, device=dev)
-    trace = torch.zeros((b, n), dtype=torch.float32, device=dev)
-    lengths = torch.full((b,), n, dtype=torch.long, device=dev)
-    done = torch.zeros(b, dtype=torch.bool, device=dev)
-    pad = torch.full((b,), batch.pad_id, dtype=torch.long, device=dev)
+    tokens, sources, trace, lengths, done, pad = speculative.output_buffers(batch, b)
     tags = torch.tensor([STUDENT, TEACHER], dtype=torch.long, device=dev)
     rows = ActiveRows([s_lm, t_lm], batch.noise, b, ban=NgramBan.of(batch))  # finished rows leave the forward passes
     for t in range(n):
