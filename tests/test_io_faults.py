@@ -215,6 +215,28 @@ def test_atomic_file_writes_keep_the_earlier_file(tmp_path, monkeypatch, helper)
                 reset=lambda: path.write_text("old contents\n"))
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_leave_the_mode_open_would(tmp_path, umask):
+    """mkstemp/mkdtemp create 0600/0700; an atomic write must leave what a plain open() or mkdir leaves (a
+    results.json or final/ folder shared with a group stays readable), and an existing file keeps its own mode."""
+    old = os.umask(umask)
+    try:
+        lio.write_text(tmp_path / "new.txt", "x")
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+        assert (tmp_path / "new.txt").stat().st_mode & 0o7777 == (tmp_path / "plain.txt").stat().st_mode & 0o7777
+        (tmp_path / "kept.txt").write_text("old")
+        os.chmod(tmp_path / "kept.txt", 0o640)
+        lio.write_json(tmp_path / "kept.txt", {"a": 1})
+        assert (tmp_path / "kept.txt").stat().st_mode & 0o7777 == 0o640
+        with lio.atomic_dir(tmp_path / "folder") as d:
+            (d / "a").write_text("x")
+        (tmp_path / "plain").mkdir()
+        assert (tmp_path / "folder").stat().st_mode & 0o7777 == (tmp_path / "plain").stat().st_mode & 0o7777
+    finally:
+        os.umask(old)
+
+
 def test_eval_predictions_save_keeps_the_earlier_seed_file(tmp_path, monkeypatch):
     from lmdistill.evaluate.store import save_seed
 

@@ -62,6 +62,19 @@ def _kept_file(path: Path, existed: bool) -> str:
     return f"the earlier {path} is unchanged" if existed else "no partial file was left"
 
 
+def _open_mode(path: Path, existed: bool, full: int = 0o666) -> int:
+    """The permission bits ``open(path, "w")`` (``full`` 0o666) or ``mkdir`` (0o777) would leave: the existing
+    path's, else ``full`` less the umask (``mkstemp``/``mkdtemp`` make 0600/0700)."""
+    if existed:
+        try:
+            return path.stat().st_mode & 0o7777
+        except OSError:
+            pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return full & ~umask
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
     """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
@@ -75,6 +88,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.chmod(tmp, _open_mode(path, existed))
         binary = "b" in mode
         with os.fdopen(fd, mode, encoding=None if binary else encoding) as f:
             yield f
@@ -250,6 +264,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = tmp_name = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        os.chmod(tmp, _open_mode(path, existed, 0o777))
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

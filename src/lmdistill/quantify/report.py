@@ -46,8 +46,9 @@ def ice_markdown(results: list[dict]) -> str:
     for r in results:
         s = r["scores"]
         pl = r.get("per_language", {})
-        rows.append([r["target"], _fmt(s["loose"]), _fmt(s["strict"]), _fmt(s["hard"]), str(s["queries"])]
-                    + [_fmt(pl.get(l, {}).get("loose")) for l in langs] + [_fmt(pl.get(l, {}).get("strict")) for l in langs]
+        rows.append([r["target"], _fmt(s["loose"], 3), _fmt(s["strict"], 3), _fmt(s["hard"], 3), str(s["queries"])]
+                    + [_fmt(pl.get(l, {}).get("loose"), 3) for l in langs]
+                    + [_fmt(pl.get(l, {}).get("strict"), 3) for l in langs]
                     + [ice_judge_label(r), r.get("config", {}).get("mode", "lmdistill")])
     text = "## ICE: identity consistency (share of queries; higher = more signs of distillation)\n\n" + _table(header, rows)
     if len(results) == 1:
@@ -130,7 +131,7 @@ def ice_chart(results: list[dict], path: str | Path) -> None:
     xs = range(len(names))
     for offset, values, label in ((-0.2, loose, "loose"), (0.2, strict, "strict")):
         bars = ax.bar([x + offset for x in xs], values, width=0.4, label=label)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.set_ylim(0, max([0.1] + loose + strict) * 1.2)
     ax.set_xticks(list(xs), names, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("share of queries")
