@@ -215,10 +215,14 @@ def test_atomic_file_writes_keep_the_earlier_file(tmp_path, monkeypatch, helper)
                 reset=lambda: path.write_text("old contents\n"))
 
 
+@pytest.mark.parametrize("proc", [True, False], ids=["proc-status", "os-umask"])
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
-def test_atomic_writes_leave_the_mode_open_would(tmp_path, umask):
+def test_atomic_writes_leave_the_mode_open_would(tmp_path, monkeypatch, umask, proc):
     """mkstemp/mkdtemp create 0600/0700; an atomic write must leave what a plain open() or mkdir leaves (a
     results.json or final/ folder shared with a group stays readable), and an existing file keeps its own mode."""
+    if not proc:   # where /proc/self/status is missing (not Linux), the umask is read with os.umask
+        monkeypatch.setattr(lio, "open", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError(a[0])),
+                            raising=False)
     old = os.umask(umask)
     try:
         lio.write_text(tmp_path / "new.txt", "x")

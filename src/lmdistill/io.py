@@ -70,9 +70,22 @@ def _open_mode(path: Path, existed: bool, full: int = 0o666) -> int:
             return path.stat().st_mode & 0o7777
         except OSError:
             pass
-    umask = os.umask(0)
+    return full & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without setting it where Linux reports it (``os.umask`` must set it to read it, a
+    window in which another thread's new file would get the wrong mode)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
     os.umask(umask)
-    return full & ~umask
+    return umask
 
 
 @contextmanager
