@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmdistill.errors import ConfigError
 from lmdistill.generation import SamplingConfig, generate
+from lmdistill.generation.decode import front_permutation
 from lmdistill.generation.engine import pad_left
 from lmdistill.generation.fast_decoder import unsupported_reason
 from lmdistill.generation.runner import CachedLM
@@ -212,3 +215,17 @@ def test_finished_rows_leave_the_batch_and_tokens_do_not_change(family_model, fa
     lengths = [len(r) for r in outs["fast"].responses]
     assert min(lengths) < 12 and max(lengths) == 12, "some rows must finish early, others not"
     assert reorders, "a finished row should have been moved out of the computed rows"
+
+
+@settings(max_examples=300, deadline=None)
+@given(needed=st.lists(st.booleans(), min_size=1, max_size=40))
+def test_front_permutation_brings_the_needed_rows_forward_moving_the_fewest(needed):
+    """A permutation whose first k slots hold exactly the k needed rows, each row already in place stays, and only
+    2 x (unneeded rows among the first k) rows move: the fewest any such permutation can move."""
+    k = sum(needed)
+    perm = front_permutation(needed, k)
+    assert sorted(perm) == list(range(len(needed)))
+    assert sorted(perm[:k]) == [i for i, n in enumerate(needed) if n]
+    holes = sum(1 for i in range(k) if not needed[i])
+    assert sum(p != i for i, p in enumerate(perm)) == 2 * holes
+    assert all(perm[i] == i for i in range(k) if needed[i])

@@ -11,7 +11,7 @@ from lmdistill.generation.runner import CachedLM
 from lmdistill.generation.sampling import NgramBan, pick
 
 
-def front_permutation(needed: list[bool], k: int) -> torch.Tensor:
+def front_permutation(needed: list[bool], k: int) -> list[int]:
     """A permutation that brings the ``k`` needed rows into slots ``0 .. k-1`` moving as few rows as possible: each
     unneeded row among the first ``k`` slots swaps with a needed row behind them (``perm[i]``: the row slot ``i``
     takes). Only swapped rows are copied in the caches (``FastDecoder.reorder``), where a stable sort would shift
@@ -21,7 +21,7 @@ def front_permutation(needed: list[bool], k: int) -> torch.Tensor:
     extras = [i for i in range(k, len(needed)) if needed[i]]
     for h, e in zip(holes, extras):
         perm[h], perm[e] = e, h
-    return torch.tensor(perm, dtype=torch.long)
+    return perm
 
 
 class ActiveRows:
@@ -49,13 +49,15 @@ class ActiveRows:
         if not self.enabled:
             return bool(finished), rows
         in_front = (needed[1:].long() <= needed[:-1].long()).all()
-        stop, self.k, in_front = torch.stack([finished.long(), needed.sum(), in_front.long()]).tolist()
+        flags = torch.cat([torch.stack([finished.long(), needed.sum(), in_front.long()]), needed.long()]).tolist()
+        (stop, self.k, in_front), needed_rows = flags[:3], flags[3:]
         if stop or in_front:
             return bool(stop), rows
-        perm = front_permutation(needed.tolist(), self.k).to(needed.device)
+        order = front_permutation(needed_rows, self.k)
+        perm = torch.tensor(order, dtype=torch.long, device=needed.device)
         for lm in self.lms:
             lm.reorder(perm)
-        self.noise = self.noise.select(perm.tolist())
+        self.noise = self.noise.select(order)
         if self.ban is not None:
             self.ban = self.ban.select(perm)
         self.order = perm if self.order is None else self.order[perm]
