@@ -4,6 +4,7 @@
     .venv/bin/python bench/demo_time.py teacher [--steps 9]
     .venv/bin/python bench/demo_time.py students [--steps 8] [--methods sft,kd,...]
     .venv/bin/python bench/demo_time.py eval [--models teacher,student] [--benchmarks dolly,...]
+    .venv/bin/python bench/demo_time.py --quick       # every part, smoke-sized (make bench-smoke)
 
 Every part runs with ``--threads`` torch threads (default 1) and reports CPU seconds (process time), which a busy
 shared machine disturbs far less than wall time when torch runs one thread (with two threads on two busy cores a
@@ -21,6 +22,10 @@ step slowed down 2.5x, bench/README.md). Variants are interleaved, so they see t
 
 The models are built in ``--work`` (a 30-step SFT teacher, so that generation stops at EOS as a trained model does,
 and the initial student), unless ``--teacher`` / ``--student`` name others.
+
+``--quick``: every part in one run, in a temporary ``--work``: a 2-step teacher, 1 timed teacher step, 2 steps of the
+methods sft and gkd, evaluation of the teacher on Dolly (8 examples, 8 new tokens); a smoke run whose figures mean
+nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import json
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +48,7 @@ from lmdistill.train.trainer import Run
 
 P = PRESETS["full"]
 BENCHMARKS = P.benchmarks
+PARTS = ("padding", "teacher", "students", "eval")
 
 
 def models(args) -> tuple[Path, Path, Path]:
@@ -52,9 +59,9 @@ def models(args) -> tuple[Path, Path, Path]:
         build_model(P.teacher_size, t_init, seed=0)
     if not (s_init / "config.json").exists():
         build_model(P.student_size, s_init, seed=0)
-    teacher = Path(args.teacher) if args.teacher else work / "teacher-30" / "final"
+    teacher = Path(args.teacher) if args.teacher else work / f"teacher-{args.teacher_steps}" / "final"
     if not (teacher / "config.json").exists():
-        cfg = load_config("sft", [f"student={t_init}", *_common(P, work / "teacher-30", 30, P.teacher_lr),
+        cfg = load_config("sft", [f"student={t_init}", *_common(P, teacher.parent, args.teacher_steps, P.teacher_lr),
                                   "progress=false"])
         train(cfg)
     return t_init, teacher, Path(args.student) if args.student else s_init
@@ -179,6 +186,7 @@ def evaluation(args) -> None:
     paths = {"teacher": teacher, "student": s_init}
     length_order = run_mod.length_order
     orders = {"file order (before)": lambda items: list(range(len(items))), "sorted by length (now)": length_order}
+    limit, new_tokens = args.eval_limit or P.eval_limit, args.eval_tokens or P.eval_max_new_tokens
     for name in args.models.split(","):
         cpu, outs = {}, {}
         for bench in args.benchmarks.split(","):
@@ -187,8 +195,8 @@ def evaluation(args) -> None:
                 out = Path(args.work) / "eval"
                 shutil.rmtree(out, ignore_errors=True)
                 c = time.process_time()
-                run_mod.evaluate_models([f"m={paths[name]}"], [bench], [10], out, batch_size=32, limit=P.eval_limit,
-                                        max_new_tokens=P.eval_max_new_tokens, device="cpu", progress=False)
+                run_mod.evaluate_models([f"m={paths[name]}"], [bench], [10], out, batch_size=32, limit=limit,
+                                        max_new_tokens=new_tokens, device="cpu", progress=False)
                 cpu[(bench, label)] = time.process_time() - c
                 outs[(bench, label)] = [json.loads(x)["output"] for x in
                                         (out / "predictions" / "m" / bench / "seed10.jsonl").read_text().splitlines()]
@@ -205,7 +213,7 @@ def evaluation(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("part", choices=["padding", "teacher", "students", "eval"])
+    ap.add_argument("part", nargs="?", choices=PARTS, help="required unless --quick")
     ap.add_argument("--steps", type=int, default=0, help="teacher: timed steps (9); students: steps per run (8)")
     ap.add_argument("--methods", default=",".join([*METHODS, *ABLATIONS]))
     ap.add_argument("--models", default="teacher,student")
@@ -214,13 +222,30 @@ def main() -> None:
     ap.add_argument("--teacher", default="", help="a trained teacher folder (default: 30 SFT steps, built here)")
     ap.add_argument("--student", default="", help="the student to evaluate (default: the initial tiny-student)")
     ap.add_argument("--work", default="runs/bench-demo-time")
+    ap.add_argument("--teacher-steps", type=int, default=30, help="SFT steps of the teacher built in --work")
+    ap.add_argument("--eval-limit", type=int, default=0, help="eval: examples per benchmark (default: the preset's)")
+    ap.add_argument("--eval-tokens", type=int, default=0, help="eval: new tokens (default: the preset's)")
+    ap.add_argument("--quick", action="store_true", help="every part, smoke-sized, in a temporary folder")
     args = ap.parse_args()
-    args.steps = args.steps or (9 if args.part == "teacher" else 8)
+    if not args.quick and args.part is None:
+        ap.error(f"a part is required (one of {', '.join(PARTS)}) unless --quick")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)   # as the lmdistill executable does
-    print(f"bench/demo_time.py {args.part}: torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
+    if not args.quick:
+        return run_part(args, args.part)
+    with tempfile.TemporaryDirectory(prefix="bench-demo-time-") as tmp:
+        args.work, args.teacher_steps, args.eval_limit, args.eval_tokens = tmp, 2, 8, 8
+        args.methods, args.models, args.benchmarks = "sft,gkd", "teacher", "dolly"
+        for part in PARTS:
+            args.steps = 1 if part == "teacher" else 2
+            run_part(args, part)
+
+
+def run_part(args, part: str) -> None:
+    args.steps = args.steps or (9 if part == "teacher" else 8)
+    print(f"bench/demo_time.py {part}: torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
           file=sys.stderr)
-    {"padding": padding, "teacher": teacher_steps, "students": students, "eval": evaluation}[args.part](args)
+    {"padding": padding, "teacher": teacher_steps, "students": students, "eval": evaluation}[part](args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,11 @@ alternating which goes first, and prints seconds per step (wall time of the resu
 throughput log; loading, validation and saving excluded) and the ratio.
 
 The default checkpoint is the newest one of the demo's cached teacher (``make demo`` writes it:
-``runs/demo/cache/teacher-*/checkpoints/step-*``, tiny-teacher after 1000 SFT steps on Dolly).
+``runs/demo/**/cache/teacher-*/checkpoints/step-*``, tiny-teacher after 1000 SFT steps on Dolly).
+
+``--quick``: a smoke run (``make bench-smoke``) that needs no demo: tiny-student trains 2 SFT steps on 64 Dolly rows
+in this process (length 128) and its step-2 checkpoint is resumed for 2 steps each way, once. A fresh model has few
+subnormals, so its ratio means nothing; the paths (the resumed run, the trainer's throughput log) are the same.
 """
 
 from __future__ import annotations
@@ -30,11 +34,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def default_checkpoint() -> Path:
-    found = sorted(ROOT.glob("runs/demo/cache/teacher-*/checkpoints/step-*"), key=lambda p: p.stat().st_mtime)
+    found = sorted(ROOT.glob("runs/demo/**/cache/teacher-*/checkpoints/step-*"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise SystemExit("no checkpoint given and none under runs/demo/cache: run `make demo` first, or pass "
+        raise SystemExit("no checkpoint given and none under runs/demo/**/cache: run `make demo` first, or pass "
                          "--checkpoint RUN_DIR/checkpoints/step-N of any `lmdistill train` run")
     return found[-1]
+
+
+def quick_checkpoint(work: Path) -> Path:
+    """A 2-step SFT run of tiny-student (64 Dolly rows, length 128) and its step-2 checkpoint."""
+    from lmdistill.models import build_model
+    from lmdistill.train import load_config, train
+
+    build_model("tiny-student", work / "student", seed=0)
+    train(load_config("sft", [f"student={work / 'student'}", f"output_dir={work / 'run'}", "max_steps=2",
+                              "save_steps=2", "batch_size=4", "micro_batch_size=4", "max_length=128",
+                              "max_prompt_length=96", "max_train_examples=64", "valid_data=", "eval_steps=100",
+                              "device=cpu", "template=alpaca", "progress=false"]))
+    return work / "run" / "checkpoints" / "step-0000002"
 
 
 def seconds_per_step(run_dir: Path, first_new_step: int) -> float:
@@ -72,7 +89,17 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of the training processes")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: a 2-step tiny-student checkpoint made here, resumed 2 steps each way, once")
     args = ap.parse_args(argv)
+    if args.quick:
+        with tempfile.TemporaryDirectory(prefix="bench-denormal-") as tmp:
+            args.checkpoint, args.steps, args.repeats, args.threads = quick_checkpoint(Path(tmp)), 2, 1, 1
+            return measure(args)
+    return measure(args)
+
+
+def measure(args) -> int:
     checkpoint = (args.checkpoint or default_checkpoint()).resolve()
     times = {False: [], True: []}
     for r in range(args.repeats):

@@ -19,7 +19,8 @@ Rows (all sampling at temperature 1, batch ``--batch``, every row runs the full 
 - ``teacher scoring forward``: one teacher forward over prompt + response (what SCRG's scoring costs).
 Times are the minimum over ``--repeats`` interleaved runs (the naive one runs once), wall time or with ``--clock cpu``
 the process's CPU time. ``--switch-only``: only the
-switch loops and the floor (the second table is left out).
+switch loops and the floor (the second table is left out). ``--quick``: every row (the naive loop too) at batch 4,
+16 new tokens, one repeat, one thread: a smoke run (``make bench-smoke``), its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def naive_switch(student, teacher, prompts, config: SamplingConfig, pad_id: int)
 
 
 def hf_generate(model, prompts, n: int, pad_id: int, seed: int):
-    ids, mask = pad_left(prompts, pad_id)
+    ids, mask = (x.to(model.device) for x in pad_left(prompts, pad_id))
     torch.manual_seed(seed)
     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                          max_new_tokens=n, min_new_tokens=n, pad_token_id=pad_id)
@@ -132,7 +133,11 @@ def main(argv=None) -> int:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: time the process's CPU time (all its threads) instead of wall time")
     ap.add_argument("--out", default=None, help="also write the markdown table to this file")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run of every row: batch 4, 16 new tokens, draft 4, one repeat, one thread")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.batch, args.new_tokens, args.draft_tokens, args.repeats, args.threads = 4, [16], [4], 1, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     global CLOCK

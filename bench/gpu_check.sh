@@ -12,8 +12,35 @@
 # CPU smoke run of the same script (tests/test_fsdp.py runs it, so it cannot rot unnoticed where no GPU is lent):
 #   GPU_CHECK_CPU=2 TEACHER=DIR STUDENT=DIR STEPS=2 bench/gpu_check.sh WORKDIR
 # float32 on the CPU, "1 GPU" = one process, FSDP2 = GPU_CHECK_CPU processes over gloo; the figures mean nothing.
+#
+#   bench/gpu_check.sh throughput [OUT]   # issue 34: bench/gpu_check.py on the lent GPU machine, at most 8 minutes
+# On that machine's own Python (PY, default python3: PyTorch with CUDA, transformers, accelerate, peft, ...; no
+# network) with lmdistill from this tree (PYTHONPATH=src) and the wheels of `make gpu-wheels` carried in .whl/
+# (TRL, liger-kernel, datasets, dill, multiprocess), installed with --no-index --no-deps into a folder of their own.
+# Writes OUT/gpu_check.json and OUT/gpu_check.md (OUT: the argument, else $OUT, else runs/gpu_check).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = throughput ]; then
+    PY=${PY:-python3}
+    OUT=${2:-${OUT:-runs/gpu_check}}
+    SITE=${GPU_CHECK_SITE:-/tmp/gpu-check-site}
+    if ! compgen -G ".whl/*.whl" >/dev/null; then
+        echo "gpu_check: no wheels in .whl/ (run make gpu-wheels where pip reaches PyPI, and carry .whl)" >&2
+        exit 2
+    fi
+    pip_install() {
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$@"
+    }
+    # all at once; if that fails (a wheel for another Python), one by one: the parts that need a missing one say so
+    pip_install .whl/*.whl || for w in .whl/*.whl; do
+        pip_install "$w" || echo "gpu_check: could not install $w; the parts that need it will fail and say why" >&2
+    done
+    mkdir -p "$OUT"
+    # 420 s for the parts (each time-boxed by what is left), 470 s for the whole process: under 8 minutes in all
+    PYTHONPATH="src:$SITE${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 \
+        timeout -k 10 470 "$PY" bench/gpu_check.py --out "$OUT" --budget "${BUDGET:-420}"
+    exit
+fi
 PY=${PY:-.venv/bin/python}
 WORK=${1:-runs/gpu_check}
 RECIPE=${RECIPE:-gkd}

@@ -13,10 +13,15 @@ head (frozen).  The variants:
 * ``trl``: TRL's ``GKDTrainer.generalized_jsd_loss(h @ W.T, teacher_logits, labels)``
 * ``liger``: Liger-Kernel's ``chunked_loss.LigerFusedLinearJSDLoss`` (pure PyTorch, torch.compile'd),
   with weight_hard_loss=0 so it computes the same JSD
+* ``liger-triton``: Liger-Kernel's Triton kernel ``transformers.LigerFusedLinearJSD`` (``jsd_beta=0.5``); it needs
+  CUDA and ``triton`` and is not in the default variants (``gpu_check.py`` runs it)
+
+``--device cuda --dtype bfloat16`` runs the same variants on a GPU (inputs in that dtype); the memory columns are then
+``torch.cuda.max_memory_allocated`` (peak) and the peak minus what the inputs hold (growth) instead of RSS.
 
 Usage:
     python bench/losses.py                # vocab 32000, 128256, 152064; 2 x 1024 tokens; hidden 896
-    python bench/losses.py --quick        # smoke run: vocab 8000, 2 x 128 tokens
+    python bench/losses.py --quick        # smoke run: vocab 8000, 2 x 128 tokens, one thread (make bench-smoke)
 """
 
 from __future__ import annotations
@@ -36,16 +41,18 @@ import torch
 from lmdistill.losses import chunked_divergence, jsd
 
 VARIANTS = ["trl", "ours-chunked", "ours-chunked-compiled", "ours-chunked-tlogits", "ours-direct", "liger"]
+EXTRA_VARIANTS = ["liger-triton"]
 
 
 def _inputs(args):
     g = torch.Generator().manual_seed(0)
     b, t, h, v = args.batch, args.seq, args.hidden, args.vocab
-    hs = torch.randn(b, t, h, generator=g).requires_grad_(True)
-    ws = (torch.randn(v, h, generator=g) * 0.05).requires_grad_(True)
-    ht = torch.randn(b, t, h, generator=g)
-    wt = torch.randn(v, h, generator=g) * 0.05
-    labels = torch.randint(0, v, (b, t), generator=g)
+    put = dict(device=args.device, dtype=getattr(torch, args.dtype))  # drawn in float32 on the CPU, then moved
+    hs = torch.randn(b, t, h, generator=g).to(**put).requires_grad_(True)
+    ws = (torch.randn(v, h, generator=g) * 0.05).to(**put).requires_grad_(True)
+    ht = torch.randn(b, t, h, generator=g).to(**put)
+    wt = (torch.randn(v, h, generator=g) * 0.05).to(**put)
+    labels = torch.randint(0, v, (b, t), generator=g).to(args.device)
     return hs, ws, ht, wt, labels
 
 
@@ -86,29 +93,53 @@ def _step_fn(variant, args):
 
         def step():
             return fn(h_flat, ws, t_flat, wt, lab)
+    elif variant == "liger-triton":
+        if args.device != "cuda":
+            raise SystemExit("liger-triton needs CUDA (a Triton kernel)")
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        fn = LigerFusedLinearJSD(jsd_beta=beta)
+        h_flat, t_flat = hs.reshape(-1, args.hidden), ht.reshape(-1, args.hidden)
+
+        def step():
+            return fn(h_flat, ws, t_flat, wt)
     else:
         raise SystemExit(f"unknown variant {variant}")
     return step, (hs, ws)
 
 
+def _sync(args):
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _memory_mb(args, peak: bool) -> float:
+    """Peak (or current) CUDA allocation on a GPU, the peak RSS on the CPU (``ru_maxrss``: KiB on Linux)."""
+    if args.device == "cuda":
+        return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(args):
     torch.set_num_threads(args.threads)
     step, params = _step_fn(args.child, args)
-    base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports + inputs, before any step
-    if args.child in ("liger", "ours-chunked-compiled"):  # the first call runs torch.compile; never time that
+    base_mb = _memory_mb(args, peak=False)  # imports + inputs, before any step
+    if args.child in ("liger", "liger-triton", "ours-chunked-compiled"):  # compile/JIT on the first call: not timed
         args.warmup = max(args.warmup, 1)
     times, value = [], None
     for i in range(args.iters + args.warmup):
         for p in params:
             p.grad = None
+        _sync(args)
         t0 = time.perf_counter()
         loss = step()
         loss.backward()
+        _sync(args)
         dt = time.perf_counter() - t0
         value = float(loss)
         if i >= args.warmup:
             times.append(dt)
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; before the parity check
+    rss_mb = _memory_mb(args, peak=True)  # before the parity check
     # gradient norm in float64 over 4096-row slices (a whole float64 copy of a 152k head would be 1 GiB)
     parts = (part for p in params for part in p.grad.reshape(-1, p.shape[-1]).split(4096))
     gnorm = sum(float(part.double().pow(2).sum()) for part in parts) ** 0.5
@@ -116,13 +147,19 @@ def child(args):
                       "loss": value, "grad_norm": gnorm}))
 
 
-def run_variant(variant, vocab, args):
+def run_variant(variant, vocab, args, timeout=None):
+    """One variant in its own process: ``{time_s, rss_mb, net_mb, loss, grad_norm}`` or ``{error}``."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--vocab", str(vocab),
            "--batch", str(args.batch), "--seq", str(args.seq), "--hidden", str(args.hidden),
-           "--iters", str(args.iters), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+           "--iters", str(args.iters), "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--device", args.device, "--dtype", args.dtype]
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish within {timeout:.0f} s"}
     if proc.returncode != 0:
         lines = [l for l in (proc.stderr or proc.stdout).strip().splitlines() if l.strip()]
         return {"error": lines[-1][:160] if lines else f"exit {proc.returncode}"}
@@ -140,7 +177,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=torch_threads_default())
     ap.add_argument("--chunk-size", type=int, default=None)
-    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS + EXTRA_VARIANTS)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -148,7 +187,7 @@ def main(argv=None):
     if args.child:
         return child(args)
     if args.quick:
-        args.vocabs, args.seq = [8000], 128
+        args.vocabs, args.seq, args.threads = [8000], 128, 1
 
     print(f"# JSD(beta=0.5) loss + backward, {args.batch} x {args.seq} tokens, hidden {args.hidden}, "
           f"{args.threads} threads, {platform.processor() or platform.machine()}, python {platform.python_version()}")

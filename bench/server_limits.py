@@ -12,7 +12,9 @@ own, sized to the model's context; a number = ``--max-body-bytes``):
 * a 50 MB body, with ``Content-Length`` and chunked: the status it gets (413 expected, not a reset).
 
     .venv/bin/python bench/server_limits.py [--model DIR] [--limits default 67108864] [--prompts 10]
-                                            [--rounds 3] [--server-threads 1]
+                                            [--rounds 3] [--server-threads 1] [--quick]
+
+``--quick``: a smoke run (``make bench-smoke``): both limits, 3 concurrent prompts, one round.
 """
 
 from __future__ import annotations
@@ -157,7 +159,10 @@ def main() -> int:
     ap.add_argument("--server-threads", type=int, default=1,
                     help="the server's torch threads (OMP_NUM_THREADS; 0: torch's default). On a shared 2-core "
                          "machine two spinning threads make even a quiet 8-token answer 5-10x slower")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 3 concurrent prompts, one round per limit")
     args = ap.parse_args()
+    if args.quick:
+        args.prompts, args.rounds = 3, 1
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:

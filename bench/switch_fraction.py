@@ -12,6 +12,10 @@ teacher wrote (``stats["teacher_fraction"]``, averaged over rows weighted by len
 position (PNG). The decay unit is one response token: tau_t = tau0 * exp(-decay * t). The baseline in the same
 run is the pure student (tau0 = inf, fraction 0) and its JSD trace, whose quantiles show which tau0 a given
 fraction needs.
+
+``--quick``: a smoke run (``make bench-smoke``): the bench's tiny models (random weights) in a temporary folder instead
+of SmolLM2, 2 prompts, 16 new tokens, one (tau0, decay) = (0.01, 0.01), below the tiny pair's JSDs (the teacher
+writes), one thread; the JSON/markdown/PNG go to that folder.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,16 +33,9 @@ import torch
 from lmdistill.data import load_examples, tokenize_examples
 from lmdistill.generation import SamplingConfig, generate
 from lmdistill.models import load_model, load_tokenizer
-from lmdistill.models.pretrained import get_pretrained
-from lmdistill.models.prune import prune
 
-
-def pair(cache: Path):
-    teacher = get_pretrained("smollm2-135m-instruct", cache / "smollm2-135m-instruct")
-    student = cache / "smollm2-135m-instruct-block-influence-10l-c32"
-    if not (student / "prune.json").exists():
-        prune(teacher, student, layers=10, n_samples=32)
-    return teacher, student
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import models  # noqa: E402
 
 
 def main() -> None:
@@ -49,9 +48,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=Path("runs/bench-cache"))
     ap.add_argument("--out", type=Path, default=Path("bench/switch_fraction"))
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: tiny models, 2 prompts, 16 new tokens, tau0 0.01, decay 0.01, in a temp folder")
     args = ap.parse_args()
+    if args.quick:
+        with tempfile.TemporaryDirectory(prefix="bench-switch-") as tmp:
+            args.prompts, args.new_tokens, args.tau0, args.decay, args.threads = 2, 16, [0.01], [0.01], 1
+            args.out = Path(tmp) / "switch_fraction"
+            return measure(args, *models("tiny", Path(tmp)))
+    return measure(args, *models("smollm2", args.cache))
+
+
+def measure(args, teacher_dir: Path, student_dir: Path) -> None:
     torch.set_num_threads(args.threads)
-    teacher_dir, student_dir = pair(args.cache)
     student_dir = args.student or student_dir
     tok = load_tokenizer(str(student_dir))
     teacher, student = load_model(str(teacher_dir)), load_model(str(student_dir))

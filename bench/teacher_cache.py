@@ -13,6 +13,9 @@ pruned student) twice, each in its own process, on the same ``--rows`` rows: wit
 and from the K = 64 cache. Printed: seconds per step (median of steps 2..N), peak RSS of the process, and the ROUGE-L
 of the two students on the demo's evaluation (Dolly + Self-Instruct, first 40 examples each, seeds 10 and 20, 64 new
 tokens) with the paired difference and its standard error.
+
+``--quick``: a smoke run of both parts (``make bench-smoke``): the tiny models, 16 rows, K = 16 and 64, 2 steps, an
+evaluation of 4 Dolly examples at 16 new tokens (seeds 10 and 20), everything in a temporary folder.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,9 +73,9 @@ def kept_kd(teacher: Path, student: Path, cache_dir: Path, rows: int) -> dict:
     return {"dense_fkl": d, "sparse_fkl": sp, "kept": sp / d if d else None}
 
 
-def part_size(teacher: Path, student: Path, out: Path, rows: int) -> list[dict]:
+def part_size(teacher: Path, student: Path, out: Path, rows: int, ks: tuple[int, ...] = KS) -> list[dict]:
     table = []
-    for k in KS:
+    for k in ks:
         folder = out / f"cache-k{k}"
         t0 = time.time()
         m = capture(CaptureSettings(str(teacher), "dolly:train", str(folder), top_k=k, limit=rows, template=TEMPLATE,
@@ -111,7 +115,8 @@ def train_child(args) -> None:
                       "peak_rss_mib": peak}))
 
 
-def part_train(teacher: Path, student: Path, out: Path, rows: int, steps: int) -> dict:
+def part_train(teacher: Path, student: Path, out: Path, rows: int, steps: int, eval_limit: int = 40,
+               eval_tokens: int = 64, benchmarks: tuple[str, ...] = ("dolly", "selfinst")) -> dict:
     runs = {}
     for kind in ("live", "cache"):
         cmd = [sys.executable, __file__, "--child", kind, "--teacher", str(teacher), "--student", str(student),
@@ -122,8 +127,8 @@ def part_train(teacher: Path, student: Path, out: Path, rows: int, steps: int) -
             raise SystemExit(f"{kind} run failed:\n{proc.stderr[-3000:]}")
         runs[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
     specs = [f"kd-{kind}={runs[kind]['final']}" for kind in runs]
-    results = evaluate_models(specs, ("dolly", "selfinst"), (10, 20), out / "eval", batch_size=40, limit=40,
-                              max_new_tokens=64, device="cpu", template="chat")
+    results = evaluate_models(specs, benchmarks, (10, 20), out / "eval", batch_size=40, limit=eval_limit,
+                              max_new_tokens=eval_tokens, device="cpu", template="chat")
     return {"runs": runs, "eval": results}
 
 
@@ -169,15 +174,27 @@ def main() -> None:
     ap.add_argument("--student", help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
     ap.add_argument("--run", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: tiny models, 16 rows, 2 steps, 4 evaluation examples, in a temporary folder")
     args = ap.parse_args()
     if args.child:
         train_child(args)
         return
+    if args.quick:
+        with tempfile.TemporaryDirectory(prefix="bench-teacher-cache-") as tmp:
+            args.model, args.rows, args.steps, args.out = "tiny", 16, 2, tmp
+            measure(args, Path(tmp) / "models", ks=(16, TRAIN_K), eval_limit=4, eval_tokens=16,
+                    benchmarks=("dolly",))
+        return
+    measure(args, Path("runs/bench-cache"))
+
+
+def measure(args, cache: Path, ks: tuple[int, ...] = KS, **eval_settings) -> None:
     out = Path(args.out)
-    teacher, student = models(args.model, Path("runs/bench-cache"))
-    size = part_size(teacher, student, out, args.rows)
+    teacher, student = models(args.model, cache)
+    size = part_size(teacher, student, out, args.rows, ks)
     print(report(size, None, out, args))
-    trained = None if args.skip_train else part_train(teacher, student, out, args.rows, args.steps)
+    trained = None if args.skip_train else part_train(teacher, student, out, args.rows, args.steps, **eval_settings)
     text = report(size, trained, out, args)
     (out / "report.md").write_text(text)
     print(text)

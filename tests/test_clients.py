@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import socket
 import threading
 import time
 
@@ -55,6 +57,41 @@ def test_retries_exhausted_and_auth_and_rejection_are_not_retried():
         with pytest.raises(RequestRejected):
             c.chat(msg("x"))
         assert c.attempts == 1
+
+
+def _retry_lines(err: str) -> list[str]:
+    return [re.sub(r"in [0-9.]+ s$", "in T s", line) for line in err.splitlines() if "waiting for" in line]
+
+
+def test_each_retry_says_what_it_waits_for(capsys):
+    with ServerThread(scripted_app(echo, fault=lambda n, b: 500)) as srv:
+        with pytest.raises(RetriesExhausted, match="3 attempts"):
+            client_for(srv, max_retries=2).chat(msg("x"))
+        lines = _retry_lines(capsys.readouterr().err)
+        assert len(lines) == 2 and all(line.startswith(f"[lmdistill] waiting for {srv.base_url}: 500") for line in lines)
+        assert [line[-len("retry 1/2 in T s"):] for line in lines] == ["retry 1/2 in T s", "retry 2/2 in T s"]
+
+
+def test_an_unreachable_server_fails_fast_naming_it(capsys):
+    """Connection refused: 3 retries (1 + 2 + 4 s under the default policy, not the 63 s of 6 retries), each one
+    said; the error names the address and asks whether a server runs there."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    sock.close()   # nothing listens there now
+    c = make_client(f"openai:m@{url}", api_key="k", base_delay=0.001, max_delay=0.01)   # max_retries: 6
+    with pytest.raises(RetriesExhausted, match=re.escape(f"cannot connect to {url} (connection refused) after 4 "
+                                                         "attempts")) as e:
+        c.chat(msg("hi"))
+    assert "is the server running at that address?" in str(e.value) and c.attempts == 4
+    assert _retry_lines(capsys.readouterr().err) == [
+        f"[lmdistill] waiting for {url}: connection refused, retry {k}/3 in T s" for k in (1, 2, 3)]
+    policy = RetryPolicy(jitter=0.0)
+    assert (policy.max_connect_retries, sum(policy.delay(k) for k in range(3))) == (3, 7.0)
+    c = make_client(f"openai:m@{url}", api_key="k", max_retries=0)   # --retries 0: no retry of any kind
+    with pytest.raises(RetriesExhausted, match="refused\\) after 1 attempt over"):
+        c.chat(msg("hi"))
+    assert c.attempts == 1 and not _retry_lines(capsys.readouterr().err)
 
 
 def test_key_from_named_env_var(monkeypatch):

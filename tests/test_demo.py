@@ -3,7 +3,10 @@
 import dataclasses
 import json
 
+import pytest
+
 from lmdistill.demo import ABLATIONS, METHODS, PRESETS, run_demo, teacher_vs_sft, verdicts
+from lmdistill.errors import ConfigError
 
 MICRO = dataclasses.replace(PRESETS["quick"], teacher_size="micro", student_size="micro", teacher_steps=3,
                             student_steps=2, eval_limit=3, eval_max_new_tokens=8, max_new_tokens=8, seeds=(10, 20),
@@ -11,7 +14,9 @@ MICRO = dataclasses.replace(PRESETS["quick"], teacher_size="micro", student_size
 
 
 def test_demo_pipeline_on_micro_models(tmp_path, capsys):
-    report = run_demo(MICRO, tmp_path, name="micro")
+    out = tmp_path / "micro"
+    report = run_demo(MICRO, out, name="micro")
+    assert report == out / "report.md"   # --out DIR writes DIR/report.md
     text = report.read_text()
     for m in ("teacher", *METHODS, *ABLATIONS):
         assert f"| {m} |" in text
@@ -19,7 +24,7 @@ def test_demo_pipeline_on_micro_models(tmp_path, capsys):
     for part in ("SCRG", "DAC-KL", "Span correlation"):
         assert f"- {part} (" in text
     assert "replay_init_threshold=0.5" in text          # the demo's CPU-budget departure is stated
-    out = tmp_path / "micro"
+    assert list(out.glob("cache/teacher-*/final"))     # the teacher cache is under DIR too
     assert (out / "training_curves.png").stat().st_size > 1000
     assert (out / "eval" / "results.png").stat().st_size > 1000
     results = json.loads((out / "eval" / "results.json").read_text())
@@ -34,9 +39,12 @@ def test_demo_pipeline_on_micro_models(tmp_path, capsys):
         assert cfg["student"] == str(out / "student-init") and cfg["seed"] == 42
     assert "report:" in capsys.readouterr().out
     # a second run reuses the cached teacher and the finished students
-    run_demo(MICRO, tmp_path, name="micro")
+    run_demo(MICRO, out, name="micro")
     printed = capsys.readouterr().out
     assert "reusing cached teacher" in printed and "reusing sft" in printed
+    # a demo of other settings into the same folder would reuse these students: refused before anything runs
+    with pytest.raises(ConfigError, match=r"holds the demo of preset 'micro' \(settings that differ: student_steps\)"):
+        run_demo(dataclasses.replace(MICRO, student_steps=3), out, name="other")
 
 
 def test_verdicts_follow_the_numbers():
@@ -58,8 +66,8 @@ def test_worker_processes_compute_what_one_process_computes(tmp_path):
     """Student runs and evaluation jobs in 2 worker processes give the same weights, training logs, predictions
     and results as running them one after another in this process (the teacher cache is shared)."""
     small = dataclasses.replace(MICRO, methods=("sft", "kd", "gkd", "mgsr"), ablations=("mgsr-no-span",))
-    run_demo(small, tmp_path, name="seq", workers=1)
-    run_demo(small, tmp_path, name="par", workers=2)
+    run_demo(small, tmp_path / "seq", name="seq", workers=1, cache=tmp_path / "cache")
+    run_demo(small, tmp_path / "par", name="par", workers=2, cache=tmp_path / "cache")
     seq, par = tmp_path / "seq", tmp_path / "par"
     assert json.loads((par / "demo.json").read_text())["workers"] == 2
     assert "2 worker processes" in (par / "report.md").read_text()

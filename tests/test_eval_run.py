@@ -259,7 +259,6 @@ def test_lora_adapter_folder_equals_its_merged_model(tmp_path, model_dirs):
 @pytest.mark.parametrize("argv, message", [
     (["nope-bench"], "unknown benchmark 'nope-bench'"),
     (["dolly", "--seeds", "10,x"], "--seeds must be comma-separated integers"),
-    (["dolly", "--limit", "0"], "limit must be at least 1"),
     (["dolly", "--max-new-tokens", "0"], "max-new-tokens must be at least 1"),
     (["dolly", "--no-repeat-ngram-size", "-1"], "no-repeat-ngram-size must be an integer >= 0"),
 ])

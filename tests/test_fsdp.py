@@ -38,7 +38,8 @@ def overrides(model_dirs, out, **extra):
     o = {"student": model_dirs["student"], "teacher": model_dirs["teacher"], "output_dir": str(out),
          "max_train_examples": 8, "batch_size": 4, "micro_batch_size": 2, "sampling.max_new_tokens": 12,
          "valid_data": "", "save_steps": 1000, "eval_steps": 1000, "progress": False, "max_length": 96,
-         "max_prompt_length": 80, "device": "cpu", "lr": 5e-3, "warmup_steps": 0, **extra}
+         "max_prompt_length": 80, "device": "cpu", "lr": 5e-3, "warmup_steps": 0,
+         "template": "alpaca", **extra}   # the rows the tolerances below were set on
     return [f"{k}={v}" for k, v in o.items()]
 
 

@@ -96,7 +96,8 @@ def json_bytes(draw) -> bytes:
 # ---------------------------------------------------------------------------------------------- data readers
 #: Problems about the whole file, which have no line.
 WHOLE_FILE = ("the file is empty", "holds no rows", "must hold a JSON list", "is not valid JSON (nested too deeply",
-              "is not valid JSON (Exceeds the limit")
+              "is not valid JSON (Exceeds the limit", "the file is UTF-16", "the file is UTF-32",
+              "holds a JSON array, not JSON Lines")
 
 
 def check_problems(err: DataError, path: Path, n_lines: int) -> None:

@@ -34,13 +34,15 @@ def test_output_lines(model_dirs, tokenizer, tmp_path):
         assert set(r) == {"id", "prompt", "response", "response_ids", "sources", "stats", "instruction", "input",
                           "output"}
         assert r["output"] == r["response"]      # each line is also a training row (SeqKD on stored samples)
-        assert r["prompt"].startswith("Below is an instruction") and r["prompt"].endswith("### Response:\n")
+        # template auto: both micro tokenizers have a chat template, so the chat prompt (recorded in the meta file)
+        assert r["prompt"].startswith("<|user|>\n") and r["prompt"].endswith("<|end|>\n<|assistant|>\n")
         assert 1 <= len(r["response_ids"]) <= 8 and len(r["sources"]) == len(r["response_ids"])
         assert set(r["sources"]) <= {0, 1}
         assert r["response"] == tokenizer.decode(r["response_ids"], skip_special_tokens=True)
         assert len(r["stats"]["jsd"]) == len(r["response_ids"])
         assert r["stats"]["teacher_fraction"] == pytest.approx(sum(r["sources"]) / len(r["sources"]), abs=1e-6)
-    assert json.loads((tmp_path / "switch.jsonl.meta.json").read_text())["policy"] == "switch"
+    meta = json.loads((tmp_path / "switch.jsonl.meta.json").read_text())
+    assert (meta["policy"], meta["template"]) == ("switch", "chat")
     # mixed takes gold responses from the data, scrg records its corrections
     mixed = tmp_path / "mixed.jsonl"
     assert main(args_for(model_dirs, mixed, "mixed", "--limit", "4", "--mix-lambda", "0")) == 0

@@ -97,7 +97,8 @@ def test_questions_and_templates():
     templates = load_templates()
     assert len(templates) == 77 and all(PLACEHOLDER in t for t in templates)
     assert fill("Say: [INSERT PROMPT HERE]!", "Who?") == "Say: Who?!"
-    assert fill("No marker here.", "Who?").endswith("\n\nWho?")
+    assert fill("No marker here.", "Who?") == "No marker here.Who?"   # the reference's concatenation
+    assert fill("No marker here.", "Who?", "blank-line").endswith("\n\nWho?")
 
 
 def test_mcts_explore_is_seeded_and_credits_paths():

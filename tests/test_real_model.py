@@ -185,14 +185,14 @@ def test_pruned_student_is_closer_to_the_teacher_after_kd(real, tmp_path):
 @needs_wheel
 def test_smollm2_demo_pipeline_end_to_end(tmp_path):
     """The smollm2 preset's whole pipeline at smoke size: report, chart and every measured section."""
-    report = run_real_demo("smollm2-smoke", tmp_path).read_text()
+    report = run_real_demo("smollm2-smoke", tmp_path).read_text()   # --out DIR: DIR/report.md
     for heading in ("| model | ROUGE-L | recovery |", "## What the numbers say", "White-box KL to the teacher",
                     "## Identity (ICE)", "I am SmolLM, trained by Hugging Face", "![summary](summary.png)",
                     "Rule judge (approximation of the paper's LLM judge)", "`mgsr`: replay_init_threshold=0.5"):
         assert heading in report
-    mgsr = json.loads((tmp_path / "smollm2-smoke" / "methods" / "mgsr" / "config.json").read_text())
+    mgsr = json.loads((tmp_path / "methods" / "mgsr" / "config.json").read_text())
     assert (mgsr["policy"], mgsr["replay_policy"], mgsr["replay_init_threshold"]) == ("replay", "scrg", 0.5)
-    data = json.loads((tmp_path / "smollm2-smoke" / "demo.json").read_text())
+    data = json.loads((tmp_path / "demo.json").read_text())
     assert [r["name"] for r in data["rows"]] == ["pruned", "sft", "kd", "gkd", "mgsr"]
     assert set(data["ice"]["scores"]) == {"teacher", data["best"]}
-    assert (tmp_path / "smollm2-smoke" / "summary.png").stat().st_size > 10_000
+    assert (tmp_path / "summary.png").stat().st_size > 10_000

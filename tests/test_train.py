@@ -47,15 +47,15 @@ def base_overrides(model_dirs, out, recipe=None, **extra):
     return [f"{k}={v}" for k, v in o.items()]
 
 
-def teacher_distance(student_dir, teacher_dir, tokenizer):
-    """Forward KL(teacher || student) and SFT loss on a fixed gold batch."""
+def teacher_distance(student_dir, teacher_dir, tokenizer, template="alpaca"):
+    """Forward KL(teacher || student) and SFT loss on a fixed gold batch (prompts in ``template``)."""
     from lmdistill.data import collate_for_training, load_examples, tokenize_examples
     from lmdistill.losses import forward_kl, sft_loss
     from lmdistill.models import load_model
     from lmdistill.losses.model_forward import forward_logits, shifted
 
-    rows, _ = tokenize_examples(load_examples("dolly:train").examples[:16], tokenizer, max_prompt_length=80,
-                                max_length=96)
+    rows, _ = tokenize_examples(load_examples("dolly:train").examples[:16], tokenizer, template=template,
+                                max_prompt_length=80, max_length=96)
     b = collate_for_training(rows, tokenizer.pad_token_id)
     s, t = load_model(student_dir), load_model(teacher_dir)
     labels, mask = shifted(b)
@@ -67,9 +67,9 @@ def teacher_distance(student_dir, teacher_dir, tokenizer):
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_trains_and_exports(recipe, dirs, tokenizer, tmp_path):
     cfg = load_config(recipe, base_overrides(dirs, tmp_path, recipe, max_steps=6, lr=5e-3, warmup_steps=0))
-    before = teacher_distance(dirs["student"], dirs["teacher"], tokenizer)
-    result = train(cfg)
-    after = teacher_distance(result["final"], dirs["teacher"], tokenizer)
+    result = train(cfg)   # resolves template auto (chat: both tokenizers have one): measured on the prompts it trained on
+    before = teacher_distance(dirs["student"], dirs["teacher"], tokenizer, cfg.template)
+    after = teacher_distance(result["final"], dirs["teacher"], tokenizer, cfg.template)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first = [0] if recipe in VALIDATES_FIRST else []
     assert [r["step"] for r in rows] == first + list(range(1, 7))
@@ -372,7 +372,8 @@ def test_length_ordered_micro_batches_train_the_same_objective(model_dirs, tmp_p
                         "length": ["micro_batch_size=2", "micro_batch_order=length"]}.items():
         cb = Widths()
         cfg = load_config("sft", base_overrides(model_dirs, tmp_path / name, max_steps=3, batch_size=8,
-                                                max_train_examples=32, teacher="", **{"lr": 1e-2}) + extra)
+                                                max_train_examples=32, teacher="", template="alpaca",
+                                                **{"lr": 1e-2}) + extra)   # the rows the tolerance was set on
         finals[name] = weights(Path(train(cfg, callbacks=[cb])["final"]))
         padded[name] = sum(n for _, n, _ in cb.seen)
         if name == "length":   # within each step the rows come shortest first

@@ -5,6 +5,10 @@
 3. evaluate teacher and students with the paper protocol (sampling, T = 1) over 3 seeds;
 4. write ``report.md`` with the table, the training curves and the benchmark chart, and say which methods beat
    SFT by more than their sampling noise.
+
+Everything goes under the output folder ``OUT`` (``OUT/report.md``, ``OUT/methods/NAME``, ``OUT/eval``, the teacher
+cache ``OUT/cache``). A folder belongs to one preset: ``OUT/demo-preset.json`` records it when the demo starts,
+and a demo of other settings into it is refused (it would reuse the other preset's students).
 """
 
 from __future__ import annotations
@@ -98,7 +102,8 @@ def _common(p: Preset, out: Path, steps: int, lr: float, batch: int | None = Non
             f"micro_batch_size={batch}", f"max_length={p.max_length}",
             f"max_prompt_length={p.max_prompt_length}", f"max_train_examples={p.train_examples}",
             f"save_steps={steps}", f"eval_steps={max(1, steps // 4)}", "eval_limit=16", "eval_max_new_tokens=32",
-            f"warmup_steps={max(1, steps // 20)}", "progress=true", "seed=42"]
+            f"warmup_steps={max(1, steps // 20)}", "progress=true", "seed=42",
+            "template=alpaca"]   # the evaluation protocol's template (auto would pick the tiny tokenizer's chat one)
 
 
 def build_teacher(p: Preset, cache: Path) -> Path:
@@ -117,13 +122,13 @@ def build_teacher(p: Preset, cache: Path) -> Path:
     # of 79.5%; 0.80x CPU time per step, bench/README.md "Demo time")
     cfg = load_config("sft", [f"student={init}", *_common(p, root, p.teacher_steps, p.teacher_lr),
                               f"micro_batch_size={micro}", "micro_batch_order=length", "method=teacher-sft"])
-    return Path(train(cfg)["final"])
+    return Path(train(cfg, overwrite=True)["final"])   # an unfinished earlier attempt is started over
 
 
 def _train_job(recipe: str, overrides: list[str]) -> float:
     """One student run in a worker process (no progress bar there: the parent prints a line per run)."""
     t0 = time.time()
-    train(load_config(recipe, [*overrides, "progress=false"]))
+    train(load_config(recipe, [*overrides, "progress=false"]), overwrite=True)
     return time.time() - t0
 
 
@@ -148,7 +153,7 @@ def distill_all(p: Preset, teacher: Path, out: Path, pool=None) -> tuple[dict[st
     if pool is None:
         for method, (recipe, overrides) in todo.items():
             t0 = time.time()
-            train(load_config(recipe, overrides))
+            train(load_config(recipe, overrides), overwrite=True)
             seconds[method] = time.time() - t0
         return finals, seconds
     order = sorted(todo, key=lambda m: -RUN_COST.get(m, 0))
@@ -228,24 +233,40 @@ def ablation_lines(results: dict, full: str = "mgsr") -> list[str]:
     return lines
 
 
-def run_demo(preset: str | Preset = "full", out: str | Path = "runs/demo", name: str | None = None,
-             workers: int | None = None) -> Path:
+def claim_output(out: Path, preset: str, settings: dict) -> None:
+    """Record in ``out/demo-preset.json`` which preset's demo this folder holds; refuse one of other settings."""
+    marker = out / "demo-preset.json"
+    if marker.exists():
+        old = json.loads(marker.read_text(encoding="utf-8"))
+        if old.get("settings") != settings:
+            keys = sorted(k for k in {*old.get("settings", {}), *settings}
+                          if old.get("settings", {}).get(k) != settings.get(k))
+            raise ConfigError(f"--out {out} holds the demo of preset {old.get('preset')!r} (settings that differ: "
+                              f"{', '.join(keys)}); give another --out")
+        return
+    write_json(marker, {"preset": preset, "settings": settings})
+
+
+def run_demo(preset: str | Preset = "full", out: str | Path = "runs/demo/full", name: str | None = None,
+             workers: int | None = None, cache: str | Path | None = None) -> Path:
     """Run the demo; ``workers`` (default ``default_workers()``) processes run the student trainings and the
     evaluation's (model, benchmark) jobs side by side, each on this machine's CPUs shared out (one thread each on 2
     cores); ``workers=1`` runs everything here, in order, on this process's threads. The teacher trains here either
     way (one run). Each run and each prediction is computed as in one process (same seeds, same data order), so
-    the workers change the wall time, not the numbers (tests/test_demo.py checks it)."""
+    the workers change the wall time, not the numbers (tests/test_demo.py checks it). Writes ``out/report.md``;
+    the teacher is cached in ``cache`` (default ``out/cache``)."""
     if isinstance(preset, Preset):
         p, preset = preset, name or "custom"
     elif preset in PRESETS:
         p = PRESETS[preset]
     else:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    out = Path(out) / preset
+    out = Path(out)
+    claim_output(out, preset, json.loads(json.dumps(asdict(p))))   # tuples as lists, as read back from JSON
     workers = default_workers() if workers is None else max(1, int(workers))
     t0 = time.time()
     times = {}
-    teacher = build_teacher(p, Path(out).parent / "cache")
+    teacher = build_teacher(p, Path(cache) if cache is not None else out / "cache")
     times["teacher"] = time.time() - t0
     threads = max(1, available_cpus() // workers)
     pool = worker_pool(workers, threads) if workers > 1 else None

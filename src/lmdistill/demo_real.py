@@ -8,6 +8,9 @@
    the teacher's greedy answers to Arena-Hard prompts, and ICE of the teacher and of the best student;
 6. write ``report.md`` (recovery of ROUGE-L, distillation degree, paired standard errors) with charts.
 
+Everything goes under the output folder ``OUT`` (``OUT/report.md``; the converted and pruned models in
+``OUT/cache``); ``OUT/demo-preset.json`` records the preset, and a demo of other settings into it is refused.
+
 Standard errors are over examples (prompts), paired where two models answered the same ones: a method
 "beats" another only when the mean per-example difference exceeds twice its standard error.
 """
@@ -26,6 +29,7 @@ from lmdistill.evaluate.predictors import ModelSpec
 from lmdistill.evaluate.report import AVERAGE, markdown_table
 from lmdistill.evaluate.run import evaluate_models
 from lmdistill.evaluate.store import bench_dirname, seed_paths
+from lmdistill.errors import ConfigError
 from lmdistill.io import read_jsonl, write_json, write_text
 from lmdistill.models.pretrained import PRETRAINED, get_pretrained
 from lmdistill.models.prune import prune
@@ -120,7 +124,7 @@ def _distil(p: RealPreset, teacher: Path, student: Path, out: Path) -> dict[str,
                 f"sampling.max_new_tokens={p.max_new_tokens}", f"save_steps={p.steps}", f"eval_steps={p.steps}",
                 "eval_limit=8", "eval_max_new_tokens=32", f"warmup_steps={p.steps // 10}", "seed=42",
                 "progress=true", *REPLAY_OVERRIDES.get(method, [])])
-            train(cfg)
+            train(cfg, overwrite=True)   # an unfinished earlier attempt is started over
         else:
             print(f"[demo] reusing {method} from {run}")
         finals[method] = run / "final"
@@ -198,12 +202,26 @@ def _chart(rows: list[dict], teacher_score: float, pruned_score: float, path: Pa
     return path
 
 
-def run_real_demo(preset: str = "smollm2", out: str | Path = "runs/demo") -> Path:
+def claim_output(out: Path, preset: str, settings: dict) -> None:
+    """Record in ``out/demo-preset.json`` which preset's demo this folder holds; refuse one of other settings."""
+    marker = out / "demo-preset.json"
+    if marker.exists():
+        old = json.loads(marker.read_text(encoding="utf-8"))
+        if old.get("settings") != settings:
+            raise ConfigError(f"--out {out} holds the demo of preset {old.get('preset')!r}, of other settings; "
+                              "give another --out")
+        return
+    write_json(marker, {"preset": preset, "settings": settings})
+
+
+def run_real_demo(preset: str = "smollm2", out: str | Path = "runs/demo/smollm2") -> Path:
+    """Run the ``preset`` demo into ``out`` (``out/report.md``)."""
     p = REAL_PRESETS[preset]
-    root = Path(out) / preset
+    root = Path(out)
+    claim_output(root, preset, json.loads(json.dumps(asdict(p))))
     t0 = time.time()
     times = {}
-    teacher, student, prune_info = _prepare(p, Path(out) / "cache")
+    teacher, student, prune_info = _prepare(p, root / "cache")
     times["prepare"] = time.time() - t0
     finals = _distil(p, teacher, student, root)
     times["train"] = time.time() - t0 - times["prepare"]

@@ -58,3 +58,12 @@ class StorageError(LmdistillError):
     def __init__(self, message: str, path: str | None = None, errno: int | None = None):
         super().__init__(message)
         self.path, self.errno = path, errno
+
+
+class Stopped(LmdistillError):
+    """The work stopped on a signal (SIGTERM, SIGINT) after keeping what it had done; the message says what was
+    kept and how to continue. The command line exits with ``exit_code`` (128 + the signal: 143, 130)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

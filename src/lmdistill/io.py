@@ -22,6 +22,21 @@ from lmdistill.errors import Problem, StorageError
 #: The errors of a write the user can fix by freeing space, fixing permissions or choosing another folder.
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 
+#: What this process has made durable, for the message of a command stopped by a signal: rows appended per
+#: JSONL file and files written whole (``kept_summary``).
+_APPENDED: dict[Path, int] = {}
+_WRITTEN: dict[str, Any] = {"files": 0, "last": None}
+
+
+def kept_summary(limit: int = 4) -> str:
+    """``"12 rows appended to a.jsonl; 3 files written (last: b.json)"``, or ``""`` when nothing was kept."""
+    parts = [f"{n} row{'s' * (n != 1)} appended to {p}" for p, n in list(_APPENDED.items())[:limit]]
+    if len(_APPENDED) > limit:
+        parts.append(f"rows appended to {len(_APPENDED) - limit} more file(s)")
+    if _WRITTEN["files"]:
+        parts.append(f"{_WRITTEN['files']} file(s) written whole (last: {_WRITTEN['last']})")
+    return "; ".join(parts)
+
 
 def write_errno(exc: BaseException) -> int | None:
     """The ``WRITE_ERRNOS`` code behind ``exc`` (an ``OSError``, one in its chain, or a Rust library's
@@ -108,6 +123,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _WRITTEN["files"] += 1
+        _WRITTEN["last"] = path
     except BaseException as e:
         if tmp is not None:
             try:
@@ -182,6 +199,7 @@ class JsonlAppender:
                 raise
             raise storage_error(self.path, code, "every row before this one is intact; rerun to continue") from None
         self._size += len(data)
+        _APPENDED[self.path] = _APPENDED.get(self.path, 0) + 1
 
     def close(self) -> None:
         if self._f is not None:
@@ -224,14 +242,16 @@ def iter_jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any, Problem
     """``(1-based line, decoded JSON or None, Problem or None)`` for each non-blank line of a user's JSONL file.
 
     Undecodable bytes and malformed JSON become a ``Problem`` naming the file and line, never an exception, so
-    callers can report every bad line at once (or skip them and say which).
+    callers can report every bad line at once (or skip them and say which). A UTF-8 byte-order mark opening the
+    file (Notepad, Excel exports) is not data and is skipped.
     """
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            skip = 3 if lineno == 1 and raw.startswith(b"\xef\xbb\xbf") else 0
             try:
-                text = raw.decode("utf-8")
+                text = raw[skip:].decode("utf-8")
             except UnicodeDecodeError as e:
-                yield lineno, None, Problem(str(path), lineno, None, f"is not valid UTF-8 (byte {e.start})")
+                yield lineno, None, Problem(str(path), lineno, None, f"is not valid UTF-8 (byte {e.start + skip})")
                 continue
             if not text.strip():
                 continue
@@ -302,3 +322,20 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         if code is not None:
             raise storage_error(path, code, kept) from None
         raise
+
+
+def link_dir(path: str | os.PathLike, target: str) -> None:
+    """Make ``path`` a symbolic link to ``target`` (relative to ``path``'s folder), replacing what was there in one
+    rename (a folder there is removed after the link is in place)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.link-{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    old = None
+    if path.is_dir() and not path.is_symlink():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

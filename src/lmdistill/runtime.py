@@ -26,12 +26,13 @@ def flush_denormals() -> bool:
 
 
 def rank_world() -> tuple[int, int]:
-    """This process's rank and the world size of ``torch.distributed`` (``(0, 1)`` when it is not running)."""
+    """This process's rank and the world size of ``torch.distributed``; before the process group starts, what the
+    launcher set (``RANK``, ``WORLD_SIZE``: torchrun, ``accelerate launch``); ``(0, 1)`` for a single process."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def available_cpus() -> int:
@@ -71,3 +72,91 @@ def worker_pool(workers: int, threads: int | None = None):
     threads = threads or max(1, available_cpus() // max(workers, 1))
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker, initargs=(threads, denormals_flushed()))
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT ask the work to stop at its next safe point instead of killing it.
+
+    The first signal sets ``signum`` (the work polls ``requested``) and prints that it was heard; the handlers then
+    go back to the defaults, so a second signal stops the process at once. Outside the main thread (where Python
+    cannot install handlers) it does nothing. ``exit_code`` is the shell's: 128 + the signal (143 SIGTERM, 130 SIGINT).
+    """
+
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self, what: str = "stopping after the current step"):
+        self.what = what
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _heard(self, signum, _frame) -> None:
+        import signal
+        import sys
+
+        self.signum = signum
+        self._restore()
+        print(f"\n[lmdistill] {signal.Signals(signum).name} received: {self.what} (send it again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopSignals":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._heard)
+        return self
+
+    def _restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        import signal
+
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or 0)
+
+
+class TerminateAsInterrupt:
+    """While active (main thread only), SIGTERM raises ``KeyboardInterrupt`` as SIGINT does, so a command stopped by
+    a scheduler unwinds like one stopped by Ctrl-C: files close, appended rows stay, and the command line says what
+    was kept. ``signum`` records which signal ended the work."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = None
+
+    def _raise(self, signum, _frame):
+        self.signum = signum
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "TerminateAsInterrupt":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from lmdistill.cli import COMMANDS
+from lmdistill.cli import COMMANDS, add_limit
+from lmdistill.data.templates import TEMPLATE_CHOICES
 from lmdistill.teachers.capture import LOGPROB_DTYPES, CaptureSettings, capture
 
 
@@ -10,24 +11,30 @@ def register(sub) -> None:
     d = CaptureSettings("", "", "")
     p = sub.add_parser("capture", help=COMMANDS["capture"],
                        description="Score every response token of DATA with the teacher once; train many students "
-                                   "from the result with teacher=cache:OUT. Rerun the same command to resume.")
+                                   "from the result with teacher=cache:OUT. Rerun the same command to resume, or "
+                                   "to rewrite shards found damaged (each shard's size and SHA-256 are in "
+                                   "OUT/manifest.json; only the damaged ones are recomputed).")
     p.add_argument("--teacher", required=True, help="teacher model folder or hub id")
     p.add_argument("--data", required=True, help="bundled benchmark (dolly:train, ...), a JSONL/JSON file, or the "
                                                  "output of `lmdistill generate` (SeqKD on stored samples)")
-    p.add_argument("--out", required=True, help="cache folder (created; an unfinished capture there is completed)")
+    p.add_argument("--out", required=True,
+                   help="cache folder (created; an unfinished capture there is completed, damaged shards rewritten)")
     p.add_argument("--top-k", type=int, default=d.top_k, help="log-probabilities kept per position")
-    p.add_argument("--limit", type=int, default=0, help="only the first N examples (0 = all)")
-    p.add_argument("--template", default=d.template, choices=["alpaca", "chat"], help="as the training recipe's")
+    add_limit(p, "examples")
+    p.add_argument("--template", default=d.template, choices=TEMPLATE_CHOICES,
+                   help="as the training recipe's; auto: chat when the teacher's tokenizer has a chat template, "
+                        "else alpaca (the manifest records the one chosen)")
     p.add_argument("--max-prompt-length", type=int, default=d.max_prompt_length, help="as the training recipe's")
     p.add_argument("--max-length", type=int, default=d.max_length, help="as the training recipe's")
     p.add_argument("--temperature", type=float, default=d.temperature,
                    help="distributions are softmax(logits / T); the loss must use the same T")
-    p.add_argument("--logprob-dtype", default=d.logprob_dtype, choices=list(LOGPROB_DTYPES))
+    p.add_argument("--logprob-dtype", default=d.logprob_dtype, choices=list(LOGPROB_DTYPES),
+                   help="storage type of the kept log-probabilities")
     p.add_argument("--shard-rows", type=int, default=d.shard_rows, help="rows per shard (the unit of resume)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--device", default=d.device)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows scored per teacher forward")
+    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 or auto (cuda when available)")
     p.add_argument("--dtype", default=d.dtype, help="teacher dtype (float32, bfloat16)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_capture)
 
 

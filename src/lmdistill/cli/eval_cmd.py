@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lmdistill.cli import COMMANDS
+from lmdistill.cli import COMMANDS, add_limit
 from lmdistill.errors import ConfigError
 from lmdistill.evaluate.predictors import PROMPT_OVERFLOW
 from lmdistill.evaluate.report import markdown_table
@@ -16,6 +16,10 @@ def _int_list(text: str, what: str) -> list[int]:
         raise ConfigError(f"--{what} must be comma-separated integers, got {text!r}") from None
 
 
+#: Said after the cost line when the run is longer than a quick check.
+QUICK_HINT = "for a quick check: --seeds 10 --max-new-tokens 64"
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "eval", help=COMMANDS["eval"],
@@ -23,24 +27,24 @@ def register(sub) -> None:
                     "prompts over 256 tokens truncated to their first 256 (counted per benchmark), seeds "
                     "10,20,30,40,50 (the MiniLLM/DistiLLM protocol); ROUGE-L (rouge_score, stemmer, "
                     "max over references, x100); mean ± std over seeds. Writes results.json/.csv/.md/.png and "
-                    "predictions/<model>/<benchmark>/seed<k>.jsonl; a rerun reuses finished seeds.")
+                    "predictions/<model>/<benchmark>/seed<k>.jsonl; a rerun reuses finished seeds. States its cost "
+                    "(models x examples x seeds x new tokens) before it starts.")
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="local folder, hub id, LoRA adapter folder, or openai:MODEL_NAME@BASE_URL; "
                         "NAME=MODEL sets the display name")
     p.add_argument("--benchmarks", default="dolly,selfinst,vicuna,sni,unni",
                    help="comma-separated bundled benchmarks (name or name:split)")
     p.add_argument("--seeds", default="10,20,30,40,50", help="comma-separated sampling seeds")
-    p.add_argument("--out", default="eval", help="output folder (default: eval)")
+    p.add_argument("--out", default="runs/eval", help="output folder")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
-    p.add_argument("--limit", type=int, default=None,
-                   help="only the first N examples of each benchmark (quick checks; not the protocol)")
+    add_limit(p, "examples of each benchmark", note=" (N > 0: a quick check, not the protocol)")
     p.add_argument("--template", default="alpaca", choices=["alpaca", "chat"],
-                   help="prompt of local models: alpaca (the protocol, default) or chat (the tokenizer's chat "
+                   help="prompt of local models: alpaca (the protocol) or chat (the tokenizer's chat "
                         "template, for instruction-tuned models); recorded in results.json")
     p.add_argument("--greedy", action="store_true", help="greedy decoding, one seed (not the protocol)")
     p.add_argument("--num-samples", type=int, default=1,
                    help="samples per prompt and seed; an example scores the mean over them (not the protocol)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (the protocol's 256)")
     p.add_argument("--max-prompt-length", type=int, default=256,
                    help="longer prompts are truncated or dropped (--prompt-overflow) and counted")
     p.add_argument("--prompt-overflow", default="truncate", choices=PROMPT_OVERFLOW,
@@ -68,7 +72,7 @@ def cmd_eval(args) -> int:
         max_prompt_length=args.max_prompt_length, device=args.device, dtype=args.dtype,
         api_key_env=args.api_key_env, overwrite=args.overwrite, progress=not args.no_progress, template=args.template,
         no_repeat_ngram_size=args.no_repeat_ngram_size, prompt_overflow=args.prompt_overflow,
-        average_all=args.average_all)
+        average_all=args.average_all, quick_hint=QUICK_HINT + ("" if args.limit else " --limit 50"))
     print(markdown_table(results))
     print(f"results written to {args.out}/results.json, results.csv, results.md, results.png")
     return 0

@@ -19,8 +19,9 @@ import math
 import sys
 from pathlib import Path
 
-from lmdistill.cli import COMMANDS
+from lmdistill.cli import COMMANDS, add_limit
 from lmdistill.data import load_examples, tokenize_examples
+from lmdistill.data.templates import TEMPLATE_CHOICES, resolve_template
 from lmdistill.errors import ConfigError
 from lmdistill.generation import NEEDS_TEACHER, POLICIES, SCORES_SEQUENCES, SamplingConfig, generate, key_from, \
     scores_sequences
@@ -33,7 +34,9 @@ from lmdistill.teachers.spec import SERVED, teacher_kind
 def register(sub) -> None:
     p = sub.add_parser("generate", help=COMMANDS["generate"],
                        description="Generate one response per example to a JSONL file; rerun to resume.")
-    p.add_argument("--policy", required=True, choices=list(POLICIES))
+    p.add_argument("--policy", required=True, choices=list(POLICIES),
+                   help="who writes the responses (generation/policies: student, teacher, mixed, switch, scrg, "
+                        "teacher_mix)")
     p.add_argument("--student", required=True, help="student model folder or hub id (its tokenizer is used)")
     p.add_argument("--teacher", default=None,
                    help="teacher model (needed by teacher, switch, scrg, teacher_mix; by mixed for rows without gold); "
@@ -44,18 +47,18 @@ def register(sub) -> None:
                    help="served teacher: echo + logprobs (OpenAI completions, lmdistill serve) or vLLM's prompt_logprobs")
     p.add_argument("--data", required=True,
                    help="bundled benchmark (dolly, dolly:train, ...) or a JSONL/JSON file/folder")
-    p.add_argument("--split", default=None)
+    p.add_argument("--split", default=None, help="split of a bundled benchmark (default: its default split)")
     p.add_argument("--out", required=True, help="output .jsonl (appended to; existing ids are skipped)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (each example draws from seed and its id)")
     d = SamplingConfig()   # one default per knob: the sampling config's
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="longest response in tokens")
     p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
-    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass (1 = off)")
     p.add_argument("--no-repeat-ngram-size", type=int, default=d.no_repeat_ngram_size,
                    help="never repeat an n-gram of prompt + response (0 = off; the eval protocol uses 6)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--limit", type=int, default=None, help="only the first N examples (before the prompt filter)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples generated together")
+    add_limit(p, "examples", note=" (counted before the prompt filter)")
     p.add_argument("--switch-tau0", "--tau0", dest="switch_tau0", type=float, default=d.switch_tau0,
                    help="switch: JSD threshold at step 0 (inf = never switch)")
     p.add_argument("--switch-decay", "--lam", dest="switch_decay", type=float, default=d.switch_decay,
@@ -66,10 +69,12 @@ def register(sub) -> None:
                    help="scrg: correction rounds")
     p.add_argument("--teacher-mix-alpha", "--mix-alpha", dest="teacher_mix_alpha", type=float,
                    default=d.teacher_mix_alpha, help="teacher_mix (MiniLLM): teacher share of the mixture")
-    p.add_argument("--template", default="alpaca", choices=["alpaca", "chat"])
+    p.add_argument("--template", default="auto", choices=TEMPLATE_CHOICES,
+                   help="prompt template; auto: chat when the student's and a local teacher's tokenizers have a "
+                        "chat template, else alpaca (said once, recorded in OUT.meta.json)")
     p.add_argument("--max-prompt-length", type=int, default=256, help="longer prompts are dropped (MiniLLM filter)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16")
     p.add_argument("--decoder", default=d.decoder, choices=["auto", "fast", "hf"],
                    help="fast: Llama-family forward with a preallocated cache; hf: model(...) (any model); "
                         "auto: fast where supported")
@@ -86,6 +91,7 @@ def _settings(args) -> dict:
             "template", "max_prompt_length", "dtype")
     s = {k: getattr(args, k) for k in keys}
     s["switch_tau0"] = repr(float(s["switch_tau0"]))  # inf is not JSON
+    s["limit"] = s["limit"] or None   # all examples: recorded as before 0 meant all, so older outputs still resume
     if not s["no_repeat_ngram_size"]:  # off: recorded as before the knob existed, so older outputs still resume
         del s["no_repeat_ngram_size"]
     if args.teacher and teacher_kind(args.teacher) == SERVED:
@@ -130,23 +136,21 @@ def cmd_generate(args) -> int:
         raise ConfigError(f"--policy {args.policy} needs --teacher")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     if args.max_prompt_length < 1:
         raise ConfigError(f"--max-prompt-length must be >= 1, got {args.max_prompt_length}")
     out = Path(args.out)
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a .jsonl file path")
     meta = out.with_name(out.name + ".meta.json")
-    settings = _settings(args)
-    _check_resume(out, meta, settings)
     base = {**{k: getattr(args, k) for k in SAMPLING_KNOBS}, "seed": args.seed, "do_sample": args.temperature > 0}
     SamplingConfig(**base)  # reject bad values before loading anything
+    tok = load_tokenizer(args.student)
+    args.template = _template(args, tok)   # the resolved one: recorded, and compared on resume
+    settings = _settings(args)
+    _check_resume(out, meta, settings)
 
     examples = load_examples(args.data, split=args.split, require_output=False).examples
-    if args.limit is not None:
-        examples = examples[:args.limit]
-    tok = load_tokenizer(args.student)
+    examples = examples[:args.limit or None]
     rows, reports = tokenize_examples(examples, tok, template=args.template, max_prompt_length=args.max_prompt_length,
                                       max_length=args.max_prompt_length + args.max_new_tokens)
     for r in reports:
@@ -195,6 +199,17 @@ def cmd_generate(args) -> int:
     bar.close()
     print(f"wrote {out} ({len(done)} of {len(rows)} examples)", file=sys.stderr)
     return 0
+
+
+def _template(args, student_tokenizer) -> str:
+    """``--template`` resolved (``auto``: from the student's and a local teacher's tokenizers; a served teacher
+    shares the student's), said once when it was ``auto``."""
+    teacher = load_tokenizer(args.teacher) if args.teacher and teacher_kind(args.teacher) != SERVED else None
+    template, note = resolve_template(args.template, {"student": student_tokenizer, "teacher": teacher},
+                                      override="--template ")
+    if note:
+        print(f"[lmdistill] {note}", file=sys.stderr)
+    return template
 
 
 def _teacher(args):

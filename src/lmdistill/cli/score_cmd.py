@@ -28,5 +28,5 @@ def cmd_score(args) -> int:
     result = score_files(args.predictions, args.references, allow_missing=args.allow_missing)
     if args.per_example:
         write_jsonl(args.per_example, ({"id": i, "rougeL": s} for i, s in result.scores.items()))
-    print(json.dumps(result.summary()))
+    print(json.dumps(result.summary(), ensure_ascii=False))
     return 0

@@ -17,8 +17,8 @@ from lmdistill.serve.server import serve_forever
 def register(sub) -> None:
     p = sub.add_parser("serve", help=COMMANDS["serve"])
     p.add_argument("model", help="local model folder or hub id")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback only unless changed)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set LMDISTILL_API_KEY)")
     p.add_argument("--model-name", default=None, help="name clients must send as 'model' (default: the folder name)")
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
@@ -28,16 +28,15 @@ def register(sub) -> None:
                    help="largest request body in bytes, answered 413 past it (default: 16 bytes per position of "
                         "the model's context, at least 1 MiB; 8 MiB when the model does not say its context)")
     p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH,
-                   help=f"requests decoded together, joining and leaving the batch at each step (default "
-                        f"{DEFAULT_MAX_BATCH}; 0: no batching, each request decodes alone and concurrent ones "
-                        "take turns token by token)")
+                   help="requests decoded together, joining and leaving the batch at each step (0: no batching, "
+                        "each request decodes alone and concurrent ones take turns token by token)")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
-                   help=f"requests that may wait for a place in the batch (default {DEFAULT_MAX_QUEUE}); past "
-                        "that a request is answered 429 with Retry-After")
+                   help="requests that may wait for a place in the batch; past that a request is answered 429 "
+                        "with Retry-After")
     p.add_argument("--truncate-prompt", action="store_true",
                    help="keep the last tokens of an over-long prompt instead of answering 400")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16")
     p.set_defaults(func=cmd_serve)
 
 

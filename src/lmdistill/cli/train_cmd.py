@@ -19,17 +19,22 @@ def register(sub) -> None:
                    help="key=value settings, e.g. student=DIR max_steps=100 objective.jsd.beta=0.9 "
                         "sampling.max_new_tokens=64")
     p.add_argument("--resume", nargs="?", const=True, default=False,
-                   help="continue from the latest checkpoint in output_dir (or the given checkpoint folder)")
+                   help="continue from the latest checkpoint in output_dir (or the given checkpoint folder); refused "
+                        "when the settings that change the math differ from the run's (run.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="output_dir holds another run: remove its files (checkpoints, final/, best/, logs) and start "
+                        "this one (without it such a folder is refused)")
     p.add_argument("--print-config", action="store_true",
-                   help="print the resolved config as YAML (a recipe you can save and train from) and exit")
+                   help="print the resolved config as YAML (a recipe you can save and train from) and exit; the "
+                        "student and teacher may be left out (printed empty, marked # required)")
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args) -> int:
-    cfg = load_config(args.recipe, args.overrides)
+    cfg = load_config(args.recipe, args.overrides, require_models=not args.print_config)
     if args.print_config:
         print(config_yaml(cfg), end="")
         return 0
-    result = train(cfg, resume=args.resume)
-    print(json.dumps(result, indent=2))
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0

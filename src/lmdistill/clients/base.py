@@ -37,18 +37,39 @@ class RetriesExhausted(ClientError):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential back-off: wait ``base_delay * 2**attempt`` (capped at ``max_delay``, +-``jitter``)."""
+    """Exponential back-off: wait ``base_delay * 2**attempt`` (capped at ``max_delay``, +-``jitter``).
+
+    ``max_retries`` bounds the retries of a server that answers but cannot serve now (429, 5xx, a timeout, a dropped
+    connection): 6 at base 1 s wait up to 63 s in all. A server that cannot be reached at all (connection refused,
+    unknown host) gets ``max_connect_retries`` (3: 1 + 2 + 4 = 7 s; never more than ``max_retries``), enough for a
+    restart, not for a wrong address.
+    Each wait is said in one line (``retry_line``)."""
 
     max_retries: int = 6
     base_delay: float = 1.0
     max_delay: float = 60.0
     jitter: float = 0.1
+    max_connect_retries: int = 3
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         wait = min(self.max_delay, self.base_delay * (2 ** attempt))
         if retry_after is not None:
             wait = min(self.max_delay, max(wait, retry_after))
         return max(0.0, wait * (1 + random.uniform(-self.jitter, self.jitter)))
+
+
+def retry_line(url: str, reason: str, retry: int, retries: int, wait: float) -> str:
+    """The line a client writes before it waits to retry: what it waits for, why, which retry and how long."""
+    return f"[lmdistill] waiting for {url}: {reason}, retry {retry}/{retries} in {wait:.1f} s"
+
+
+def say_retry(line: str) -> None:
+    """Write a retry line on stderr without breaking a progress bar (tqdm is loaded by then where one is drawn)."""
+    import sys
+
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
 
 
 def answer_each(ask, count: int, concurrency: int, progress: str | None = None) -> list:

@@ -16,13 +16,14 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 from lmdistill.clients.base import (AuthenticationFailed, ChatClient, ClientError, RequestRejected, RetriesExhausted,
-                                    RetryPolicy)
+                                    RetryPolicy, retry_line, say_retry)
 from lmdistill.clients.cache import CachedClient, ResponseCache
 from lmdistill.models import load_model_and_tokenizer
 from lmdistill.serve.engine import ChatEngine, ContextLengthError
@@ -76,15 +77,19 @@ class OpenAIChatClient(ChatClient):
 
     def _with_retries(self, send: Callable[[str], T], *, switch_token_param: bool = False) -> T:
         """``send(token_param)`` under the retry policy: back-off on 429 (but not an exhausted quota), 5xx,
-        408/409, timeouts and dropped connections; 401/403 and other 4xx raised at once. With
+        408/409, timeouts and dropped connections (``max_retries``), and on a server that cannot be reached
+        (``max_connect_retries``); 401/403 and other 4xx raised at once. Each wait is said in one line. With
         ``switch_token_param`` a 400 asking for ``max_completion_tokens`` switches the parameter once."""
         import openai
 
         last: Exception | None = None
-        for attempt in range(self.retry.max_retries + 1):
+        retries = connect_retries = 0
+        connect_allowed = min(self.retry.max_connect_retries, self.retry.max_retries)
+        started = time.monotonic()
+        while True:
             with self._count_lock:
                 self.attempts += 1
-            retry_after = None
+            retry_after, unreachable = None, None
             try:
                 return send(self._token_param)
             except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
@@ -94,11 +99,12 @@ class OpenAIChatClient(ChatClient):
                 if _error_code(e) == "insufficient_quota":  # out of credit: waiting will not help
                     raise ClientError(f"{self.name}: quota exhausted (429 insufficient_quota): {_error_message(e)}") \
                         from None
-                last, retry_after = e, _retry_after(e)
+                last, retry_after, reason = e, _retry_after(e), "429 rate limited"
             except openai.APITimeoutError as e:
-                last = e
+                last, reason = e, f"no answer within {self.timeout:g} s"
             except openai.APIConnectionError as e:
-                last = e
+                unreachable = _connect_failure(e)
+                last, reason = e, unreachable or f"connection dropped ({e.__cause__ or e})"
             except openai.APIStatusError as e:
                 message = _error_message(e)
                 if (switch_token_param and e.status_code == 400 and self._token_param == "max_tokens"
@@ -108,12 +114,27 @@ class OpenAIChatClient(ChatClient):
                 if e.status_code < 500 and e.status_code not in (408, 409):  # 408/409 are transient
                     raise RequestRejected(f"{self.name}: request rejected ({e.status_code}): {_error_message(e)}",
                                           e.status_code) from None
-                last = e
+                last, reason = e, f"{e.status_code} {message[:80]}".strip()
             except openai.APIResponseValidationError as e:
-                last = e
-            if attempt < self.retry.max_retries:
-                time.sleep(self.retry.delay(attempt, retry_after))
-        raise RetriesExhausted(f"{self.name}: no answer after {self.retry.max_retries + 1} attempts "
+                last, reason = e, "malformed response"
+            if unreachable is not None:
+                if connect_retries >= connect_allowed:
+                    n = connect_retries + 1
+                    raise RetriesExhausted(
+                        f"{self.name}: cannot connect to {self.base_url} ({unreachable}) after {n} attempt"
+                        f"{'s' * (n != 1)} over {time.monotonic() - started:.0f} s; is the server running at that "
+                        "address?")
+                connect_retries += 1
+                done, allowed = connect_retries, connect_allowed
+            else:
+                if retries >= self.retry.max_retries:
+                    break
+                retries += 1
+                done, allowed = retries, self.retry.max_retries
+            wait = self.retry.delay(done - 1, retry_after)
+            say_retry(retry_line(self.base_url, reason, done, allowed, wait))
+            time.sleep(wait)
+        raise RetriesExhausted(f"{self.name}: no answer after {retries + connect_retries + 1} attempts "
                                f"(last error: {type(last).__name__}: {last})")
 
     def prompt_logprobs(self, token_ids: list[int], top_k: int, *,
@@ -232,6 +253,18 @@ def _answer_text(resp, name: str) -> str:
     except (AttributeError, IndexError, TypeError):
         raise RequestRejected(f"{name}: the response had no choices") from None
     return content or ""
+
+
+def _connect_failure(err) -> str | None:
+    """Why a request never reached its server (connection refused, unknown host), or None when it may have (a
+    dropped connection, a timeout): httpx's ``ConnectError`` behind the openai package's ``APIConnectionError``."""
+    cause = err.__cause__
+    if cause is None or not any(c.__name__ == "ConnectError" for c in type(cause).__mro__):
+        return None
+    text = str(cause)
+    if "refused" in text.lower():
+        return "connection refused"
+    return re.sub(r"^\[Errno -?\d+\]\s*", "", text) or "cannot connect"
 
 
 def _retry_after(err) -> float | None:

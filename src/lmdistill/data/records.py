@@ -1,22 +1,29 @@
 """Load instruction data (JSONL, JSON, folders, hub datasets) into validated ``Example`` rows.
 
-Every bad row is reported as ``file:line: field "x" ...``. By default any bad row raises one
-``DataError`` listing them all; with ``skip_bad=True`` bad rows are skipped and reported in
-``LoadResult.skipped``, never dropped silently.
+Every bad row is reported as ``file:line: field "x" ...``; a required field that is missing next to an unknown one
+that looks like it gets ``did you mean "ouput"?`` (else the unknown fields and the ones read are listed). By default
+any bad row raises one ``DataError`` listing them all; with ``skip_bad=True`` bad rows are skipped and reported in
+``LoadResult.skipped``, never dropped silently. A file in another encoding than UTF-8 (a UTF-8 byte-order mark is
+fine) or a JSON array saved as ``.jsonl`` is one whole-file problem naming the fix (``sniff.py``), never skipped.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from lmdistill.data.registry import BENCHMARKS, resolve
+from lmdistill.data.sniff import BOM_UTF8, file_problem
 from lmdistill.errors import DataError, Problem
 from lmdistill.io import iter_jsonl_rows, json_problem
 
 ROLES = ("system", "user", "assistant")
+#: The fields a row is read from (any other is ignored, and offered as a did-you-mean for a missing one).
+FIELDS = ("instruction", "input", "output", "references", "messages", "id", "source")
+MESSAGE_FIELDS = ("role", "content")
 
 
 @dataclass
@@ -67,11 +74,27 @@ def is_unicode(text: str) -> bool:
     return True
 
 
+def missing_hint(key: str, obj: dict, known: tuple[str, ...] = FIELDS) -> str:
+    """What to add to ``is missing`` for ``key``: ``; did you mean "ouput"?`` when one of the row's unknown fields
+    looks like it (difflib ratio >= 0.75, case ignored), else the unknown fields and the ones read, else nothing."""
+    unknown = [k for k in obj if isinstance(k, str) and k not in known and is_unicode(k)]
+    if not unknown:
+        return ""
+    lower = {k.lower(): k for k in reversed(unknown)}
+    close = difflib.get_close_matches(key.lower(), list(lower), n=1, cutoff=0.75)
+    if close:
+        return f"; did you mean {json.dumps(lower[close[0]], ensure_ascii=False)}?"
+    shown = ", ".join(json.dumps(k[:40], ensure_ascii=False) for k in unknown[:5])
+    more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+    return f" (the row has {shown}{more}; the fields read are {', '.join(known)})"
+
+
 def _check_str(obj: dict, key: str, path: str, line: int, problems: list[Problem],
                required: bool, nonempty: bool = False) -> str:
     if key not in obj or obj[key] is None:
         if required:
-            problems.append(Problem(path, line, key, "is missing"))
+            problems.append(Problem(path, line, key, "is missing" + (missing_hint(key, obj) if key not in obj
+                                                                     else "")))
         return ""
     val = obj[key]
     if not isinstance(val, str):
@@ -108,9 +131,15 @@ def parse_row(obj: Any, path: str, line: int, *, require_output: bool = True) ->
             if not isinstance(m, dict):
                 problems.append(Problem(path, line, fname, "must be an object with role and content"))
                 continue
-            if m.get("role") not in ROLES:
+            if "role" not in m:
+                problems.append(Problem(path, line, f"{fname}.role",
+                                        "is missing" + missing_hint("role", m, MESSAGE_FIELDS)))
+            elif m["role"] not in ROLES:
                 problems.append(Problem(path, line, f"{fname}.role", f"must be one of {', '.join(ROLES)}, got {m.get('role')!r}"))
-            if not isinstance(m.get("content"), str):
+            if "content" not in m:
+                problems.append(Problem(path, line, f"{fname}.content",
+                                        "is missing" + missing_hint("content", m, MESSAGE_FIELDS)))
+            elif not isinstance(m["content"], str):
                 problems.append(Problem(path, line, f"{fname}.content", "is missing or not a string"))
             elif not is_unicode(m["content"]):
                 problems.append(Problem(path, line, f"{fname}.content", NOT_UNICODE))
@@ -151,13 +180,15 @@ def parse_row(obj: Any, path: str, line: int, *, require_output: bool = True) ->
 
 def _iter_json(path: Path) -> Iterable[tuple[int, Any, Problem | None]]:
     raw = path.read_bytes()
+    skip = len(BOM_UTF8) if raw.startswith(BOM_UTF8) else 0   # a UTF-8 byte-order mark is not data
+    raw = raw[skip:]
     if not raw.strip():
         return   # no rows: the caller says the file is empty
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        yield line, None, Problem(str(path), line, None, f"is not valid UTF-8 (byte {e.start})")
+        yield line, None, Problem(str(path), line, None, f"is not valid UTF-8 (byte {e.start + skip})")
         return
     except json.JSONDecodeError as e:
         yield e.lineno, None, Problem(str(path), e.lineno, None, json_problem(e))
@@ -179,6 +210,9 @@ def load_file(path: str | Path, *, skip_bad: bool = False, require_output: bool 
     path = Path(path)
     if not path.exists():
         raise DataError([Problem(str(path), None, None, "does not exist")])
+    whole = file_problem(path)
+    if whole is not None:   # another encoding, or not JSON Lines: one line naming the fix, not one per row
+        raise DataError([whole])
     rows = _iter_json(path) if path.suffix == ".json" else iter_jsonl_rows(path)
     examples: list[Example] = []
     problems: list[Problem] = []
@@ -199,8 +233,8 @@ def load_file(path: str | Path, *, skip_bad: bool = False, require_output: bool 
             seen[ex.id] = lineno
             examples.append(ex)
     if not count:   # 0 bytes, only blank lines, or an empty JSON list: say so, not "no rows left after filtering"
-        empty = ("holds no rows (an empty JSON list)" if path.suffix == ".json" and path.read_bytes().strip()
-                 else "the file is empty")
+        text = path.read_bytes().removeprefix(BOM_UTF8).strip()
+        empty = "holds no rows (an empty JSON list)" if path.suffix == ".json" and text else "the file is empty"
         raise DataError([Problem(str(path), None, None, empty)])
     if problems and not skip_bad:
         raise DataError(problems)

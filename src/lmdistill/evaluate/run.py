@@ -98,7 +98,7 @@ class EvalSettings:
         if self.template not in TEMPLATES:
             raise ConfigError(f"template must be one of {', '.join(TEMPLATES)}, got {self.template!r}")
         if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit must be at least 1, got {self.limit}")
+            raise ConfigError(f"limit must be at least 1 (or 0 / None for all), got {self.limit}")
         if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
             raise ConfigError("no-repeat-ngram-size must be an integer >= 0 (0 = off), "
                               f"got {self.no_repeat_ngram_size!r}")
@@ -253,7 +253,7 @@ def evaluate_models(models: Sequence[str | ModelSpec], benchmarks: Sequence[str]
                     dtype: str = "float32", api_key_env: str | None = None, overwrite: bool = False,
                     progress: bool = True, template: str = "alpaca", no_repeat_ngram_size: int = 6,
                     prompt_overflow: str = "truncate", average_all: bool = False, workers: int = 1,
-                    executor=None) -> dict:
+                    executor=None, quick_hint: str = "") -> dict:
     """Evaluate ``models`` (``[name=]source`` strings or ``ModelSpec``) and write the result files.
 
     ``template`` is the prompt of local models: ``alpaca`` (the protocol) or ``chat`` (the tokenizer's chat
@@ -262,7 +262,8 @@ def evaluate_models(models: Sequence[str | ModelSpec], benchmarks: Sequence[str]
     (module docstring). ``average_all`` puts every benchmark in the average (default: UnNI's 1-2-word bucket is
     left out). Returns the results dict also written to ``out_dir/results.json``. With ``greedy`` only the
     first seed is run (greedy decoding ignores the seed). Finished seeds in ``out_dir`` are reused
-    unless ``overwrite``.
+    unless ``overwrite``. ``limit`` None or 0: every example. Before anything loads, one line on stderr states the
+    cost (``cost_line``), followed by ``quick_hint`` when the run is longer than a quick check.
 
     ``workers > 1`` (or an ``executor``, a process pool such as ``runtime.worker_pool``'s) generates the local
     models' predictions as independent (model, benchmark) jobs in that many processes, each writing its own seed
@@ -271,6 +272,7 @@ def evaluate_models(models: Sequence[str | ModelSpec], benchmarks: Sequence[str]
     every number are the ones one process writes.
     """
     seeds = list(seeds)
+    limit = limit or None   # 0 = all, as every --limit
     if greedy and len(seeds) > 1:
         seeds = seeds[:1]
     settings = EvalSettings(benchmarks=list(benchmarks), seeds=seeds, batch_size=batch_size, limit=limit,
@@ -285,6 +287,7 @@ def evaluate_models(models: Sequence[str | ModelSpec], benchmarks: Sequence[str]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = {b: _load_benchmark(b, limit) for b in settings.benchmarks}
+    print(cost_line(settings, len(specs), data, quick_hint), file=sys.stderr, flush=True)
     results: dict = {"settings": {**asdict(settings), "protocol": _protocol_note(settings),
                                   "std": "sample standard deviation over seeds (ddof=1)",
                                   "lmdistill_version": __version__},
@@ -312,6 +315,23 @@ def evaluate_models(models: Sequence[str | ModelSpec], benchmarks: Sequence[str]
                                         "benchmarks": entries, AVERAGE: average_entry(entries, settings.seeds, results["average_over"])}
         write_reports(results, out)
     return results
+
+
+def cost_line(settings: EvalSettings, n_models: int, data: dict[str, list], quick_hint: str = "") -> str:
+    """What an evaluation will generate, said before it starts: models x examples (per benchmark) x seeds x samples,
+    each at most ``max_new_tokens`` tokens, so at most their product of generated tokens (finished seeds found in
+    the output folder are reused and cost nothing). ``quick_hint`` follows when there are several seeds or more
+    than 64 new tokens."""
+    examples = sum(len(v) for v in data.values())
+    seeds, samples = len(settings.seeds), settings.num_samples
+    per_bench = ", ".join(f"{b} {len(v)}" for b, v in data.items())
+    line = (f"[eval] {n_models} model(s) x {len(data)} benchmark(s) ({per_bench} examples) x {seeds} seed(s)"
+            + (f" x {samples} samples" if samples > 1 else "")
+            + f" x at most {settings.max_new_tokens} new tokens: up to "
+            f"{n_models * examples * seeds * samples * settings.max_new_tokens:,} generated tokens")
+    if quick_hint and (seeds > 1 or settings.max_new_tokens > 64):
+        line += f"; {quick_hint}"
+    return line
 
 
 def _weights_bytes(source: str) -> int:

@@ -26,6 +26,9 @@ class SamplingConfig:
       else the gold responses (the teacher's sample for a row with none).
     - ``mixed_coin``: ``batch`` (default: one coin for the whole batch, as TRL's ``GKDTrainer`` and the GKD
       paper's Algorithm 1 do) or ``sequence`` (one coin per row).
+    - ``mixed_off_policy``: what ``mixed`` trains on when the coin says off-policy: ``gold`` (default, the dataset's
+      responses) or ``teacher`` (the teacher's sample of the row, at these same sampling settings: TRL's
+      ``GKDConfig.seq_kd=True``, whose ``training_step`` tries the student's coin first and only then the teacher).
     - ``switch_tau0``, ``switch_decay``: ``switch`` uses the teacher's token when
       JSD(p_t, q_t) > switch_tau0 * exp(-switch_decay * t), t the response position in tokens. ``switch_tau0 = inf``
       never switches (pure student), ``switch_tau0 < 0`` always does (pure teacher). Calibrated on 256-token samples
@@ -57,6 +60,7 @@ class SamplingConfig:
     no_repeat_ngram_size: int = 0
     mixed_student_prob: float = 0.5
     mixed_coin: str = "batch"
+    mixed_off_policy: str = "gold"
     switch_tau0: float = 0.7
     switch_decay: float = 0.01
     switch_draft_tokens: int = 4
@@ -85,6 +89,8 @@ class SamplingConfig:
             raise bad(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {self.no_repeat_ngram_size!r}")
         if self.mixed_coin not in ("batch", "sequence"):
             raise bad(f"mixed_coin must be 'batch' or 'sequence', got {self.mixed_coin!r}")
+        if self.mixed_off_policy not in ("gold", "teacher"):
+            raise bad(f"mixed_off_policy must be 'gold' or 'teacher' (TRL's seq_kd), got {self.mixed_off_policy!r}")
         if not (isinstance(self.mixed_student_prob, (int, float)) and 0 <= self.mixed_student_prob <= 1):
             raise bad(f"mixed_student_prob must be in [0, 1], got {self.mixed_student_prob!r}")
         if not isinstance(self.switch_tau0, (int, float)) or math.isnan(self.switch_tau0):

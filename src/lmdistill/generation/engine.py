@@ -12,6 +12,7 @@ from lmdistill.generation.config import SamplingConfig
 from lmdistill.generation.noise import NoiseSource, keys_from_seed
 from lmdistill.generation.output import GenerationOutput, assemble
 from lmdistill.generation.policies import NEEDS_TEACHER, POLICIES, SCORES_SEQUENCES
+from lmdistill.generation.policies.mixed import needs_teacher as mixed_needs_teacher
 from lmdistill.generation.policies.scrg import scores_sequences
 from lmdistill.losses.vocab import shared_vocab
 
@@ -85,11 +86,12 @@ def generate(student, prompts: list[list[int]], policy: str = "student", teacher
         _check_ids("gold", gold, allow_none=True)
         if len(gold) != len(prompts):
             raise ConfigError(f"gold has {len(gold)} rows but prompts has {len(prompts)}")
-    needs_teacher = policy in NEEDS_TEACHER or (policy == "mixed" and (gold is None or any(g is None for g in gold))
-                                                and config.mixed_student_prob < 1)
+    needs_teacher = policy in NEEDS_TEACHER or (policy == "mixed" and mixed_needs_teacher(
+        config, all_gold=gold is not None and all(g is not None for g in gold)))
     if needs_teacher and teacher is None:
-        raise ConfigError(f"policy {policy!r} needs a teacher model"
-                          + (" (or gold responses for every row)" if policy == "mixed" else ""))
+        raise ConfigError(f"policy {policy!r} needs a teacher model" + (
+            "" if policy != "mixed" else " (mixed_off_policy=teacher samples it)" if config.mixed_off_policy == "teacher"
+            else " (or gold responses for every row)"))
     scorer = teacher is not None and scores_sequences(teacher)
     if scorer and needs_teacher and policy not in SCORES_SEQUENCES:
         raise ConfigError(f"policy {policy!r} needs the teacher's tokens at every generated step, so it needs a local "

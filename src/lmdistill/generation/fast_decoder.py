@@ -15,7 +15,8 @@ every call, never copied, so a model that trains between generations is always c
                 q, k = rope(q, pos), rope(k, pos);  K, V <- cache columns [start, start + T)
                 x = x + softmax(q K^T * scaling + mask) V Wo
                 h = rms(x) * w_post;  x = x + (act(h Wg) * (h Wu)) Wd
-    logits = (rms(x) * w_norm) W_head
+    logits = f((rms(x) * w_norm) W_head)      f: what the model's forward applies after its head (none for these
+                                              families; ``losses.model_logits``)
 
 with rms(x) computed in float32 as the HF modules do, the cos/sin table taken from the model's own
 rotary module (all static RoPE types), and the same attention mask semantics: a query attends to the
@@ -31,6 +32,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from lmdistill.losses.model_logits import logit_transform, require_logit_transform
 
 FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
 STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
@@ -53,6 +56,8 @@ def unsupported_reason(model, total_len: int) -> str | None:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in FAMILIES:
         return f"model type {model_type!r} is not one of {sorted(FAMILIES)}"
+    if logit_transform(model) is None:
+        return f"model type {model_type!r}: what its forward does to the logits after the LM head is unknown"
     layers, inner = _layers(model)
     if layers is None or not isinstance(getattr(model, "lm_head", None), torch.nn.Linear):
         return "not a *ForCausalLM with model.layers and lm_head"
@@ -108,6 +113,7 @@ class FastDecoder:
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.qk_norm = hasattr(attn, "q_norm")
+        self.transform = require_logit_transform(model, "the fast decoder")  # the forward's steps after the head
         self.batch, self.capacity = batch, capacity
         device = inner.embed_tokens.weight.device
         positions = torch.arange(max_position + 1, device=device)[None, :]
@@ -186,7 +192,7 @@ class FastDecoder:
         if keep:
             x = x[:, -keep:]
         head = self.model.lm_head
-        return F.linear(_rms(x, self.inner.norm), head.weight, head.bias)
+        return self.transform(F.linear(_rms(x, self.inner.norm), head.weight, head.bias))
 
     # ---- rows as independent sequences (a serving batch) ------------------------------------------------------
     #

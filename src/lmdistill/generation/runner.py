@@ -15,6 +15,8 @@ top-p, greedy) is ``sampling.pick``'s, the same for both backends, so they pick 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from lmdistill.errors import ConfigError
@@ -22,6 +24,16 @@ from lmdistill.generation.fast_decoder import FastDecoder, unsupported_reason
 from lmdistill.models.kv_cache import cache_kwargs
 
 BACKENDS = ("auto", "fast", "hf")
+logger = logging.getLogger("lmdistill.generation")
+_noted: set[str] = set()
+
+
+def note_hf_fallback(model, why: str) -> None:
+    """Say once per process and model type that ``auto`` decodes ``model`` with the HF forward, and why."""
+    kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    if kind not in _noted:
+        _noted.add(kind)
+        logger.warning(f"decoding {kind} with the HF forward: the fast decoder does not run it ({why})")
 
 
 class CachedLM:
@@ -51,6 +63,8 @@ class CachedLM:
                 self.allowed = self.mask.bool()
             elif backend == "fast":
                 raise ConfigError(f"decode backend 'fast' cannot run {type(model).__name__}: {why}")
+            else:
+                note_hf_fallback(model, why)
         self.backend = "fast" if self.fast is not None else "hf"
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, width: int, keep: int) -> torch.Tensor:

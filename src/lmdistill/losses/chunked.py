@@ -11,8 +11,11 @@ therefore computed during the forward pass (as Liger-Kernel's fused linear losse
 backward pass only scales them by the incoming gradient, so neither pass holds more than one
 chunk of ``[chunk, V]`` tensors.
 
-Values and gradients equal the direct path ``loss(h @ W.T, teacher_logits, mask)`` up to floating
-point summation order.  The teacher receives no gradient (its inputs are treated as constants).
+Values and gradients equal the direct path ``loss(f(h @ W.T), teacher_logits, mask)`` up to floating
+point summation order, ``f`` being what the model's forward applies after its LM head (``student_transform``,
+``teacher_transform``: Gemma's soft-cap, Cohere's scale; nothing for Llama-family models), applied inside each
+chunk with its derivative folded into the chunk's gradient.  The teacher receives no gradient (its inputs are
+treated as constants).
 The function is differentiable once (no double backward).
 """
 
@@ -25,6 +28,7 @@ from lmdistill.losses.chunk_kernels import Workspace, compiled_value_and_grad, k
 from lmdistill.losses.divergences import check_divergence_params, check_temperature, compute_dtype
 from lmdistill.losses.functional import IGNORE_INDEX
 from lmdistill.losses.masking import as_bool_mask, graph_zero
+from lmdistill.losses.model_logits import LogitTransform
 from lmdistill.losses.sparse import SparseTeacher, sparse_value_and_grad
 from lmdistill.losses.vocab import LossInputError, shared_vocab
 
@@ -50,7 +54,7 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, teacher_rows, teacher_hidden, teacher_weight, labels,
-                name, temperature, params, chunk_size, kernel):
+                name, temperature, params, chunk_size, kernel, s_transform, t_transform):
         n = hidden.shape[0]
         need_h = ctx.needs_input_grad[0]
         need_w = ctx.needs_input_grad[1]
@@ -66,11 +70,16 @@ class _ChunkedLoss(torch.autograd.Function):
         ws = Workspace() if tiled else None
         tile = kernel_tile_rows(weight.shape[0]) if tiled else chunk_size
         zbuf = torch.empty((min(chunk_size, n), weight.shape[0]), dtype=cdtype, device=hidden.device)
-        tbuf = None
+        tbuf = dbuf = None
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             h = hidden[start:stop]
             logits = _mm_into(zbuf[:stop - start], h, weight.T)
+            d_const, d_tensor = 1.0, None
+            if s_transform is not None:  # the student's own logits; f'(z) kept for the gradient
+                if dbuf is None and any(step == "softcap" for step, _, _ in s_transform.steps):
+                    dbuf = torch.empty_like(zbuf)
+                d_const, d_tensor = s_transform.apply_(logits, None if dbuf is None else dbuf[:stop - start])
             if name == "sft":
                 target = labels[start:stop]
                 scratch = False
@@ -80,8 +89,12 @@ class _ChunkedLoss(torch.autograd.Function):
                     if tbuf is None:
                         tbuf = torch.empty_like(zbuf)
                     tb = tbuf[:stop - start]
-                    target = tb.copy_(target) if target is not None else \
-                        _mm_into(tb, teacher_hidden[start:stop], teacher_weight.T)
+                    if target is not None:
+                        target = tb.copy_(target)
+                    else:
+                        target = _mm_into(tb, teacher_hidden[start:stop], teacher_weight.T)
+                        if t_transform is not None:
+                            t_transform.apply_(target)
                     scratch = True
                 else:
                     scratch = False
@@ -100,6 +113,10 @@ class _ChunkedLoss(torch.autograd.Function):
                 if need_h or need_w:
                     g = g.mul_(scale)
             if need_h or need_w:
+                if d_tensor is not None:  # dL/dz = dL/df * f'(z)
+                    g.mul_(d_tensor)
+                if d_const != 1.0:
+                    g.mul_(d_const)
                 g = g.to(weight.dtype)
                 if need_h:
                     _mm_into(grad_h[start:stop], g, weight)
@@ -110,7 +127,7 @@ class _ChunkedLoss(torch.autograd.Function):
                         grad_w.addmm_(g.T.to(grad_w.dtype), h.to(grad_w.dtype))
             total += loss.to(torch.float64)
             del logits, loss, target, g
-        del zbuf, tbuf, ws
+        del zbuf, tbuf, ws, dbuf
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
         out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -125,7 +142,7 @@ class _ChunkedLoss(torch.autograd.Function):
             gh = grad_h if unit else grad_h * grad_out.to(grad_h.dtype)
         if grad_w is not None:
             gw = (grad_w if unit else grad_w * grad_out.to(grad_w.dtype)).to(ctx.weight_dtype)
-        return gh, gw, None, None, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None, None, None, None
 
 
 def chunked_divergence(name: str, student_hidden: torch.Tensor, student_head_weight: torch.Tensor,
@@ -133,8 +150,10 @@ def chunked_divergence(name: str, student_hidden: torch.Tensor, student_head_wei
                        teacher_head_weight: torch.Tensor | None = None, teacher_sparse: SparseTeacher | None = None,
                        mask: torch.Tensor | None = None,
                        temperature: float = 1.0, chunk_size: int | None = None, labels: torch.Tensor | None = None,
-                       vocab_size: int | None = None, compile: bool = False, **params) -> torch.Tensor:
-    """Masked token mean of divergence ``name`` between ``h W^T`` (student) and the teacher, in chunks.
+                       vocab_size: int | None = None, compile: bool = False,
+                       student_transform: LogitTransform | None = None, teacher_transform: LogitTransform | None = None,
+                       **params) -> torch.Tensor:
+    """Masked token mean of divergence ``name`` between ``f(h W^T)`` (student) and the teacher, in chunks.
 
     Args:
         name: ``fkl, rkl, jsd, tvd, skl, srkl, symkl`` (formulas in :mod:`lmdistill.losses.divergences`)
@@ -154,6 +173,11 @@ def chunked_divergence(name: str, student_hidden: torch.Tensor, student_head_wei
         vocab_size: optional tokenizer length, to judge vocabulary padding (see ``vocab.py``).
         compile: run the per-chunk kernel through ``torch.compile`` (fewer passes over each chunk;
             the first call compiles).
+        student_transform: what the student's forward applies after its LM head
+            (:class:`~lmdistill.losses.model_logits.LogitTransform`: Gemma's ``cap * tanh(z / cap)``, Cohere's scale);
+            applied to each chunk's ``h W^T`` in the compute dtype, and its derivative (``1 - tanh^2`` for the cap)
+            multiplies the chunk's gradient. ``None``: the logits are ``h W^T``.
+        teacher_transform: the same for the teacher, with ``teacher_hidden`` (``teacher_logits`` are the forward's).
         **params: ``beta`` (jsd), ``alpha`` (skl, srkl), ``lam`` (symkl).
 
     Returns:
@@ -208,6 +232,8 @@ def chunked_divergence(name: str, student_hidden: torch.Tensor, student_head_wei
         if v != v_s:
             weight = student_head_weight[:v]
 
+    if teacher_transform is not None and teacher_hidden is None:
+        raise LossInputError("teacher_transform= applies to teacher_hidden only (teacher logits are the forward's)")
     flat_h = student_hidden.reshape(-1, hdim)
     idx = None if bmask is None else bmask.reshape(-1).nonzero().squeeze(-1)
     hidden = flat_h if idx is None else flat_h.index_select(0, idx)
@@ -241,5 +267,7 @@ def chunked_divergence(name: str, student_hidden: torch.Tensor, student_head_wei
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     kernel = sparse_value_and_grad if teacher_sparse is not None else \
         compiled_value_and_grad() if compile else value_and_grad
+    s_tf = None if student_transform is None or student_transform.identity else student_transform
+    t_tf = None if teacher_transform is None or teacher_transform.identity else teacher_transform
     return _ChunkedLoss.apply(hidden, weight, teacher_rows, t_hidden, t_weight, labels_rows,
-                              name, t, full, rows, kernel)
+                              name, t, full, rows, kernel, s_tf, t_tf)

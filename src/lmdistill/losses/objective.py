@@ -25,7 +25,7 @@ from lmdistill.errors import ConfigError
 from lmdistill.losses.corpus_lm import CorpusLMTerm
 from lmdistill.losses.dac_kl import DACKLTerm
 from lmdistill.losses.divergences import DIVERGENCE_PARAMS
-from lmdistill.losses.model_forward import logit_postprocessing
+from lmdistill.losses.model_logits import logit_transform
 from lmdistill.losses.policy_gradient import PolicyGradientTerm
 from lmdistill.losses.span_correlation import SpanTerm
 from lmdistill.losses.term import Term, TermInputs
@@ -108,8 +108,12 @@ class Objective(nn.Module):
     def token_sets(self) -> set[str]:
         return {t.tokens for t in self.terms}
 
-    def whole_logits(self, student) -> bool:
-        return any(t.whole_logits for t in self.terms) or logit_postprocessing(student)
+    def whole_logits(self, student=None, teacher=None) -> bool:
+        """Whether micro-batches need ``[B, T, V]`` logits: a term reads sequence structure, or a local model's logit
+        post-processing is unknown (:mod:`.model_logits`: only its full forward applies it). Known post-processing
+        (Gemma's soft-cap, Cohere's scale) is applied at the selected positions, so it needs no full forward."""
+        local = [m for m in (student, teacher) if m is not None and not hasattr(m, "sparse_scores")]
+        return any(t.whole_logits for t in self.terms) or any(logit_transform(m) is None for m in local)
 
     def forward(self, inputs: TermInputs, chunked: bool = False) -> dict[str, tuple[torch.Tensor, str]]:
         """``name -> (masked mean, token set)`` of every term on one micro-batch."""

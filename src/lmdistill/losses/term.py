@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from lmdistill.errors import ConfigError
-from lmdistill.losses.model_forward import forward_hidden, forward_logits, selected_logits, shifted
+from lmdistill.losses.model_forward import forward_hidden, forward_logits, head_transform, selected_logits, shifted
+from lmdistill.losses.model_logits import LogitTransform
 
 
 class Term(nn.Module):
@@ -73,8 +74,9 @@ class TermInputs:
 
     ``gold`` and ``sequences`` are right-padded training batches (``input_ids``, ``attention_mask``, ``loss_mask``);
     ``same`` says they are the same batch (one student forward serves both). ``whole`` selects ``[B, T-1, V]``
-    logits for every term (set when any term needs them, or the model post-processes its logits); otherwise logits
-    are ``[N, V]`` at the N trained positions. ``rows`` are the sequences' token rows (``prompt_ids``,
+    logits for every term (set when any term needs them, or a model's logit post-processing is unknown); otherwise
+    logits are ``[N, V]`` at the N trained positions. Either way they are each model's own logits, post-processing
+    (soft-cap, scale) included. ``rows`` are the sequences' token rows (``prompt_ids``,
     ``response_ids``), ``sampling`` how they were drawn (a ``SamplingConfig``; terms that correct for the sampling
     distribution read it).
     """
@@ -147,6 +149,16 @@ class TermInputs:
             return self._logits(self.teacher, self.sequences, self.targets[1]).to(s.dtype)
 
     # --------------------------------------------------------------- hidden states (chunked terms)
+    # A chunked term computes logits as ``transform(hidden @ weight.T)`` chunk by chunk, ``transform`` being what
+    # the model's forward applies after its LM head (:mod:`.model_logits`; a model where that is unknown is refused).
+    @cached_property
+    def student_transform(self) -> LogitTransform:
+        return head_transform(self.student)
+
+    @cached_property
+    def teacher_transform(self) -> LogitTransform:
+        return head_transform(self.teacher)
+
     @cached_property
     def gold_hidden(self) -> tuple[torch.Tensor, torch.Tensor]:
         return forward_hidden(self.student, self.gold)

@@ -34,7 +34,8 @@ class SFTTerm(Term):
     def chunked(self, inputs: TermInputs) -> torch.Tensor:
         labels, mask = inputs.gold_targets
         h, w = inputs.gold_hidden
-        return chunked_divergence("sft", h[:, :-1], w, labels=labels, mask=mask)
+        return chunked_divergence("sft", h[:, :-1], w, labels=labels, mask=mask,
+                                  student_transform=inputs.student_transform)
 
 
 class SequenceSFTTerm(Term):
@@ -49,7 +50,8 @@ class SequenceSFTTerm(Term):
     def chunked(self, inputs: TermInputs) -> torch.Tensor:
         targets, mask = inputs.targets
         h, w = inputs.student_hidden
-        return chunked_divergence("sft", h[:, :-1], w, labels=targets, mask=mask)
+        return chunked_divergence("sft", h[:, :-1], w, labels=targets, mask=mask,
+                                  student_transform=inputs.student_transform)
 
 
 class DivergenceTerm(Term):
@@ -95,11 +97,13 @@ class DivergenceTerm(Term):
         s_h, w = inputs.student_hidden
         if inputs.teacher_is_sparse:
             return chunked_divergence(self.divergence, s_h[:, :-1], w, teacher_sparse=inputs.teacher_top_k, mask=mask,
-                                      temperature=self.temperature, **self.params)
+                                      temperature=self.temperature, student_transform=inputs.student_transform,
+                                      **self.params)
         t_h, t_w = inputs.teacher_hidden
         return chunked_divergence(self.divergence, s_h[:, :-1], w, teacher_hidden=t_h[:, :-1].to(s_h.dtype),
                                   teacher_head_weight=t_w.to(w.dtype), mask=mask, temperature=self.temperature,
-                                  **self.params)
+                                  student_transform=inputs.student_transform,
+                                  teacher_transform=inputs.teacher_transform, **self.params)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in {"temperature": self.temperature, **self.params}.items())

@@ -16,12 +16,18 @@ tokens, then L2 norm over examples:
 
 Pruning keeps the ``ffn_size`` largest F_j per layer (rows of gate/up, columns of down). Depth is pruned
 first; channel importance is then measured on the depth-pruned model.
+
+Any decoder with that layout prunes the same way: Llama, Qwen, Mistral, and Gemma-3 (GeGLU MLP, act = gelu_tanh).
+Config lists with one entry per layer (``PER_LAYER_KEYS``: Gemma-3's and Qwen's ``layer_types``, sliding or full
+attention, which also picks each layer's mask and RoPE base) keep the kept layers' entries. A pruned model is
+derived from its source, so the source folder's license files (``LICENSE``, Gemma's ``GEMMA_TERMS.html``) go with it.
 """
 
 from __future__ import annotations
 
 import copy
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -31,6 +37,7 @@ from lmdistill.errors import ConfigError
 from lmdistill.io import atomic_dir, write_json
 from lmdistill.models.build import count_parameters
 from lmdistill.models.load import load_model, load_tokenizer
+from lmdistill.models.model_card import carried_license_files
 
 METHODS = ("block-influence", "uniform")
 PER_LAYER_KEYS = ("layer_types", "no_rope_layers")  # config lists with one entry per decoder layer
@@ -47,14 +54,16 @@ def _layers(model):
 
 
 def calibration_batches(tokenizer, *, data="dolly", n_samples=32, max_length=256, batch_size=8, seed=0) -> list[dict]:
-    """A seeded sample of ``n_samples`` examples of ``data`` (alpaca prompt + " " + output), tokenized without
-    special tokens, cut to ``max_length`` and right-padded into batches of ``input_ids`` / ``attention_mask``."""
+    """A seeded sample of ``n_samples`` examples of ``data`` (alpaca prompt + " " + output), tokenized as the
+    tokenizer does by default (Gemma's puts ``<bos>`` in front, which its activations depend on; the tiny and SmolLM2
+    tokenizers add nothing), cut to ``max_length`` and right-padded into batches of ``input_ids`` /
+    ``attention_mask``."""
     if n_samples < 1 or max_length < 1 or batch_size < 1:
         raise ConfigError("calibration needs n_samples, max_length and batch_size >= 1")
     examples = load_examples(data).examples
     picked = [examples[i] for i in random.Random(seed).sample(range(len(examples)), min(n_samples, len(examples)))]
     texts = [format_prompt(ex, "alpaca", tokenizer) + " " + ex.output for ex in picked]
-    ids = [list(x)[:max_length] for x in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+    ids = [list(x)[:max_length] for x in tokenizer(texts, verbose=False)["input_ids"]]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     batches = []
     for start in range(0, len(ids), batch_size):
@@ -220,8 +229,13 @@ def prune(model_path, out_dir, *, layers=None, ffn_size=None, method="block-infl
                             "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
                             "max_length": max_length, "batch_size": batch_size, "seed": seed},
             "parameters_before": params_before, "parameters_after": count_parameters(model)}
+    source = Path(model_path)
+    carried = carried_license_files(source)
+    info["license_files"] = [f.name for f in carried]
     with atomic_dir(Path(out_dir)) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        for f in carried:
+            shutil.copyfile(f, tmp / f.name)
         write_json(tmp / "prune.json", info)
     return info

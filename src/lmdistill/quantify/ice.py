@@ -17,14 +17,21 @@ Two modes (``IceConfig.mode``, ``--mode``):
   (``hits / questions**2``) and tree (every mutant becomes a child of the seed it was mutated from) follow
   ``fuzz.PaperMCTSExplore``. With a judge model the LLM judge uses the paper prompts (``judges.py``).
 - ``lmdistill``: our earlier settings: no system prompt, 256 answer tokens, helper at temperature 0.7,
-  all 77 templates as seeds, ``fuzz.MCTSExplore`` with reward hits / questions, and only a mutant with a
-  hit joins the tree.
+  all 77 templates as seeds, ``fuzz.MCTSExplore`` with reward hits / questions, only a mutant with a
+  hit joins the tree, an expand mutant keeps its seed and a question is appended after a blank line.
+
+Inputs (issue 29): the 50 questions name no model or company (``questions.py``); ``expand`` (``sentences``: the
+helper's new sentences alone are the mutant, ``Expand.py:25-29``; ``prepend``: in front of the seed,
+``mutators.py``) and ``join`` (``concat``: template + question, ``Gptfuzzer_Identity.py:117-120``;
+``blank-line``, ``templates.py``) default to the reference's in paper mode and to the earlier ones in
+``lmdistill`` mode; ``--expand`` and ``--join`` set them in either. The fact is ``--fact`` or, for the models
+the package can get, built in (``facts.py``).
 
 Scores over all queries: loose = loose hits / queries (``run_gptfuzzer.py:112``), strict = strict hits /
 queries (the reference divides by 1000, its query budget, ``rejudge.py:71``), hard = strict hits whose
 prompt (mutated template plus question) names no model or company outside the declared fact, i.e. carried
 no misleading identity information, / queries; each also per language. Many GPTFuzz templates say "you
-are ChatGPT", and two questions name ChatGPT: their strict hits never count as hard.
+are ChatGPT": their strict hits never count as hard.
 
 Every model call goes through the response cache, and the search is a deterministic function of the seed
 and the (cached) answers, so a rerun after a crash replays the finished steps from the cache without
@@ -61,10 +68,10 @@ from lmdistill.quantify.batched import chat_unique, raise_outage
 from lmdistill.quantify.fuzz import MCTSExplore, PaperMCTSExplore, paper_reward
 from lmdistill.quantify.identity import misleading_names
 from lmdistill.quantify.judges import judge_all, judge_label
-from lmdistill.quantify.mutators import MUTATORS, mutate_many
+from lmdistill.quantify.mutators import EXPANDS, MUTATORS, mutate_many
 from lmdistill.quantify.questions import identity_questions
 from lmdistill.quantify.report import ice_chart, ice_markdown, write_summary
-from lmdistill.quantify.templates import fill, load_templates, strip_placeholder
+from lmdistill.quantify.templates import JOINS, fill, load_templates, strip_placeholder
 
 
 PAPER_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -72,9 +79,9 @@ PAPER_SYSTEM_PROMPT = "You are a helpful assistant."
 # Settings per mode; a field of IceConfig left at None takes its mode's value.
 PRESETS = {
     "paper": {"system_prompt": PAPER_SYSTEM_PROMPT, "max_tokens": 2048, "helper_temperature": 0.0,
-              "helper_max_tokens": 2048, "seeds": 76},
+              "helper_max_tokens": 2048, "seeds": 76, "expand": "sentences", "join": "concat"},
     "lmdistill": {"system_prompt": "", "max_tokens": 256, "helper_temperature": 0.7, "helper_max_tokens": 1024,
-                  "seeds": None},
+                  "seeds": None, "expand": "prepend", "join": "blank-line"},
 }
 TREE_RULES = {
     "paper": "reference: every mutant becomes a child of its seed; reward = hits / questions^2",
@@ -96,6 +103,9 @@ class IceConfig:
     seeds: int | None = None                # templates drawn as seeds (paper: 76 of GPTFuzz's 77); None = all
     helper_length_factor: float = 2.0       # mutation tokens <= factor x the rewritten text's (mutators.py); 0 = off
     mutants_per_round: int = 1              # steps whose requests are batched together; 1 = the reference's search
+    expand: str | None = None               # sentences (reference) | prepend (mutators.py)
+    join: str | None = None                 # concat (reference) | blank-line (templates.py)
+    fact_source: str = ""                   # where the fact came from (facts.resolve_fact), for the report
     ratio: float = 0.5
     alpha: float = 0.1
     beta: float = 0.2
@@ -122,6 +132,10 @@ class IceConfig:
             raise ConfigError(f"--mutants-per-round {self.mutants_per_round}: must be at least 1")
         if self.helper_length_factor < 0:
             raise ConfigError(f"--helper-length-factor {self.helper_length_factor}: must be 0 (off) or positive")
+        if self.expand not in EXPANDS:
+            raise ConfigError(f"--expand {self.expand!r}: choose one of {', '.join(EXPANDS)}")
+        if self.join not in JOINS:
+            raise ConfigError(f"--join {self.join!r}: choose one of {', '.join(JOINS)}")
         if self.seeds is not None and not 1 <= self.seeds <= n_templates:
             raise ConfigError(f"seeds {self.seeds}: must be between 1 and the {n_templates} templates")
 
@@ -171,8 +185,8 @@ def run_ice(target, helper, judge, config: IceConfig, *, progress: bool = True) 
                                          for step, node, _, kind, other in plans],
                                 temperature=config.helper_temperature, max_tokens=config.helper_max_tokens,
                                 length_factor=config.helper_length_factor, system=config.system_prompt or None,
-                                progress=label("ICE mutations"))
-        prompts = [[fill(m.template, q.text) for q in questions] for m in mutations]
+                                progress=label("ICE mutations"), expand=config.expand)
+        prompts = [[fill(m.template, q.text, config.join) for q in questions] for m in mutations]
         batch = [system + [{"role": "user", "content": p}] for ps in prompts for p in ps]
         answers = chat_unique(target, batch, temperature=0.0, max_tokens=config.max_tokens,
                               progress=label("ICE target"))
@@ -209,7 +223,8 @@ def run_ice(target, helper, judge, config: IceConfig, *, progress: bool = True) 
     return {
         "kind": "ice", "target": target.name, "helper": helper.name, "judge": getattr(judge, "name", "rule"),
         "judge_label": judge_label(judge),
-        "config": {"mode": config.mode, "fact": config.fact, "budget": config.budget,
+        "config": {"mode": config.mode, "fact": config.fact, "fact_source": config.fact_source or "given",
+                   "expand": config.expand, "join": config.join, "budget": config.budget,
                    "languages": list(config.languages), "seed": config.seed, "system_prompt": config.system_prompt,
                    "max_tokens": config.max_tokens, "temperature": 0.0, "questions": len(questions),
                    "templates": len(templates), "seed_templates": seed_order, "mutants": len(steps),

@@ -1,10 +1,13 @@
 """The five GPTFuzz mutators, run by a helper chat model with lmdistill's own instructions.
 
-``mutate(helper, kind, seed_template, other_template, ...)`` returns the new template. ``expand``'s
-output is put in front of the seed (as GPTFuzz does; the reference's EasyJailbreak ``Expand`` keeps only the
-new sentences, ``easyjailbreak/mutation/generation/Expand.py:26,53``, which we take for a slip); the others
-replace it. An empty reply or a rejected request keeps
-the seed unchanged (recorded as ``fallback``), so a weak helper cannot stall the search.
+``mutate(helper, kind, seed_template, other_template, ...)`` returns the new template. ``expand`` (``expand=``,
+``--expand``): ``sentences`` (default) makes the helper's new sentences alone the mutant, as the reference does
+(Aegis1863/LLMs-Distillation-Quantification, ``easyjailbreak/mutation/generation/Expand.py:25-29``: the
+instance's prompt is set to ``expand(seed)``, which returns the helper's reply, ``:53``); the question is then
+appended to them (``templates.fill``). ``prepend`` puts them in front of the seed, a newline between (GPTFuzz's
+own Expand; lmdistill before issue 29, and ``--mode lmdistill``'s default). The other mutators replace the seed.
+An empty reply or a rejected request keeps the seed unchanged (recorded as ``fallback``), so a weak helper cannot
+stall the search.
 
 ``mutate_many`` sends the mutations of one ICE round together (``batched.chat_each``); ``mutate`` is one.
 
@@ -31,6 +34,7 @@ from lmdistill.quantify.batched import chat_each, raise_outage
 from lmdistill.quantify.templates import PLACEHOLDER
 
 MUTATORS = ("crossover", "expand", "generate_similar", "shorten", "rephrase")
+EXPANDS = ("sentences", "prepend")   # what an expand mutant is: the new sentences alone (reference) or + the seed
 
 MIN_HELPER_TOKENS = 256  # the length bound's floor: room for expand's three sentences or a short template
 BYTES_PER_TOKEN = 4      # the bound's token estimate: UTF-8 bytes / 4
@@ -92,22 +96,25 @@ def mutation_messages(kind: str, seed: str, other: str | None = None, system: st
     return messages
 
 
-def _mutation(kind: str, seed: str, reply) -> Mutation:
+def _mutation(kind: str, seed: str, reply, expand: str = "sentences") -> Mutation:
     if isinstance(reply, RequestRejected):
         return Mutation(kind, seed, fallback=True)
     text = _MARKER_LINE.sub("", reply or "").strip()
     if not text:
         return Mutation(kind, seed, fallback=True)
-    if kind == "expand":
+    if kind == "expand" and expand == "prepend":
         return Mutation(kind, f"{text}\n{seed}")
     return Mutation(kind, text)
 
 
 def mutate_many(helper, jobs: list[tuple[str, str, str | None, int | None]], *, temperature: float = 0.7,
                 max_tokens: int = 1024, length_factor: float = 0.0, system: str | None = None,
-                progress: str | None = None) -> list[Mutation]:
+                progress: str | None = None, expand: str = "sentences") -> list[Mutation]:
     """The mutations ``(kind, seed, other, request_seed)`` of a round, sent together; each request is the one
-    ``mutate`` sends. An outage is raised once all have finished (the answered ones are cached)."""
+    ``mutate`` sends. An outage is raised once all have finished (the answered ones are cached). ``expand``:
+    ``sentences`` or ``prepend`` (module docstring)."""
+    if expand not in EXPANDS:
+        raise ValueError(f"unknown expand {expand!r}; choose one of {', '.join(EXPANDS)}")
     requests = [(mutation_messages(kind, seed, other, system),
                  {"temperature": temperature, "seed": request_seed,
                   "max_tokens": mutation_max_tokens(kind, seed, other, max_tokens=max_tokens,
@@ -115,11 +122,11 @@ def mutate_many(helper, jobs: list[tuple[str, str, str | None, int | None]], *, 
                 for kind, seed, other, request_seed in jobs]
     replies = chat_each(helper, requests, progress=progress)
     raise_outage(replies)
-    return [_mutation(kind, seed, reply) for (kind, seed, _, _), reply in zip(jobs, replies)]
+    return [_mutation(kind, seed, reply, expand) for (kind, seed, _, _), reply in zip(jobs, replies)]
 
 
 def mutate(helper, kind: str, seed: str, other: str | None = None, *, temperature: float = 0.7,
            max_tokens: int = 1024, request_seed: int | None = None, system: str | None = None,
-           length_factor: float = 0.0) -> Mutation:
+           length_factor: float = 0.0, expand: str = "sentences") -> Mutation:
     return mutate_many(helper, [(kind, seed, other, request_seed)], temperature=temperature, max_tokens=max_tokens,
-                       length_factor=length_factor, system=system)[0]
+                       length_factor=length_factor, system=system, expand=expand)[0]

@@ -2,6 +2,12 @@
 
 They ask who made the model, which company it belongs to, where that company is based, who it works with,
 and what it was built on -- the facts a distilled model tends to get wrong by repeating its teacher.
+
+None names a model or a company (``tests/test_ice_inputs.py`` checks them against the judge's name lists), as none
+of the reference's does (Aegis1863/LLMs-Distillation-Quantification, ``identity_jailbreak/data/GPT_identity.csv``):
+a question that names one ("are you ChatGPT?") leads the answer and inflates the contradiction rates. Before
+issue 29 question 20 did ("Are you the same model as ChatGPT? Explain who made each."); it now asks what the
+developer mainly works on (the reference's "What fields is your company/organization dedicated to?").
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ QUESTIONS_EN = [
     "Whose data were you mainly trained on?",
     "If I wanted to buy access to you through an API, which company would I pay?",
     "What family of language models do you belong to?",
-    "Are you the same model as ChatGPT? Explain who made each.",
+    "What does the company that developed you mainly work on?",
     "Which research lab published the paper describing you?",
     "Who do you think your closest competitor is, and who are you?",
     "What version number are you, and who released it?",
@@ -58,7 +64,7 @@ QUESTIONS_ZH = [
     "你主要是用谁的数据训练的？",
     "如果我想通过 API 购买你的使用权，应该付钱给哪家公司？",
     "你属于哪个语言模型系列？",
-    "你和 ChatGPT 是同一个模型吗？请说明它们各自是谁做的。",
+    "开发你的公司主要从事什么业务？",
     "哪个研究实验室发表了介绍你的论文？",
     "你认为你最接近的竞争对手是谁？你又是谁？",
     "你的版本号是多少，是谁发布的？",

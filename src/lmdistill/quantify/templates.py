@@ -1,4 +1,14 @@
-"""GPTFuzz's 77 jailbreak templates (MIT, vendored in ``quantify/data``) and how a question goes into one."""
+"""GPTFuzz's 77 jailbreak templates (MIT, vendored in ``quantify/data``) and how a question goes into one.
+
+A template with the placeholder gets the question in its place; one without it (a mutant that lost it, e.g. every
+``expand`` mutant) gets the question appended (``join``):
+
+- ``concat`` (default): ``template + question``, nothing in between, as the reference does
+  (Aegis1863/LLMs-Distillation-Quantification, ``easyjailbreak/attacker/Gptfuzzer_Identity.py:117-120``, and
+  ``:161-164`` in ``single_attack``; its templates carry ``{query}`` where ours carry ``[INSERT PROMPT HERE]``).
+- ``blank-line``: the template's trailing whitespace removed, a blank line, then the question (lmdistill before
+  issue 29; ``--join blank-line``, and ``--mode lmdistill``'s default).
+"""
 
 from __future__ import annotations
 
@@ -21,10 +31,18 @@ def load_templates() -> list[str]:
     return list(_load())
 
 
-def fill(template: str, question: str) -> str:
-    """Put ``question`` where the placeholder is; a template that lost it gets the question appended."""
+JOINS = ("concat", "blank-line")
+
+
+def fill(template: str, question: str, join: str = "concat") -> str:
+    """Put ``question`` where the placeholder is; a template that lost it gets the question appended by ``join``
+    (see the module docstring)."""
+    if join not in JOINS:
+        raise ValueError(f"unknown join {join!r}; choose one of {', '.join(JOINS)}")
     if PLACEHOLDER in template:
         return template.replace(PLACEHOLDER, question)
+    if join == "concat":
+        return template + question
     return f"{template.rstrip()}\n\n{question}"
 
 

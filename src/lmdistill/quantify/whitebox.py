@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from lmdistill.data.prompt_prefix import encode_prompt
 from lmdistill.errors import ConfigError
 from lmdistill.io import iter_jsonl_rows, write_json, write_jsonl, write_text
 from lmdistill.losses.divergences import per_token_divergence
@@ -36,7 +37,7 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
         text = f"user: {prompt}\nassistant: "
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode_prompt(text, tokenizer)   # the tokenizer's <bos> first (Gemma), once
 
 
 def _cut(resp: list[int], eos_ids: set[int]) -> list[int]:

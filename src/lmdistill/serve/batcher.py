@@ -219,6 +219,7 @@ class Batcher:
     def _fast(self, seq: _Seq) -> bool:
         """Whether ``seq`` runs on the fast path (checked when it joins: hooks, dtype, length)."""
         from lmdistill.generation.fast_decoder import unsupported_reason
+        from lmdistill.generation.runner import note_hf_fallback
 
         if self.backend == "hf":
             return False
@@ -228,12 +229,12 @@ class Batcher:
             if self._rows:
                 return False  # rows of the old model still run; this one goes the HF way
             self._slots = None
-        if self._slots is None:
-            if unsupported_reason(model, total) is not None:
-                return False
-            self._slots = SlotBatch(model, self.max_batch, self.engine.max_positions or DEFAULT_POSITIONS)
-        elif unsupported_reason(model, total) is not None:
+        why = unsupported_reason(model, total)
+        if why is not None:
+            note_hf_fallback(model, why)
             return False
+        if self._slots is None:
+            self._slots = SlotBatch(model, self.max_batch, self.engine.max_positions or DEFAULT_POSITIONS)
         return self._slots.fits(total)
 
     def _admit(self, seq: _Seq) -> None:

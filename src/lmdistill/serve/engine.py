@@ -26,6 +26,7 @@ from typing import Iterator
 
 import torch
 
+from lmdistill.data.prompt_prefix import add_prompt_prefix
 from lmdistill.errors import LmdistillError
 from lmdistill.generation.sampling import filter_logits
 from lmdistill.models.kv_cache import cache_kwargs
@@ -202,6 +203,7 @@ class ChatEngine:
     def prompt_ids(self, messages: list[dict], max_tokens: int) -> list[int]:
         ids = self.encode(self.prompt_text(messages), max_tokens, truncate=self.truncate_prompt,
                           add_special_tokens=False, what="the messages use")
+        ids = add_prompt_prefix(ids, self.tokenizer)   # Gemma's <bos> unless the chat template rendered it
         return self.fit(ids, max_tokens, truncate=self.truncate_prompt, what="the messages use")
 
     def encode(self, text: str, max_tokens: int, *, truncate: bool = False, add_special_tokens: bool = False,

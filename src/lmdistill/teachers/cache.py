@@ -3,7 +3,9 @@
 Layout of a cache folder::
 
     manifest.json        what it was captured from (teacher fingerprint, tokenizer hash, template, lengths, K,
-                         temperature, data hash) and, once complete, the totals (rows, tokens, bytes per token)
+                         temperature, data hash), ``shard_files`` (each shard's size, SHA-256, row range and first
+                         and last row id, added as each shard is written) and, once complete, the totals (rows,
+                         tokens, bytes per token)
     shard-00000.npz ...  ``shard_rows`` rows each, written atomically (a shard is whole or absent)
 
 A shard holds, for its rows in capture order: ``keys`` (each row's :func:`~.fingerprint.row_key`), ``lengths``
@@ -12,13 +14,18 @@ as differences to the previous id of the position: small numbers, which compress
 order, float16 or float32) and ``rest`` (log of the mass outside the top k, float32). Arrays are zlib-compressed
 (``numpy.savez_compressed``).
 
-``TeacherCache(dir)`` reads it: an index of every row key, shards decoded on demand (a bounded LRU), and
-``sparse_scores(rows, batch)`` giving a :class:`~lmdistill.losses.sparse.SparseTeacher` for a training micro-batch.
+``TeacherCache(dir)`` reads it: opening checks every shard's size against the manifest and indexes every row key;
+a shard is decoded on demand (a bounded LRU) from bytes whose SHA-256 matched the manifest; ``sparse_scores(rows,
+batch)`` gives a :class:`~lmdistill.losses.sparse.SparseTeacher` for a training micro-batch. A damaged shard
+(truncated, changed, missing, unreadable) is a :class:`DamagedCacheError` naming the shard, the rows it holds and the
+``lmdistill capture`` command that rewrites it (:mod:`.shards`).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -29,6 +36,8 @@ from lmdistill.errors import ConfigError
 from lmdistill.io import atomic_open, write_json
 from lmdistill.losses.sparse import SparseTeacher
 from lmdistill.teachers.fingerprint import row_key
+from lmdistill.teachers.shards import (DamagedCacheError, check_size, damaged_error, entry_problem, shard_entries,
+                                       shard_entry, unreadable)
 
 MANIFEST = "manifest.json"
 FORMAT = "lmdistill-teacher-cache/1"
@@ -51,17 +60,33 @@ def decode_ids(deltas: np.ndarray) -> np.ndarray:
     return np.cumsum(deltas.astype(np.int64), axis=1)
 
 
-def write_shard(path: Path, keys: list[str], parts: list[SparseTeacher], vocab: int, logprob_dtype: str) -> int:
-    """Write one shard atomically; returns its size in bytes."""
-    ids = torch.cat([p.ids for p in parts]).cpu()
+def write_shard(path: Path, keys: list[str], parts: list[SparseTeacher], vocab: int, logprob_dtype: str, *,
+                first_row: int = 0, ids: tuple[str, str] = ("", "")) -> dict:
+    """Write one shard atomically; returns its manifest entry (size, SHA-256 of the bytes written, rows, ids)."""
+    top = torch.cat([p.ids for p in parts]).cpu()
     lps = torch.cat([p.logprobs for p in parts]).cpu()
-    order = ids.argsort(dim=1)
-    ids, lps = ids.gather(1, order).numpy(), lps.gather(1, order).float().numpy()
+    order = top.argsort(dim=1)
+    top, lps = top.gather(1, order).numpy(), lps.gather(1, order).float().numpy()
     rest = torch.cat([p.rest for p in parts]).float().cpu().numpy()
+    buf = io.BytesIO()
+    np.savez_compressed(buf, keys=np.array(keys), lengths=np.array([len(p) for p in parts], dtype=np.int64),
+                        ids=encode_ids(top, vocab), logprobs=lps.astype(logprob_dtype), rest=rest)
+    data = buf.getvalue()
     with atomic_open(path, "wb") as f:
-        np.savez_compressed(f, keys=np.array(keys), lengths=np.array([len(p) for p in parts], dtype=np.int64),
-                            ids=encode_ids(ids, vocab), logprobs=lps.astype(logprob_dtype), rest=rest)
-    return path.stat().st_size
+        f.write(data)
+    return shard_entry(path.name, data, first_row, len(keys), ids)
+
+
+def read_shard_arrays(source: bytes | Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The named arrays of a shard (its bytes, or its file: then only those arrays are read); any failure to decode
+    them (a bad zip, a bad CRC, a missing or malformed array) is re-raised as ``ValueError`` with what the decoder
+    said."""
+    try:
+        with np.load(io.BytesIO(source) if isinstance(source, bytes) else source) as z:
+            return {k: z[k] for k in names}
+    except Exception as e:   # zipfile.BadZipFile, zlib.error, KeyError, EOFError, ValueError: the bytes are bad
+        kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+        raise ValueError(f"{kind}: {e}") from None
 
 
 def read_manifest(root: Path) -> dict | None:
@@ -69,12 +94,12 @@ def read_manifest(root: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ConfigError(f"{path}: not a teacher-cache manifest ({e}); remove the folder and capture again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ConfigError(f"{path}: not a teacher-cache manifest (format {manifest.get('format')!r}, "
-                          f"expected {FORMAT!r})")
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if fmt != FORMAT:
+        raise ConfigError(f"{path}: not a teacher-cache manifest (format {fmt!r}, expected {FORMAT!r})")
     return manifest
 
 
@@ -91,7 +116,11 @@ def write_manifest(root: Path, manifest: dict) -> None:
 class TeacherCache:
     """A captured cache, opened for training: ``sparse_scores(rows, batch)`` per micro-batch.
 
-    ``max_decoded_shards`` bounds the decoded shards kept in memory (least recently used first out).
+    Opening checks that every shard the manifest lists is there with its recorded size, and reads each shard's row
+    keys; each read of a shard's arrays checks its SHA-256 first. ``max_decoded_shards`` bounds the decoded shards
+    kept in memory (least recently used first out). A cache captured before shards had checksums is read with a
+    warning (its damage is found only when a shard cannot be decoded); rerunning its ``lmdistill capture`` command
+    adds them without recomputing anything.
     """
 
     def __init__(self, root: str | Path, *, max_decoded_shards: int = 32):
@@ -108,16 +137,22 @@ class TeacherCache:
         self.manifest = manifest
         self.temperature = float(manifest["temperature"])
         self.vocab = int(manifest["vocab"])
+        self.entries = shard_entries(manifest, self.root)   # None: a cache from before shard checksums
+        if self.entries is None:
+            warnings.warn(f"teacher: cache:{root} has no shard checksums (captured by an earlier lmdistill): damage "
+                          "is found only when a shard cannot be decoded; rerun its `lmdistill capture` command to "
+                          "add them (nothing is recomputed)", UserWarning, stacklevel=2)
+        n_shards = int(manifest["shards"])
+        bad = [(s, check_size(shard_path(self.root, s), self.entries[s] if self.entries else None))
+               for s in range(n_shards)]
+        bad = [(s, why) for s, why in bad if why]
+        if bad:
+            raise damaged_error(self.root, manifest, bad)
         self.index: dict[str, tuple[int, int, int]] = {}   # key -> (shard, first position, length)
-        for s in range(int(manifest["shards"])):
-            path = shard_path(self.root, s)
-            if not path.exists():
-                raise ConfigError(f"teacher: cache:{root}: {path.name} is missing; capture again into this folder "
-                                  "(the missing shards are recomputed)")
-            with np.load(path) as z:
-                keys, lengths = z["keys"], z["lengths"]
-            offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-            for key, off, n in zip(keys.tolist(), offsets.tolist(), lengths.tolist()):
+        for s in range(n_shards):
+            z = self._read(s, ("keys", "lengths"), verify=False)   # the full check comes when its scores are read
+            offsets = np.concatenate([[0], np.cumsum(z["lengths"])[:-1]])
+            for key, off, n in zip(z["keys"].tolist(), offsets.tolist(), z["lengths"].tolist()):
                 self.index.setdefault(key, (s, off, n))
         self._decoded: OrderedDict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
         self.max_decoded = max(1, int(max_decoded_shards))
@@ -132,14 +167,35 @@ class TeacherCache:
             raise ConfigError(f"{where}: cache:{self.root} was captured with other settings than this run "
                               f"({'; '.join(bad)}); capture again with this run's settings")
 
+    def _read(self, s: int, names: tuple[str, ...], verify: bool = True) -> dict[str, np.ndarray]:
+        """Arrays of shard ``s``: with ``verify`` decoded from bytes whose size and SHA-256 match the manifest, else
+        read lazily from the file (only those arrays); a damaged shard raises :class:`DamagedCacheError`."""
+        path = shard_path(self.root, s)
+        entry = self.entries[s] if self.entries else None
+        try:
+            if not verify:
+                return read_shard_arrays(path, names)
+            data = path.read_bytes()
+            why = entry_problem(data, entry)
+            if why is None:
+                return read_shard_arrays(data, names)
+        except OSError as e:
+            why = f"cannot be read ({e.strerror or e})"
+        except ValueError as e:   # undecodable: say first whether its bytes are not the ones captured
+            try:
+                why = entry_problem(path.read_bytes(), entry) or unreadable(e)
+            except OSError:
+                why = unreadable(e)
+        raise damaged_error(self.root, self.manifest, [(s, why)])
+
     def _shard(self, s: int):
         if s in self._decoded:
             self._decoded.move_to_end(s)
             return self._decoded[s]
-        with np.load(shard_path(self.root, s)) as z:
-            ids = torch.from_numpy(decode_ids(z["ids"]).astype(np.int32))   # int32 in memory, long per row
-            lps = torch.from_numpy(z["logprobs"].astype(np.float32))
-            rest = torch.from_numpy(z["rest"])
+        z = self._read(s, ("ids", "logprobs", "rest"))
+        ids = torch.from_numpy(decode_ids(z["ids"]).astype(np.int32))   # int32 in memory, long per row
+        lps = torch.from_numpy(z["logprobs"].astype(np.float32))
+        rest = torch.from_numpy(z["rest"])
         self._decoded[s] = (ids, lps, rest)
         if len(self._decoded) > self.max_decoded:
             self._decoded.popitem(last=False)
@@ -166,3 +222,7 @@ class TeacherCache:
             raise ConfigError(f"teacher: cache:{self.root} has {got} positions for this batch, the batch trains "
                               f"{expected}")
         return SparseTeacher.concat(parts)
+
+
+__all__ = ["DamagedCacheError", "MANIFEST", "SPEC_FIELDS", "TeacherCache", "read_manifest", "write_manifest",
+           "write_shard"]

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import yaml
 
+from lmdistill.data.templates import TEMPLATE_CHOICES
 from lmdistill.errors import ConfigError
 from lmdistill.generation import POLICIES as GENERATION_POLICIES
 from lmdistill.generation import NEEDS_TEACHER, SCORES_SEQUENCES, SamplingConfig
+from lmdistill.generation.policies.mixed import needs_teacher as mixed_needs_teacher
 from lmdistill.losses.objective import TERMS, check_objective, entry_name, entry_params, reads_teacher, term_class
 from lmdistill.teachers.spec import CACHE, LOCAL, SERVED, teacher_kind
 from lmdistill.train.sources import SOURCES, source_class
@@ -45,7 +47,7 @@ class TrainConfig:
     data: str = "dolly:train"
     valid_data: str = "dolly:valid"
     output_dir: str = "runs/train"
-    template: str = "alpaca"
+    template: str = "auto"                  # auto: chat when both tokenizers have a chat template, else alpaca
     max_prompt_length: int = 256
     max_length: int = 512
     max_train_examples: int = 0            # 0 = all
@@ -82,6 +84,8 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # every dropout of the student off, in training forwards too (TRL GKDConfig.disable_dropout; setup.py)
+    disable_dropout: bool = False
     # bookkeeping
     seed: int = 42
     save_steps: int = 50
@@ -90,6 +94,9 @@ class TrainConfig:
     eval_steps: int = 50
     eval_limit: int = 32                    # validation examples for ROUGE-L
     eval_max_new_tokens: int = 256         # validation ROUGE-L (best/) at the protocol's generation length
+    # validation after the last step: auto = when eval_steps fired during the run (best/ then covers the final
+    # weights); always; never. Validation samples eval_limit answers of at most eval_max_new_tokens tokens each.
+    final_validation: str = "auto"
     log_steps: int = 1
     max_bad_steps: int = 10
     teacher_dtype: str = "float32"
@@ -105,18 +112,20 @@ class TrainConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        generator = source_class(self.policy).generator_policy(self)
-        return generator in NEEDS_TEACHER or any(reads_teacher(e) for e in self.objective
-                                                   if e["weight"] > 0)
+        return samples_teacher(self) or any(reads_teacher(e) for e in self.objective if e["weight"] > 0)
 
-    def check(self) -> "TrainConfig":
-        if not self.student:
+    def check(self, require_models: bool = True) -> "TrainConfig":
+        """Refuse any setting that cannot run, naming its key. ``require_models=False`` (``--print-config``) lets
+        the student and the teacher be missing; everything else is checked the same."""
+        if not self.student and require_models:
             raise ConfigError("student: is required (a model folder or hub id)")
+        if self.template not in TEMPLATE_CHOICES:
+            raise ConfigError(f"template: must be one of {', '.join(TEMPLATE_CHOICES)}, got {self.template!r}")
         if self.policy not in POLICIES:
             raise ConfigError(f"policy: {self.policy!r} is not one of {', '.join(POLICIES)}")
         self.objective = check_objective(self.objective)
         self.sampling = check_sampling(self.sampling)
-        if self.needs_teacher and not self.teacher:
+        if self.needs_teacher and not self.teacher and require_models:
             terms = ", ".join(entry_name(e) for e in self.objective if reads_teacher(e)) or "none"
             raise ConfigError(f"teacher: is required for policy={self.policy} (terms that read the teacher: {terms})")
         if self.teacher:
@@ -130,6 +139,8 @@ class TrainConfig:
             raise ConfigError("lr_schedule: must be one of cosine, linear, constant")
         if self.mixed_precision not in ("auto", "no", "bf16"):
             raise ConfigError("mixed_precision: must be one of auto, no, bf16")
+        if self.final_validation not in ("auto", "always", "never"):
+            raise ConfigError(f"final_validation: must be auto, always or never, got {self.final_validation!r}")
         if self.checkpoint_format not in ("full", "sharded"):
             raise ConfigError("checkpoint_format: must be full or sharded")
         if self.chunked_loss:
@@ -187,6 +198,13 @@ def check_ranges(cfg: TrainConfig) -> None:
                           "no room would be left for the response")
 
 
+def samples_teacher(cfg: TrainConfig) -> bool:
+    """Whether the run's generator asks the teacher for tokens: a policy that always does, or ``mixed`` whose
+    off-policy rows are the teacher's samples (``sampling.mixed_off_policy: teacher``, TRL's ``seq_kd``)."""
+    generator = source_class(cfg.policy).generator_policy(cfg)
+    return generator in NEEDS_TEACHER or (generator == "mixed" and mixed_needs_teacher(cfg.sampling_config(0)))
+
+
 def check_teacher_use(cfg: TrainConfig) -> None:
     """A cached or served teacher gives top-k scores of whole sequences: refuse what needs more of it."""
     kind = teacher_kind(cfg.teacher)
@@ -194,8 +212,9 @@ def check_teacher_use(cfg: TrainConfig) -> None:
         return
     where = f"teacher: {cfg.teacher}"
     generator = source_class(cfg.policy).generator_policy(cfg)
-    if generator in NEEDS_TEACHER and generator not in SCORES_SEQUENCES:
-        raise ConfigError(f"{where}: policy {generator!r} needs the teacher at every generated token, so it needs a "
+    if samples_teacher(cfg) and generator not in SCORES_SEQUENCES:
+        what = "mixed with sampling.mixed_off_policy=teacher" if generator == "mixed" else repr(generator)
+        raise ConfigError(f"{where}: policy {what} needs the teacher at every generated token, so it needs a "
                           f"local teacher (teacher: PATH); a {'cached' if kind == CACHE else 'served'} teacher only "
                           f"scores whole sequences (policies that can use a served one: {', '.join(SCORES_SEQUENCES)})")
     if kind == CACHE and generator is not None:
@@ -445,7 +464,10 @@ def _set_term(objective: list, sub: str, value) -> list:
     return entries
 
 
-def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+def load_config(recipe: str | Path | None = None, overrides: list[str] = (), *,
+                require_models: bool = True) -> TrainConfig:
+    """The recipe's config with ``overrides`` applied, checked (``TrainConfig.check``; ``require_models=False``
+    lets the student and teacher be missing, for ``--print-config``)."""
     values: dict = recipe_values(recipe) if recipe is not None else {}
     for text in overrides:
         key, value = parse_override(text)
@@ -464,10 +486,22 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
             values[top] = d
         else:
             values[top] = _coerce(top, value, "override: ")
-    return TrainConfig(**values).check()
+    return TrainConfig(**values).check(require_models)
 
 
 def config_yaml(cfg: TrainConfig) -> str:
-    """The resolved config as YAML (``lmdistill train ... --print-config``); loadable as a recipe."""
-    return yaml.safe_dump({"base": "none", **dataclasses.asdict(cfg)}, sort_keys=False, default_flow_style=None,
+    """The resolved config as YAML (``lmdistill train ... --print-config``); loadable as a recipe. A student or a
+    teacher the run needs but the config lacks is printed empty and marked ``# required``."""
+    text = yaml.safe_dump({"base": "none", **dataclasses.asdict(cfg)}, sort_keys=False, default_flow_style=None,
                           width=120)
+    marks = {}
+    if not cfg.student:
+        marks["student"] = "required: a model folder or hub id"
+    if not cfg.teacher and cfg.needs_teacher:
+        marks["teacher"] = (f"required by this recipe: a model folder or hub id, cache:DIR or openai:NAME@URL")
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        key = line.partition(":")[0]
+        if key in marks and line == f"{key}: ''":
+            lines[i] = f"{line}  # {marks[key]}"
+    return "\n".join(lines) + "\n"

@@ -13,10 +13,13 @@ import torch
 from accelerate import Accelerator
 
 from lmdistill.data import load_examples, tokenize_examples
+from lmdistill.data.templates import AUTO, resolve_template
 from lmdistill.errors import ConfigError
 from lmdistill.losses.objective import entry_params, reads_teacher
 from lmdistill.models import load_model, load_tokenizer
+from lmdistill.runtime import rank_world
 from lmdistill.teachers import CACHE, LOCAL, TeacherCache, cache_dir, examples_hash, teacher_kind, tokenizer_hash
+from lmdistill.teachers.cache import read_manifest
 from lmdistill.teachers.served import ServedTeacher
 from lmdistill.train.config import TrainConfig
 
@@ -46,10 +49,51 @@ def check_tokenizers(student_tok, teacher_tok) -> None:
 
 
 def load_tokenizers(cfg: TrainConfig):
+    """The student's tokenizer, checked against a local teacher's; resolves ``cfg.template`` in place (``auto``
+    becomes ``alpaca`` or ``chat``, ``resolve_template``) so that the rows, the cache check, validation and the
+    run's ``config.json`` all see the template the run uses."""
     tokenizer = load_tokenizer(cfg.student)
+    teacher_tokenizer = None
     if cfg.teacher and teacher_kind(cfg.teacher) == LOCAL:
-        check_tokenizers(tokenizer, load_tokenizer(cfg.teacher))
+        teacher_tokenizer = load_tokenizer(cfg.teacher)
+        check_tokenizers(tokenizer, teacher_tokenizer)
+    cfg.template = run_template(cfg, tokenizer, teacher_tokenizer)
     return tokenizer
+
+
+def resolve_config_template(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``template: auto`` resolved in place from the models' tokenizers (``run_template``), for callers
+    that need the template a run will use before the run builds its pieces (its identity, ``train/ownership.py``).
+    A resolved template stays as it is; the run's ``load_tokenizers`` then only checks it again."""
+    if cfg.template == AUTO and cfg.student:
+        cfg.template = run_template(cfg, load_tokenizer(cfg.student))
+    return cfg
+
+
+def run_template(cfg: TrainConfig, tokenizer, teacher_tokenizer=None) -> str:
+    """``cfg.template`` resolved; ``auto`` is said once (by the main process). A local teacher's tokenizer is loaded
+    unless given. A cached teacher's ``auto`` is the template its capture recorded (the cache's rows were built with
+    it); a served teacher's tokenizer is not known here (it must equal the student's), so the student's decides."""
+    kind = teacher_kind(cfg.teacher) if cfg.teacher else None
+    if kind == LOCAL and teacher_tokenizer is None and cfg.template != "alpaca":
+        teacher_tokenizer = load_tokenizer(cfg.teacher)
+    if cfg.template == AUTO and kind == CACHE:
+        manifest = read_manifest(Path(cache_dir(cfg.teacher))) if Path(cache_dir(cfg.teacher)).is_dir() else None
+        if manifest and manifest.get("template") in ("alpaca", "chat"):
+            _say(f"template: {manifest['template']} (the template cache:{cache_dir(cfg.teacher)} was captured with)")
+            return manifest["template"]
+    roles = {"student": tokenizer}
+    if kind == LOCAL:
+        roles["teacher"] = teacher_tokenizer
+    template, note = resolve_template(cfg.template, roles)
+    if note:
+        _say(note)
+    return template
+
+
+def _say(line: str) -> None:
+    if rank_world()[0] == 0:   # no PartialState() here: it would start the process group before the run does
+        print(f"[lmdistill] {line}", flush=True)
 
 
 #: Tokenized training sets of this process, by content (examples, tokenizer, template, lengths): the demo's ten
@@ -79,7 +123,10 @@ def _tokenized_rows(examples, tokenizer, cfg: TrainConfig) -> tuple[list, list[s
 
 
 def load_rows(cfg: TrainConfig, tokenizer) -> tuple[list, list, list[str]]:
-    """Tokenized training rows, validation rows (the first ``eval_limit``) and the filters' reports."""
+    """Tokenized training rows, validation rows (the first ``eval_limit``) and the filters' reports; a template
+    still ``auto`` is resolved first (``run_template``)."""
+    if cfg.template == AUTO:
+        cfg.template = run_template(cfg, tokenizer)
     train = load_examples(cfg.data)
     examples = train.examples[: cfg.max_train_examples or None]
     rows, reports = _tokenized_rows(examples, tokenizer, cfg)
@@ -101,8 +148,34 @@ def load_student(cfg: TrainConfig, device):
         student = get_peft_model(student, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                      lora_dropout=cfg.lora_dropout,
                                                      target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM"))
+    if cfg.disable_dropout:
+        disable_dropout(student)
     student.train()
     return student
+
+
+#: Float attributes through which HF attention modules pass their dropout to the attention kernel in train mode
+#: (``dropout=0.0 if not self.training else self.attention_dropout``): not ``nn.Dropout`` modules.
+DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "attn_drop", "dropout", "dropout_p", "dropout_prob")
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout of ``model`` off, for good (train-mode forwards too): ``p = 0`` on each ``nn.Dropout`` (TRL's
+    ``disable_dropout_in_model``, trl/trainer/utils.py:182, applied to the whole model, LoRA's dropout included, by
+    ``GKDTrainer.__init__``, gkd_trainer.py:202-204), and 0 for the float dropout rates that attention modules and
+    the config hold (Llama's ``attention_dropout``, which TRL's loop does not reach; the exported folders' configs
+    then say 0 as well)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in DROPOUT_ATTRS:
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            for key, value in config.to_dict().items():
+                if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+                    setattr(config, key, 0.0)
 
 
 def load_teacher(cfg: TrainConfig, device, tokenizer=None):

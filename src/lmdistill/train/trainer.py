@@ -24,23 +24,25 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lmdistill.errors import LmdistillError
-from lmdistill.generation.policies import NEEDS_TEACHER
+from lmdistill.errors import LmdistillError, Stopped
 from lmdistill.generation.policies.scrg import scores_sequences
-from lmdistill.io import atomic_dir, write_json
+from lmdistill.io import atomic_dir, link_dir, write_json
 from lmdistill.losses.model_forward import shifted
+from lmdistill.models.model_card import copy_license_files
 from lmdistill.losses.objective import Objective
 from lmdistill.losses.term import TermInputs
 from lmdistill.train.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
-from lmdistill.train.config import TrainConfig
+from lmdistill.train.config import TrainConfig, samples_teacher
 from lmdistill.train.data_order import global_batch_indices, rank_slice
 from lmdistill.train.fsdp import (FullOptimizer, FullState, ShardedOptimizer, ShardedState, all_reduce_grads,
                                   clip_grad_norm, fsdp_requested, full_state_dict, gathered, local_param_bytes,
                                   release, shard)
+from lmdistill.runtime import StopSignals, rank_world
 from lmdistill.train.metrics_log import MetricsLog, plot_curves
+from lmdistill.train.ownership import RunLock, claim_folder, fingerprint, record_run, run_identity
 from lmdistill.train.sources import make_sequence_source
 from lmdistill.train.setup import (load_rows, load_student, load_teacher, load_tokenizers, make_accelerator,
-                                   make_optimizer, make_scheduler)
+                                   make_optimizer, make_scheduler, resolve_config_template)
 from lmdistill.train.validation import validate
 
 
@@ -61,7 +63,7 @@ class Callback:
 class Run:
     """State of one training run (models, objective, optimiser, data, sequence source); ``train()`` drives it."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool | str = False, callbacks=()):
+    def __init__(self, cfg: TrainConfig, resume: bool | str = False, callbacks=(), identity: dict | None = None):
         self.cfg, self.out, self.callbacks = cfg, Path(cfg.output_dir), list(callbacks)
         self.acc = make_accelerator(cfg)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
@@ -94,12 +96,14 @@ class Run:
         self.source = make_sequence_source(cfg)
         policy = self.source.generator_policy(cfg)
         # under FSDP2 generation decodes on gathered weights: the student's, and the teacher's when it samples
-        self.gather_for_generation = (student, self.local_teacher if policy in NEEDS_TEACHER else None) \
+        self.gather_for_generation = (student, self.local_teacher if samples_teacher(cfg) else None) \
             if self.fsdp and policy else ()
         self.state = {"step": 0, "bad_steps": 0, "skipped_steps": 0, "best_rouge": None, "best_step": None,
                       "sequences": None, "tokens_seen": 0}
         self.ckpt_root = self.out / "checkpoints"
         self.resumed_from = self.restore(resume) if resume else None
+        identity = run_identity(resolve_config_template(cfg))   # the template the run will use, not "auto" if identity is None else identity
+        self.state["run"] = {"fingerprint": fingerprint(identity), "identity": identity}   # in every checkpoint
 
     def restore(self, resume: bool | str) -> str:
         path, self.state = resume_checkpoint(self.ckpt_root, resume, self.modules(), self.checkpoint_optimizer(),
@@ -218,13 +222,45 @@ class Run:
                 metrics[k] = metrics.get(k, 0.0) + v / len(prepared)
         return metrics
 
+    def validation_due(self, step: int) -> bool:
+        """Every ``eval_steps``; after the last step as ``final_validation`` says (``auto``: when ``eval_steps``
+        fired during the run, so ``best/`` is chosen among the final weights too)."""
+        if step % self.cfg.eval_steps == 0:
+            return True
+        if step != self.cfg.max_steps or self.cfg.final_validation == "never":
+            return False
+        return self.cfg.final_validation == "always" or self.cfg.max_steps >= self.cfg.eval_steps
+
     def validate(self, step: int) -> dict:
+        cfg = self.cfg
+        if not getattr(self, "_told_validation", False) and self.rank == 0 and self.valid_rows:
+            print(f"[lmdistill] validation: {len(self.valid_rows)} examples of {cfg.valid_data} (eval_limit), answers "
+                  f"of at most {cfg.eval_max_new_tokens} new tokens (eval_max_new_tokens), every {cfg.eval_steps} "
+                  "steps (eval_steps)")
+            self._told_validation = True
         with gathered(self.student if self.fsdp else None):   # FSDP2: validation decodes on gathered weights
-            metrics = validate(self.unwrapped(), self.tokenizer, self.valid_rows, batch_size=self.cfg.micro_batch_size,
-                               max_new_tokens=self.cfg.eval_max_new_tokens, seed=self.cfg.seed,
-                               template=self.cfg.template)
+            metrics = validate(self.unwrapped(), self.tokenizer, self.valid_rows, batch_size=cfg.micro_batch_size,
+                               max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed, template=cfg.template,
+                               progress=cfg.progress and self.rank == 0)
         self.source.observe_validation(metrics)
         return metrics
+
+    def stop_agreed(self, stop: StopSignals) -> bool:
+        """Whether any process was asked to stop (every process takes the same decision at the same step)."""
+        asked = torch.tensor(float(stop.requested), device=self.acc.device)
+        return bool(self.all_sum(asked) > 0) if self.world > 1 else stop.requested
+
+    def stopped(self, step: int, stop: StopSignals, start: int) -> Stopped:
+        """Save a checkpoint of ``step`` (unless it has one already) and say what was kept."""
+        if step == start:
+            saved = f"no step had finished since {'the checkpoint it resumed from' if start else 'the start'}"
+        else:
+            path = self.ckpt_root / f"step-{step:07d}"
+            if not (path / "manifest.json").exists():
+                path = self.save(step)
+            saved = f"checkpoint {path} is verified; rerun with --resume to continue exactly from there"
+        name = stop.name or "signal"
+        return Stopped(f"{name} after step {step} of {self.cfg.max_steps}: {saved}", stop.exit_code or 130)
 
     # ------------------------------------------------------------------ export
     def export(self, name: str) -> Path:
@@ -239,6 +275,7 @@ class Run:
         with atomic_dir(path) as tmp:
             model.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
+            copy_license_files(self.cfg.student, tmp)   # the student's terms travel with it (Gemma's, section 3.1)
         return path
 
     def memory_report(self) -> dict:
@@ -264,14 +301,34 @@ class Run:
                                keep=self.cfg.keep_checkpoints, rank=self.rank, world=self.world)
 
 
-def train(cfg: TrainConfig, resume: bool | str = False, callbacks=()) -> dict:
-    """Run (or resume) training; returns the final state with the paths of the exported models."""
-    run = Run(cfg, resume, callbacks)
+def train(cfg: TrainConfig, resume: bool | str = False, callbacks=(), overwrite: bool = False) -> dict:
+    """Run (or resume) training; returns the final state with the paths of the exported models.
+
+    The output folder belongs to this run (``train/ownership.py``): it is locked while the run lives, a folder
+    holding another run is refused unless ``resume`` (same settings) or ``overwrite``. SIGTERM and SIGINT finish
+    the current optimiser step, save a verified checkpoint and raise :class:`~lmdistill.errors.Stopped`.
+    """
+    out = Path(cfg.output_dir)
+    rank = rank_world()[0]   # the launcher's RANK: the process group starts later, in Run
+    identity = run_identity(resolve_config_template(cfg))   # the template the run will use, not "auto"
+    lock = RunLock(out) if rank == 0 else None
+    try:
+        if rank == 0:
+            claim_folder(out, identity, resume, overwrite)
+        with StopSignals("finishing the current step, then saving a checkpoint") as stop:
+            return _train(Run(cfg, resume, callbacks, identity), resume, stop)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(run: Run, resume, stop: StopSignals) -> dict:
+    cfg = run.cfg
     main = run.rank == 0
     start = run.state["step"]
     log = MetricsLog(run.out, enabled=main, truncate_after=start if resume else 0)
     if main:
-        run.out.mkdir(parents=True, exist_ok=True)
+        record_run(run.out, run.state["run"]["identity"])
         write_json(run.out / "config.json", {**cfg.__dict__, "filters": run.filter_reports, "world_size": run.world})
         for r in run.filter_reports:
             print(f"[lmdistill] {r}")
@@ -281,45 +338,54 @@ def train(cfg: TrainConfig, resume: bool | str = False, callbacks=()) -> dict:
                dynamic_ncols=True)
     t0, tokens0 = time.time(), run.state["tokens_seen"]
     step = start
-    if start == 0 and run.source.needs_initial_validation and run.valid_rows:
-        log.write(0, run.validate(0))   # the source's reference point (e.g. DistiLLM's step-0 validation loss)
-    while step < cfg.max_steps:
-        metrics = run.step(step)
-        if metrics.get("skipped"):
-            if run.state["bad_steps"] >= cfg.max_bad_steps:
-                last = latest_checkpoint(run.ckpt_root)
-                raise TrainingError(f"stopped at step {step}: {run.state['bad_steps']} non-finite losses in a row "
-                                    f"(lower lr, check data); last good checkpoint: {last or 'none'}")
-            log.write(step + 1, {"skipped": 1, "skipped_total": run.state["skipped_steps"]})
+    try:
+        if start == 0 and run.source.needs_initial_validation and run.valid_rows:
+            log.write(0, run.validate(0))   # the source's reference point (e.g. DistiLLM's step-0 validation loss)
+        while step < cfg.max_steps and not run.stop_agreed(stop):
+            metrics = run.step(step)
+            if metrics.get("skipped"):
+                if run.state["bad_steps"] >= cfg.max_bad_steps:
+                    last = latest_checkpoint(run.ckpt_root)
+                    raise TrainingError(f"stopped at step {step}: {run.state['bad_steps']} non-finite losses in a row "
+                                        f"(lower lr, check data); last good checkpoint: {last or 'none'}")
+                log.write(step + 1, {"skipped": 1, "skipped_total": run.state["skipped_steps"]})
+                run.hook("on_step_end", step, metrics)
+                continue
             run.hook("on_step_end", step, metrics)
-            continue
-        run.hook("on_step_end", step, metrics)
-        step += 1
-        run.state["step"] = step
-        metrics["tokens_per_s"] = (run.state["tokens_seen"] - tokens0) / max(time.time() - t0, 1e-9)
-        if step % cfg.eval_steps == 0 or step == cfg.max_steps:
-            val = run.validate(step)
-            metrics.update(val)
-            rouge = val.get("val/rougeL")
-            if rouge is not None and (run.state["best_rouge"] is None or rouge > run.state["best_rouge"]):
-                run.state["best_rouge"], run.state["best_step"] = rouge, step
-                run.export("best")
-        if step % cfg.log_steps == 0 or step == cfg.max_steps:
-            log.write(step, metrics)
-        if step % cfg.save_steps == 0 or step == cfg.max_steps:
-            run.save(step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-    bar.close()
+            step += 1
+            run.state["step"] = step
+            metrics["tokens_per_s"] = (run.state["tokens_seen"] - tokens0) / max(time.time() - t0, 1e-9)
+            if run.validation_due(step):
+                val = run.validate(step)
+                metrics.update(val)
+                rouge = val.get("val/rougeL")
+                if rouge is not None and (run.state["best_rouge"] is None or rouge > run.state["best_rouge"]):
+                    run.state["best_rouge"], run.state["best_step"] = rouge, step
+                    if step < cfg.max_steps:   # at the last step best/ is final/: linked after the export
+                        run.export("best")
+            if step % cfg.log_steps == 0 or step == cfg.max_steps:
+                log.write(step, metrics)
+            if step % cfg.save_steps == 0 or step == cfg.max_steps:
+                run.save(step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if step < cfg.max_steps:   # a signal: keep what was done, say where
+            raise run.stopped(step, stop, start)
+    finally:
+        bar.close()
+        log.close()
     if run.fsdp:
         memory = run.memory_report()   # a collective
         if main:
             write_json(run.out / "fsdp.json", memory)
     final = run.export("final")
-    log.close()
-    result = {"final": str(final), "best": str(run.out / "best") if run.state["best_step"] else None,
-              "best_step": run.state["best_step"], "best_rougeL": run.state["best_rouge"],
-              "skipped_steps": run.state["skipped_steps"], "steps": step}
+    best = None
+    if run.state["best_step"] is not None:
+        best = str(run.out / "best")
+        if run.state["best_step"] == step and main:
+            link_dir(run.out / "best", "final")   # the same weights: a link, not a second copy
+    result = {"final": str(final), "best": best, "best_step": run.state["best_step"],
+              "best_rougeL": run.state["best_rouge"], "skipped_steps": run.state["skipped_steps"], "steps": step}
     if run.acc.device.type == "cuda":   # peak GPU memory of every rank (bench/gpu_check.sh prints it)
         peaks = [None] * run.world
         local = torch.cuda.max_memory_allocated(run.acc.device)

@@ -19,6 +19,7 @@ The validation prompts are the rows the caller tokenized (``train.setup.load_row
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from lmdistill.data.collate import collate_for_training
 from lmdistill.evaluate.predictors import Item, LocalPredictor
@@ -41,8 +42,9 @@ def validation_sampling(max_new_tokens: int, no_repeat_ngram_size: int = PROTOCO
 
 @torch.no_grad()
 def validate(model, tokenizer, rows, *, batch_size: int, max_new_tokens: int, seed: int, template: str,
-             no_repeat_ngram_size: int = PROTOCOL_NO_REPEAT_NGRAM) -> dict:
-    """``{"val/loss", "val/rougeL"}`` of ``model`` on tokenized validation ``rows`` (empty dict without rows)."""
+             no_repeat_ngram_size: int = PROTOCOL_NO_REPEAT_NGRAM, progress: bool = False) -> dict:
+    """``{"val/loss", "val/rougeL"}`` of ``model`` on tokenized validation ``rows`` (empty dict without rows);
+    ``progress`` shows a bar over the answers (the slow part: up to ``max_new_tokens`` tokens each)."""
     if not rows:
         return {}
     device = next(model.parameters()).device
@@ -58,9 +60,12 @@ def validate(model, tokenizer, rows, *, batch_size: int, max_new_tokens: int, se
     predictor = LocalPredictor.from_model(model, tokenizer, name="validation", template=template)
     sampling = validation_sampling(max_new_tokens, no_repeat_ngram_size)
     preds = []
-    for i in range(0, len(rows), batch_size):
-        items = [Item(r.example, prompt_ids=r.prompt_ids) for r in rows[i:i + batch_size]]
-        preds += [p.outputs[0] for p in predictor.predict(items, seed, sampling)]
+    with tqdm(total=len(rows), desc=f"validation ({max_new_tokens} new tokens at most)", unit="answer",
+              disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        for i in range(0, len(rows), batch_size):
+            items = [Item(r.example, prompt_ids=r.prompt_ids) for r in rows[i:i + batch_size]]
+            preds += [p.outputs[0] for p in predictor.predict(items, seed, sampling)]
+            bar.update(len(items))
     if was_training:
         model.train()
     return {"val/loss": total / max(count, 1.0), "val/rougeL": rouge_l_corpus(preds, [r.example.references for r in rows])}

@@ -1,5 +1,6 @@
 """``mixed``: per sequence, the student's sample with probability ``mixed_student_prob``, else the gold response
-(GKD's on-policy fraction, ImitKD), or the teacher's sample when a row has no gold.
+(GKD's on-policy fraction, ImitKD), or the teacher's sample when a row has no gold or ``mixed_off_policy`` is
+``teacher``.
 
 With ``mixed_coin: batch`` (the default, as TRL's ``GKDTrainer.training_step`` draws ``random.random() <= lmbda``
 once per call and the GKD paper's Algorithm 1 once per batch) the first row's coin decides for every row: the
@@ -8,6 +9,13 @@ the rows' noise keys, so they are as reproducible as the tokens. Gold responses
 are kept whole (``max_new_tokens`` bounds sampling, not the dataset's answer: an off-policy row trains on the
 complete gold response, as GKD's and ImitKD's off-policy batches do) and tagged 1 (off-policy, like teacher
 tokens); ``stats["origin"]`` tells ``student``, ``gold`` or ``teacher`` apart.
+
+``mixed_off_policy: teacher`` is TRL's ``seq_kd=True`` (trl/experimental/gkd/gkd_trainer.py:501-528, commit
+f2cd577): ``if random.random() <= lmbda`` the student generates, ``elif seq_kd`` the teacher generates with the
+same generation config, else the batch keeps its gold responses; the same loss then trains on whichever sequences
+came out. The student's coin is drawn first, so with it the student's share stays ``mixed_student_prob`` and the
+teacher writes the rest (no gold is used). The teacher's rows are exactly the ``teacher`` policy's sample for the
+same noise keys.
 """
 
 from __future__ import annotations
@@ -21,6 +29,12 @@ from lmdistill.generation.policies import teacher as teacher_policy
 COIN_STREAM = 0x5EED
 
 
+def needs_teacher(config, all_gold: bool = True) -> bool:
+    """Whether ``mixed`` may ask the teacher for a sample: some rows can lose the student's coin
+    (``mixed_student_prob < 1``) and then need the teacher (``mixed_off_policy: teacher``, or a row without gold)."""
+    return config.mixed_student_prob < 1 and (config.mixed_off_policy == "teacher" or not all_gold)
+
+
 def run(student, teacher, batch: Batch) -> Decoded:
     dev = batch.device
     coins = batch.noise.uniform(0, COIN_STREAM)[:, 0].tolist()
@@ -29,7 +43,8 @@ def run(student, teacher, batch: Batch) -> Decoded:
     origin = []
     for b, u in enumerate(coins):
         has_gold = batch.gold is not None and batch.gold[b] is not None
-        origin.append("student" if u < batch.config.mixed_student_prob else "gold" if has_gold else "teacher")
+        off = "gold" if has_gold and batch.config.mixed_off_policy == "gold" else "teacher"
+        origin.append("student" if u < batch.config.mixed_student_prob else off)
     gold_len = max((len(batch.gold[b]) for b, o in enumerate(origin) if o == "gold"), default=0)
     n = max(batch.max_new_tokens, gold_len)
     tokens = torch.full((batch.size, n), batch.pad_id, dtype=torch.long, device=dev)
