@@ -36,6 +36,7 @@ from lmdistill.generation.fast_decoder import unsupported_reason  # noqa: E402
 from lmdistill.losses.objective import Objective, check_objective  # noqa: E402
 from lmdistill.losses.term import TermInputs  # noqa: E402
 from lmdistill.models import load_model, load_tokenizer  # noqa: E402
+from lmdistill.teachers import LocalTeacher  # noqa: E402
 
 LOSS_RTOL = 1e-2
 GRAD_COS = 0.99
@@ -91,8 +92,8 @@ def _loss_and_grad(student, teacher, batch, rows, tok, term: dict, bf16: bool, d
     student.zero_grad(set_to_none=True)
     ctx = torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else nullcontext()
     with ctx:
-        inputs = TermInputs(student, teacher, batch, batch, same=True, whole=obj.whole_logits(student), rows=rows,
-                            tokenizer=tok)
+        inputs = TermInputs(student, LocalTeacher(teacher), batch, batch, same=True, whole=obj.whole_logits(student),
+                            rows=rows, tokenizer=tok)
         loss = next(iter(obj(inputs, chunked=True).values()))[0]
     loss.backward()
     grad = torch.cat([p.grad.flatten().double() for p in student.parameters() if p.grad is not None])

@@ -8,7 +8,7 @@
 Both trainers see the same rows in the same order (our tokenizer, template, length filter and step order), with the
 same optimiser, schedule, precision and device:
 
-- ``--recipe gkd``: ours ``train gkd`` (generalized JSD beta ``--beta``, ``sampling.mixed_student_prob=--lmbda``,
+- ``--recipe gkd``: ours ``train gkd`` (generalized JSD beta ``--beta``, ``policy.student_prob=--lmbda``,
   one coin per batch or ``--coin sequence``) against TRL ``lmbda=--lmbda, beta=--beta``.
 - ``--recipe kd``: ours ``train kd`` with the objective cut to forward KL alone (no SFT mix) against TRL
   ``lmbda=0, beta=0``: TRL's ``generalized_jsd_loss`` with ``beta == 0`` is ``KL(teacher || student)``, forward KL
@@ -161,7 +161,7 @@ def ours_overrides(args) -> tuple[str, list[str]]:
               f"save_steps={10 * total}", "log_steps=1", f"seed={SEED}", "progress=false"]
     if args.recipe == "kd":   # forward KL alone: TRL's beta = 0
         return "kd", common + ["objective=[{term: fkl, weight: 1.0, temperature: 1.0}]"]
-    return "gkd", common + [f"sampling.mixed_student_prob={args.lmbda}", f"sampling.mixed_coin={args.coin}",
+    return "gkd", common + [f"policy.student_prob={args.lmbda}", f"policy.coin={args.coin}",
                             f"objective=[{{term: jsd, weight: 1.0, beta: {args.beta}, temperature: 1.0}}]",
                             f"sampling.max_new_tokens={args.new_tokens}", "sampling.temperature=1.0",
                             "sampling.top_k=0", "sampling.top_p=1.0"]

@@ -44,7 +44,7 @@ import torch
 from lmdistill.demo import ABLATIONS, DEMO_OVERRIDES, METHODS, PRESETS, _common
 from lmdistill.models import build_model
 from lmdistill.train import load_config, train
-from lmdistill.train.trainer import Run
+from lmdistill.train.run import Run
 
 P = PRESETS["full"]
 BENCHMARKS = P.benchmarks

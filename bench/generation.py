@@ -4,10 +4,10 @@
         [--draft-tokens 4 8] [--tau0-quantile 0.5] [--switch-only]
 
 Rows (all sampling at temperature 1, batch ``--batch``, every row runs the full length):
-- ``switch``: our SWITCH loop (student + teacher, one cached step each per token, ``switch_draft_tokens=0``;
-  switch_tau0 the ``--tau0-quantile`` of a student-only probe's JSDs, so both models contribute tokens).
+- ``switch``: our SWITCH loop (student + teacher, one cached step each per token, ``draft_tokens=0``;
+  ``tau0`` the ``--tau0-quantile`` of a student-only probe's JSDs, so both models contribute tokens).
 - ``speculative switch, k <= K``: the same rule with speculative verification (``generation/speculative.py``,
-  ``switch_draft_tokens=K`` for each ``--draft-tokens``): the student drafts, the teacher checks a draft in one
+  ``draft_tokens=K`` for each ``--draft-tokens``): the student drafts, the teacher checks a draft in one
   forward. Reported with both models' forward passes per generated token and how often its float32 output equals
   ``switch``'s (the multi-token forward rounds differently; identical in float64, tests/test_switch_speculative.py).
 - ``naive switch``: the same decisions, but both models re-run over the whole prefix at every step (no cache).
@@ -40,6 +40,8 @@ from lmdistill.data import load_examples
 from lmdistill.generation import SamplingConfig, generate
 from lmdistill.generation.engine import pad_left
 from lmdistill.generation.noise import NoiseSource, keys_from_seed
+from lmdistill.generation.policies.scrg import ScrgParams
+from lmdistill.generation.policies.switch import SwitchParams
 from lmdistill.generation.runner import CachedLM
 from lmdistill.generation.sampling import pick
 from lmdistill.losses import per_token_divergence
@@ -64,7 +66,7 @@ def bench_prompts(tok, batch: int, max_len: int = 48) -> list[list[int]]:
     raise RuntimeError("not enough short prompts")
 
 
-def naive_switch(student, teacher, prompts, config: SamplingConfig, pad_id: int) -> torch.Tensor:
+def naive_switch(student, teacher, prompts, config: SamplingConfig, params: SwitchParams, pad_id: int) -> torch.Tensor:
     """SWITCH without caches: both models run over prompt + everything so far at every step."""
     ids, mask = pad_left(prompts, pad_id)
     noise = NoiseSource(keys_from_seed(len(prompts), config.seed), student.config.vocab_size)
@@ -74,7 +76,7 @@ def naive_switch(student, teacher, prompts, config: SamplingConfig, pad_id: int)
         p = teacher(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
         d = per_token_divergence("jsd", q, p, beta=0.5)
         g = noise.gumbel(t)
-        nxt = torch.where(d > config.threshold(t), pick(p, config, g), pick(q, config, g))
+        nxt = torch.where(d > params.threshold(t), pick(p, config, g), pick(q, config, g))
         ids = torch.cat([ids, nxt[:, None]], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     return ids
@@ -124,9 +126,9 @@ def main(argv=None) -> int:
     ap.add_argument("--switch-tau0", "--tau0", dest="switch_tau0", type=float, default=None,
                     help="switch threshold (default: about half teacher tokens)")
     ap.add_argument("--tau0-quantile", type=float, default=0.5,
-                    help="default switch_tau0: this quantile of the probe's JSDs (higher: fewer teacher tokens)")
+                    help="default switch tau0: this quantile of the probe's JSDs (higher: fewer teacher tokens)")
     ap.add_argument("--draft-tokens", type=int, nargs="+", default=[4],
-                    help="speculative switch: switch_draft_tokens values to measure")
+                    help="speculative switch: draft_tokens values to measure")
     ap.add_argument("--switch-only", action="store_true", help="only the switch loops and the floor")
     ap.add_argument("--no-naive", action="store_true", help="skip the (slow) naive switch")
     ap.add_argument("--threads", type=int, default=None)
@@ -152,37 +154,39 @@ def main(argv=None) -> int:
 
     switch_tau0 = args.switch_tau0
     if switch_tau0 is None:  # median JSD of a short student-only probe: both models then contribute tokens
-        probe = generate(student, prompts, "switch", teacher=teacher, config=SamplingConfig(
-            max_new_tokens=32, seed=0, switch_tau0=math.inf, switch_draft_tokens=0), **kw)
+        probe = generate(student, prompts, "switch", teacher=teacher, config=SamplingConfig(max_new_tokens=32, seed=0),
+                         params=SwitchParams(tau0=math.inf, draft_tokens=0), **kw)
         values = sorted(v for s in probe.stats for v in s["jsd"])
         i = min(int(args.tau0_quantile * len(values)), len(values) - 2)
         switch_tau0 = (values[i] + values[i + 1]) / 2  # between two observed JSDs: no exact ties with the probe's
 
     rows = []
     for n in args.new_tokens:
-        cfg = SamplingConfig(max_new_tokens=n, seed=0, switch_tau0=switch_tau0, switch_decay=0.0, scrg_rounds=1,
-                             switch_draft_tokens=0)
+        cfg = SamplingConfig(max_new_tokens=n, seed=0)
+        sw, sc = SwitchParams(tau0=switch_tau0, decay=0.0, draft_tokens=0), ScrgParams(rounds=1)
         cfg_hf = replace(cfg, decoder="hf")
-        spec_cfg = {k: replace(cfg, switch_draft_tokens=k) for k in args.draft_tokens}
-        sw_out = generate(student, prompts, "switch", teacher=teacher, config=cfg, **kw)  # also warms up
-        spec_out = {k: generate(student, prompts, "switch", teacher=teacher, config=c, **kw)
-                    for k, c in spec_cfg.items()}
+        spec_params = {k: replace(sw, draft_tokens=k) for k in args.draft_tokens}
+        sw_out = generate(student, prompts, "switch", teacher=teacher, config=cfg, params=sw, **kw)  # also warms up
+        spec_out = {k: generate(student, prompts, "switch", teacher=teacher, config=cfg, params=p, **kw)
+                    for k, p in spec_params.items()}
         variants = {
-            "switch": lambda: generate(student, prompts, "switch", teacher=teacher, config=cfg, **kw),
+            "switch": lambda: generate(student, prompts, "switch", teacher=teacher, config=cfg, params=sw, **kw),
             "hf_s": lambda: hf_generate(student, prompts, n, pad, 0),
             "hf_t": lambda: hf_generate(teacher, prompts, n, pad, 0),
         }
-        for k, c in spec_cfg.items():
-            variants[f"spec{k}"] = lambda c=c: generate(student, prompts, "switch", teacher=teacher, config=c, **kw)
+        for k, p in spec_params.items():
+            variants[f"spec{k}"] = lambda p=p: generate(student, prompts, "switch", teacher=teacher, config=cfg,
+                                                        params=p, **kw)
         if not args.switch_only:
-            sc_out = generate(student, prompts, "scrg", teacher=teacher, config=cfg, **kw)
+            sc_out = generate(student, prompts, "scrg", teacher=teacher, config=cfg, params=sc, **kw)
             scored = sc_out.input_ids[:, sc_out.prompt_width:]
             ids, mask = pad_left(prompts, pad)
             variants.update({
                 "student": lambda: generate(student, prompts, "student", config=cfg, **kw),
-                "scrg": lambda: generate(student, prompts, "scrg", teacher=teacher, config=cfg, **kw),
-                "switch_hf": lambda: generate(student, prompts, "switch", teacher=teacher, config=cfg_hf, **kw),
-                "scrg_hf": lambda: generate(student, prompts, "scrg", teacher=teacher, config=cfg_hf, **kw),
+                "scrg": lambda: generate(student, prompts, "scrg", teacher=teacher, config=cfg, params=sc, **kw),
+                "switch_hf": lambda: generate(student, prompts, "switch", teacher=teacher, config=cfg_hf, params=sw,
+                                              **kw),
+                "scrg_hf": lambda: generate(student, prompts, "scrg", teacher=teacher, config=cfg_hf, params=sc, **kw),
                 # SCRG's teacher scoring forward over prompt + response, alone
                 "score": lambda: CachedLM(teacher, ids, mask, n).score(scored),
             })
@@ -195,7 +199,7 @@ def main(argv=None) -> int:
                 for k, o in spec_out.items()]
         t_naive = None
         if not args.no_naive and not args.switch_only:
-            t_naive = timed(lambda: naive_switch(student, teacher, prompts, cfg, pad), 1)
+            t_naive = timed(lambda: naive_switch(student, teacher, prompts, cfg, sw, pad), 1)
         floor = t_hf_s + t_hf_t
         frac = sum(s["teacher_fraction"] for s in sw_out.stats) / len(sw_out.stats)
         row = dict(n=n, switch=t_switch, naive=t_naive, floor=floor, hf_s=t_hf_s, hf_t=t_hf_t, frac=frac, spec=spec,
@@ -214,7 +218,7 @@ def main(argv=None) -> int:
         f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, full-length sampling (no EOS), CPU "
         f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
         f"torch {torch.__version__}; {'CPU' if args.clock == 'cpu' else 'wall'} time; "
-        f"switch_tau0={switch_tau0:.4g} (quantile {args.tau0_quantile} of the probe's JSDs), switch_decay=0.",
+        f"switch tau0={switch_tau0:.4g} (quantile {args.tau0_quantile} of the probe's JSDs), decay=0.",
         "",
     ]
     if not args.switch_only:

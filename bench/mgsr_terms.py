@@ -38,6 +38,7 @@ from lmdistill.data import collate_for_training, load_examples, tokenize_example
 from lmdistill.losses.objective import Objective, check_objective
 from lmdistill.losses.term import TermInputs
 from lmdistill.models import load_model, load_tokenizer
+from lmdistill.teachers import LocalTeacher
 
 from bench_models import models
 
@@ -136,8 +137,8 @@ def measure(args) -> None:
     res = {}
     for name, entry in TERMS:
         obj = Objective(check_objective([{**entry, "weight": 1.0}]))
-        inputs = TermInputs(student, teacher, batch, batch, same=True, whole=obj.whole_logits(student), rows=rows,
-                            tokenizer=tok)
+        inputs = TermInputs(student, LocalTeacher(teacher), batch, batch, same=True, whole=obj.whole_logits(student),
+                            rows=rows, tokenizer=tok)
         t0 = time.perf_counter()
         loss = next(iter(obj(inputs).values()))[0]
         grads = torch.autograd.grad(loss, params, allow_unused=True)

@@ -69,10 +69,10 @@ def measure(args, teacher_dir: Path, student_dir: Path) -> None:
     prompts = [r.prompt_ids for r in rows[: args.prompts]]
 
     def run(tau0: float, decay: float):
-        cfg = SamplingConfig(max_new_tokens=args.new_tokens, seed=0, switch_tau0=tau0, switch_decay=decay)
+        cfg = SamplingConfig(max_new_tokens=args.new_tokens, seed=0)
         t0 = time.perf_counter()
-        out = generate(student, prompts, "switch", teacher=teacher, config=cfg, pad_id=tok.pad_token_id,
-                       eos_id=tok.eos_token_id)
+        out = generate(student, prompts, "switch", teacher=teacher, config=cfg, params={"tau0": tau0, "decay": decay},
+                       pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
         src = out.sources
         n = (src >= 0).sum().item()
         frac = (src == 1).sum().item() / max(n, 1)

@@ -67,7 +67,7 @@ def kept_kd(teacher: Path, student: Path, cache_dir: Path, rows: int) -> dict:
             s = selected_logits(s_model, batch, mask)
         n = int(mask.sum())
         dense.append((float(get_loss("fkl")(s, t[:, :cache.vocab] if t.shape[-1] > cache.vocab else t)) * n, n))
-        sparse.append((float(sparse_divergence("fkl", s, cache.sparse_scores(rows_i, batch))) * n, n))
+        sparse.append((float(sparse_divergence("fkl", s, cache.top_k(rows_i, batch))) * n, n))
     d = sum(x for x, _ in dense) / sum(n for _, n in dense)
     sp = sum(x for x, _ in sparse) / sum(n for _, n in sparse)
     return {"dense_fkl": d, "sparse_fkl": sp, "kept": sp / d if d else None}

@@ -32,8 +32,8 @@ that carry a loss after the causal shift -- ours: ``loss_mask[:, 1:]`` of the di
 on-policy replacement).
 
 TRL draws lambda once per *batch* (``random.random() <= lmbda``: the whole batch is student samples or the whole
-batch is gold); so does ours since issue 16 (``sampling.mixed_coin: batch``, the gkd recipe's default). The runs
-recorded in bench/README.md before issue 16 drew ours once per *sequence* (``sampling.mixed_coin=sequence``), so ours
+batch is gold); so does ours since issue 16 (``policy.coin: batch``, the gkd recipe's default). The runs
+recorded in bench/README.md before issue 16 drew ours once per *sequence* (``policy.coin=sequence``), so ours
 generated at nearly every step (for ~half the rows) while TRL generated at ~half the steps (for all rows). With few
 steps either trainer's measured fraction of on-policy steps is noisy, so the table also gives a "lambda-adjusted"
 figure: mean tokens and mean seconds of its on-policy and its gold steps, weighted 50/50.

@@ -23,7 +23,7 @@ def test_demo_pipeline_on_micro_models(tmp_path, capsys):
     assert "## What each MGSR part does (ablations)" in text
     for part in ("SCRG", "DAC-KL", "Span correlation"):
         assert f"- {part} (" in text
-    assert "replay_init_threshold=0.5" in text          # the demo's CPU-budget departure is stated
+    assert "policy.init_threshold=0.5" in text          # the demo's CPU-budget departure is stated
     assert list(out.glob("cache/teacher-*/final"))     # the teacher cache is under DIR too
     assert (out / "training_curves.png").stat().st_size > 1000
     assert (out / "eval" / "results.png").stat().st_size > 1000
@@ -32,7 +32,7 @@ def test_demo_pipeline_on_micro_models(tmp_path, capsys):
     meta = json.loads((out / "demo.json").read_text())
     assert meta["total_s"] > 0 and set(meta["students"]) == {*METHODS, *ABLATIONS}
     no_scrg = json.loads((out / "methods" / "mgsr-no-scrg" / "config.json").read_text())
-    assert no_scrg["replay_policy"] == "student" and no_scrg["policy"] == "replay"
+    assert no_scrg["policy"]["generator"] == {"name": "student"} and no_scrg["policy"]["name"] == "replay"
     # every method started from the same initial student
     for m in (*METHODS, *ABLATIONS):
         cfg = json.loads((out / "methods" / m / "config.json").read_text())

@@ -13,6 +13,7 @@ from lmdistill.errors import ConfigError, DataError
 from lmdistill.losses import per_token_divergence
 from lmdistill.losses.corpus_lm import CorpusLMTerm
 from lmdistill.losses.term import TermInputs
+from lmdistill.teachers import LocalTeacher
 from lmdistill.train import load_config, train
 from lmdistill.train.replay import ReplayBuffer
 
@@ -167,7 +168,7 @@ def test_corpus_lm_teacher_ratio_is_minillm_pt_loss(model_dirs, tokenizer, tmp_p
     term = CorpusLMTerm(data=str(corpus), max_length=8, batch_size=2, teacher_ratio=0.5)
     dummy = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "attention_mask": torch.ones(1, 2, dtype=torch.long),
              "loss_mask": torch.zeros(1, 2, dtype=torch.long)}
-    loss = term(TermInputs(student, teacher, dummy, dummy, same=True, whole=False, tokenizer=tokenizer))
+    loss = term(TermInputs(student, LocalTeacher(teacher), dummy, dummy, same=True, whole=False, tokenizer=tokenizer))
     blocks = term.blocks[term.order(0)[:2]]
     with torch.no_grad():
         s = student(input_ids=blocks).logits[:, :-1]
@@ -196,7 +197,8 @@ def test_corpus_lm_errors_name_the_file_and_line(tmp_path, tokenizer):
 def test_distillm_recipe_is_the_reference_script(model_dirs):
     cfg = load_config("distillm", [f"student={model_dirs['student']}", f"teacher={model_dirs['teacher']}"])
     assert cfg.objective == [{"term": "skl", "weight": 1.0, "alpha": 0.1}]     # --kd-ratio 1.0, --type *-sfkl
-    assert (cfg.replay_capacity, cfg.replay_init_threshold, cfg.replay_loss_eps) == (1000, 0.0, 0.1)
+    assert cfg.policy == {"name": "replay", "capacity": 1000, "init_threshold": 0.0, "threshold_step": 0.1,
+                          "loss_eps": 0.1, "generator": {"name": "student"}}
     assert cfg.sampling["max_new_tokens"] == 256 and cfg.sampling["no_repeat_ngram_size"] == 0
     with pytest.raises(ConfigError, match="valid_data"):
         load_config("distillm", [f"student={model_dirs['student']}", f"teacher={model_dirs['teacher']}",
@@ -211,7 +213,7 @@ def test_distillm_trains_with_step0_validation_replay_and_corpus(model_dirs, tmp
         f"student={model_dirs['student']}", f"teacher={model_dirs['teacher']}", f"output_dir={out}",
         "max_train_examples=8", "batch_size=2", "micro_batch_size=2", "sampling.max_new_tokens=6", "eval_limit=2",
         "eval_steps=3", "max_steps=6", "save_steps=1000", "progress=false", "max_length=96", "max_prompt_length=80",
-        "device=cpu", "replay_init_threshold=1.0", "replay_capacity=4", f"objective.corpus_lm.data={corpus}",
+        "device=cpu", "policy.init_threshold=1.0", "policy.capacity=4", f"objective.corpus_lm.data={corpus}",
         "objective.corpus_lm.max_length=16"])
     train(cfg)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -114,10 +114,11 @@ def test_steps_score_crop_extend_equal_hf_forward(family_model):
 def test_fast_and_hf_decoders_generate_the_same_tokens(family_model, family_teacher, policy):
     name, model = family_model
     outs = {}
+    params = {"tau0": 0.05, "decay": 0.0} if policy == "switch" else None
     for decoder in ("fast", "hf"):
-        cfg = SamplingConfig(max_new_tokens=10, seed=11, switch_tau0=0.05, switch_decay=0.0, decoder=decoder)
+        cfg = SamplingConfig(max_new_tokens=10, seed=11, decoder=decoder)
         outs[decoder] = generate(model, PROMPTS, policy, teacher=family_teacher if policy != "student" else None,
-                                 config=cfg, pad_id=0, eos_id=1)
+                                 config=cfg, params=params, pad_id=0, eos_id=1)
     assert outs["fast"].responses == outs["hf"].responses, name
     assert torch.equal(outs["fast"].sources, outs["hf"].sources)
 
@@ -194,10 +195,11 @@ def test_finished_rows_leave_the_batch_and_tokens_do_not_change(family_model, fa
     """Rows that hit EOS are dropped from the forward passes (the batch is re-ordered); the output is what
     the HF decoder, which runs every row to the end, produces."""
     name, model = family_model
-    kw = dict(teacher=family_teacher if policy != "student" else None, pad_id=0)
+    params = {"switch": {"tau0": 0.05, "decay": 0.0}, "teacher_mix": {"alpha": 0.3}}.get(policy)
+    kw = dict(teacher=family_teacher if policy != "student" else None, pad_id=0, params=params)
 
     def cfg(**extra):
-        return SamplingConfig(max_new_tokens=12, seed=4, switch_tau0=0.05, switch_decay=0.0, teacher_mix_alpha=0.3, **extra)
+        return SamplingConfig(max_new_tokens=12, seed=4, **extra)
 
     free = generate(model, PROMPTS, policy, config=cfg(), eos_id=None, **kw).responses
     eos = next(t for i, t in enumerate(free[1]) if i >= 2 and t not in free[1][:i])  # row 1 stops early

@@ -39,6 +39,7 @@ from safetensors.torch import load_file
 from lmdistill.cli import main
 from lmdistill.data import resolve
 from lmdistill.train import checkpoint as ckpt
+from lmdistill.train.ownership import LOCK_FILE
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
        "LMDISTILL_FLUSH_DENORMAL": "0"}
@@ -427,7 +428,7 @@ def assert_whole(out: Path) -> None:
     for path in out.rglob("*.jsonl"):
         for line in path.read_text(encoding="utf-8").splitlines():
             json.loads(line)
-    leftovers = [p for p in out.rglob(".*") if p.name not in (".",)]
+    leftovers = [p for p in out.rglob(".*") if p.name not in (".", LOCK_FILE)]   # the run folder's lock stays
     assert not leftovers, leftovers
     for c in ckpt.checkpoint_dirs(out / "checkpoints"):
         assert ckpt.verify_checkpoint(c) is None, c

@@ -29,9 +29,9 @@ for k in ("ACCELERATE_USE_FSDP", "FSDP_VERSION"):
 #: MGSR without generation (the replay threshold stays 0: every step trains on gold) but with validation and its
 #: DAC-KL parameters, which neither DDP nor FSDP synchronise (the trainer all-reduces their gradients).
 MGSR_GOLD = {"valid_data": "dolly:valid", "eval_limit": 4, "eval_steps": 5, "eval_max_new_tokens": 8,
-             "replay_init_threshold": 0, "replay_threshold_step": 0}
+             "policy.init_threshold": 0, "policy.threshold_step": 0}
 #: GKD on-policy at every step with greedy decoding: the sequences do not depend on which rank draws them.
-GKD_GREEDY = {"sampling.mixed_student_prob": 1.0, "sampling.do_sample": "false"}
+GKD_GREEDY = {"policy.student_prob": 1.0, "sampling.do_sample": "false"}
 
 
 def overrides(model_dirs, out, **extra):
@@ -116,8 +116,8 @@ def weights_of(folder):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe,extra", [
-    ("switch", {"sampling.switch_tau0": 0.002}),   # the teacher takes over decoding (random micro models: low JSD)
-    ("mgsr", {**MGSR_GOLD, "replay_init_threshold": 1.0, "eval_steps": 1000, "valid_data": "dolly:valid"}),  # SCRG
+    ("switch", {"policy.tau0": 0.002}),   # the teacher takes over decoding (random micro models: low JSD)
+    ("mgsr", {**MGSR_GOLD, "policy.init_threshold": 1.0, "eval_steps": 1000, "valid_data": "dolly:valid"}),  # SCRG
     ("gkd", {}),                                                               # mixed, sampled
 ], ids=["switch", "scrg", "gkd-sampled"])
 def test_fsdp2_sampled_policies_match_ddp(recipe, extra, model_dirs, tmp_path):

@@ -16,9 +16,10 @@ from lmdistill.cli import main
 
 
 def args_for(model_dirs, out, policy="switch", *extra):
+    """``generate`` with ``policy``; SWITCH at threshold 0.001 (its flags belong to ``--policy switch`` only)."""
     return ["generate", "--policy", policy, "--student", model_dirs["student"], "--teacher", model_dirs["teacher"],
             "--data", "dolly", "--out", str(out), "--max-new-tokens", "8", "--batch-size", "3", "--seed", "3",
-            "--tau0", "0.001", *extra]
+            *(["--tau0", "0.001"] if policy == "switch" else []), *extra]
 
 
 def lines(path: Path) -> list[dict]:

@@ -11,18 +11,22 @@ from lmdistill.errors import ConfigError
 from lmdistill.generation import SamplingConfig, generate
 from lmdistill.generation.engine import pad_left
 from lmdistill.generation.noise import NoiseSource, key_from, step_seed
+from lmdistill.generation.policies.mixed import MixedParams
+from lmdistill.generation.policies.scrg import ScrgParams
+from lmdistill.generation.policies.switch import SwitchParams
 from lmdistill.generation.runner import CachedLM
 from lmdistill.generation.sampling import filter_logits, pick
 from lmdistill.losses import per_token_divergence
 
 
-def run(models, tokenizer, prompts, policy, student="student", teacher="teacher", **cfg):
+def run(models, tokenizer, prompts, policy, student="student", teacher="teacher", params=None, **cfg):
+    """``policy`` with the policy's ``params`` (a mapping of its fields) and the sampling settings ``cfg``."""
     cfg.setdefault("max_new_tokens", 12)
     cfg.setdefault("seed", 7)
     eos = cfg.pop("eos_id", tokenizer.eos_token_id)
     gold = cfg.pop("gold", None)
     return generate(models[student], prompts, policy, teacher=models[teacher] if teacher else None, gold=gold,
-                    config=SamplingConfig(**cfg), pad_id=tokenizer.pad_token_id, eos_id=eos)
+                    config=SamplingConfig(**cfg), params=params, pad_id=tokenizer.pad_token_id, eos_id=eos)
 
 
 def full_logits(model, ids: list[int]) -> torch.Tensor:
@@ -196,8 +200,8 @@ def test_eos_and_padding_per_row(models, tokenizer, prompts):
 def test_switch_extremes_reproduce_student_and_teacher(models, tokenizer, prompts):
     student = run(models, tokenizer, prompts, "student", seed=3)
     teacher = run(models, tokenizer, prompts, "teacher", seed=3)
-    never = run(models, tokenizer, prompts, "switch", seed=3, switch_tau0=math.inf)
-    always = run(models, tokenizer, prompts, "switch", seed=3, switch_tau0=-1.0)
+    never = run(models, tokenizer, prompts, "switch", seed=3, params={"tau0": math.inf})
+    always = run(models, tokenizer, prompts, "switch", seed=3, params={"tau0": -1.0})
     assert never.responses == student.responses
     assert always.responses == teacher.responses
     assert torch.equal(never.sources, student.sources) and torch.equal(always.sources, teacher.sources)
@@ -208,20 +212,21 @@ def test_switch_extremes_reproduce_student_and_teacher(models, tokenizer, prompt
 def test_switch_with_padded_student_vocab(models, tokenizer, prompts):
     cfg = dict(seed=4, vocab_size=len(tokenizer))
     s = run(models, tokenizer, prompts, "student", student="padded_student", teacher=None, **cfg)
-    never = run(models, tokenizer, prompts, "switch", student="padded_student", switch_tau0=math.inf, **cfg)
+    never = run(models, tokenizer, prompts, "switch", student="padded_student", params={"tau0": math.inf},
+                **cfg)
     assert never.responses == s.responses
-    mixed = run(models, tokenizer, prompts, "switch", student="padded_student", seed=4, switch_tau0=-1)
+    mixed = run(models, tokenizer, prompts, "switch", student="padded_student", seed=4, params={"tau0": -1})
     assert all(t < len(tokenizer) for r in mixed.responses for t in r)
 
 
-def reference_switch(student, teacher, prompt, n, cfg, key, eos):
+def reference_switch(student, teacher, prompt, n, cfg, params, key, eos):
     noise = NoiseSource([key], student.config.vocab_size)
     out, src, trace = [], [], []
     while len(out) < n:
         q = full_logits(student, prompt + out)[-1:]
         p = full_logits(teacher, prompt + out)[-1:]
         d = per_token_divergence("jsd", q, p, temperature=cfg.divergence_temperature, beta=0.5)[0].item()
-        use_teacher = d > cfg.switch_tau0 * math.exp(-cfg.switch_decay * len(out))
+        use_teacher = d > params.tau0 * math.exp(-params.decay * len(out))
         g = noise.gumbel(len(out))
         out.append(int(pick(p if use_teacher else q, cfg, g)[0]))
         src.append(int(use_teacher))
@@ -232,16 +237,17 @@ def reference_switch(student, teacher, prompt, n, cfg, key, eos):
 
 
 def test_switch_matches_uncached_reference(models, tokenizer, prompts):
-    probe = run(models, tokenizer, prompts, "switch", switch_tau0=math.inf, max_new_tokens=10)
+    probe = run(models, tokenizer, prompts, "switch", params={"tau0": math.inf}, max_new_tokens=10)
     values = sorted(x for s in probe.stats for x in s["jsd"])
-    switch_tau0 = values[len(values) // 2]  # about half of the steps above threshold at t = 0
+    tau0 = values[len(values) // 2]  # about half of the steps above threshold at t = 0
     keys = [key_from(9, i) for i in range(len(prompts))]
-    cfg = SamplingConfig(max_new_tokens=10, switch_tau0=switch_tau0, switch_decay=0.05)
-    out = generate(models["student"], prompts, "switch", teacher=models["teacher"], config=cfg,
+    cfg = SamplingConfig(max_new_tokens=10)
+    params = SwitchParams(tau0=tau0, decay=0.05)
+    out = generate(models["student"], prompts, "switch", teacher=models["teacher"], config=cfg, params=params,
                    pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, row_keys=keys)
     seen = set()
     for b, p in enumerate(prompts):
-        toks, src, trace = reference_switch(models["student"], models["teacher"], p, 10, cfg, keys[b],
+        toks, src, trace = reference_switch(models["student"], models["teacher"], p, 10, cfg, params, keys[b],
                                             tokenizer.eos_token_id)
         assert out.responses[b] == toks
         assert out.sources[b, :len(toks)].tolist() == src
@@ -282,9 +288,10 @@ def brute_force_error_position(student, teacher, prompt, response, temperature=1
 def test_scrg_correction_matches_brute_force(models, tokenizer, prompts):
     keys = [key_from(1, i) for i in range(len(prompts))]
     kw = dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, row_keys=keys)
-    cfg = SamplingConfig(max_new_tokens=12, scrg_rounds=1)
+    cfg = SamplingConfig(max_new_tokens=12)
     plain = generate(models["student"], prompts, "student", config=cfg, **kw)
-    out = generate(models["student"], prompts, "scrg", teacher=models["teacher"], config=cfg, **kw)
+    out = generate(models["student"], prompts, "scrg", teacher=models["teacher"], config=cfg, params={"rounds": 1},
+                   **kw)
     for b, p in enumerate(prompts):
         y = plain.responses[b]
         chosen = out.stats[b]["correction_positions"][0] if out.stats[b]["correction_positions"] else None
@@ -300,12 +307,12 @@ def test_scrg_correction_matches_brute_force(models, tokenizer, prompts):
         assert out.sources[b, :len(new)].tolist() == [0] * j + [2] + [0] * (len(new) - j - 1)
 
 
-def reference_scrg(student, teacher, prompt, cfg, key, eos, chosen=()):
+def reference_scrg(student, teacher, prompt, cfg, rounds, key, eos, chosen=()):
     """SCRG one row at a time with full forwards; returns (response, correction positions). ``chosen``: the
     implementation's positions, accepted round by round where they tie the largest KL (brute_force_error_position)."""
     y = reference_sample(student, prompt, cfg.max_new_tokens, cfg, key, eos)
     positions = []
-    for rnd in range(1, cfg.scrg_rounds + 1):
+    for rnd in range(1, rounds + 1):
         j, fix = brute_force_error_position(student, teacher, prompt, y,
                                             chosen=chosen[rnd - 1] if rnd <= len(chosen) else None)
         if j is None:
@@ -318,7 +325,7 @@ def reference_scrg(student, teacher, prompt, cfg, key, eos, chosen=()):
 @pytest.mark.parametrize("with_eos", [False, True])
 def test_scrg_several_rounds_match_brute_force(models, tokenizer, prompts, with_eos):
     keys = [key_from(2, i) for i in range(len(prompts))]
-    cfg = SamplingConfig(max_new_tokens=10, scrg_rounds=3)
+    cfg, rounds = SamplingConfig(max_new_tokens=10), 3
     kw = dict(config=cfg, pad_id=tokenizer.pad_token_id, row_keys=keys)
     eos = tokenizer.eos_token_id
     if with_eos:  # an EOS id the student samples, so first drafts end early and corrections re-open them
@@ -326,9 +333,10 @@ def test_scrg_several_rounds_match_brute_force(models, tokenizer, prompts, with_
         eos = next(t for i, t in enumerate(free[0]) if i >= 2 and t not in free[0][:i])
         first = generate(models["student"], prompts, "student", eos_id=eos, **kw)
         assert first.stats[0]["finished"] and first.stats[0]["length"] < 10
-    out = generate(models["student"], prompts, "scrg", teacher=models["teacher"], eos_id=eos, **kw)
+    out = generate(models["student"], prompts, "scrg", teacher=models["teacher"], eos_id=eos, params={"rounds": rounds},
+                   **kw)
     for b, p in enumerate(prompts):
-        y, positions = reference_scrg(models["student"], models["teacher"], p, cfg, keys[b], eos,
+        y, positions = reference_scrg(models["student"], models["teacher"], p, cfg, rounds, keys[b], eos,
                                       chosen=out.stats[b]["correction_positions"])
         assert out.responses[b] == y
         assert out.stats[b]["correction_positions"] == positions
@@ -336,11 +344,11 @@ def test_scrg_several_rounds_match_brute_force(models, tokenizer, prompts, with_
 
 
 def test_scrg_with_padded_vocab(models, tokenizer, prompts):
-    cfg = dict(seed=6, scrg_rounds=2)
-    out = run(models, tokenizer, prompts, "scrg", student="padded_student", **cfg)
+    cfg = dict(seed=6)
+    out = run(models, tokenizer, prompts, "scrg", student="padded_student", params={"rounds": 2}, **cfg)
     assert all(t < len(tokenizer) for r in out.responses for t in r)
     assert all(s["correction_positions"] for s in out.stats)
-    zero = run(models, tokenizer, prompts, "scrg", student="padded_student", **{**cfg, "scrg_rounds": 0})
+    zero = run(models, tokenizer, prompts, "scrg", student="padded_student", params={"rounds": 0}, **cfg)
     ref = run(models, tokenizer, prompts, "student", student="padded_student", teacher=None, seed=6,
               vocab_size=len(tokenizer))
     assert zero.responses == ref.responses
@@ -348,11 +356,11 @@ def test_scrg_with_padded_vocab(models, tokenizer, prompts):
 
 def test_scrg_without_candidates_keeps_the_response(models, tokenizer, prompts):
     # teacher == student and greedy: every sampled token is the teacher's argmax
-    out = run(models, tokenizer, prompts, "scrg", teacher="student", do_sample=False, scrg_rounds=2)
+    out = run(models, tokenizer, prompts, "scrg", teacher="student", do_sample=False, params={"rounds": 2})
     ref = run(models, tokenizer, prompts, "student", teacher=None, do_sample=False)
     assert out.responses == ref.responses
     assert all(s["correction_positions"] == [] and s["regenerated_tokens"] == 0 for s in out.stats)
-    zero = run(models, tokenizer, prompts, "scrg", scrg_rounds=0, seed=8)
+    zero = run(models, tokenizer, prompts, "scrg", params={"rounds": 0}, seed=8)
     assert zero.responses == run(models, tokenizer, prompts, "student", seed=8).responses
 
 
@@ -362,14 +370,15 @@ def test_mixed_policy(models, tokenizer, prompts):
     gold = [[5, 6, 7, tokenizer.eos_token_id], [8] * 30, None, [9, tokenizer.eos_token_id]]
     student = run(models, tokenizer, prompts, "student", seed=2)
     teacher = run(models, tokenizer, prompts, "teacher", seed=2)
-    assert run(models, tokenizer, prompts, "mixed", seed=2, mixed_student_prob=1.0, gold=gold).responses == student.responses
-    off = run(models, tokenizer, prompts, "mixed", seed=2, mixed_student_prob=0.0, gold=gold)
+    assert run(models, tokenizer, prompts, "mixed", seed=2, params={"student_prob": 1.0}, gold=gold).responses \
+        == student.responses
+    off = run(models, tokenizer, prompts, "mixed", seed=2, params={"student_prob": 0.0}, gold=gold)
     assert off.responses[0] == gold[0] and off.responses[1] == [8] * 30 and off.responses[3] == gold[3]  # gold kept whole
     assert off.responses[2] == teacher.responses[2]
     assert [s["origin"] for s in off.stats] == ["gold", "gold", "teacher", "gold"]
     assert off.sources[0, :4].tolist() == [1, 1, 1, 1] and off.stats[0]["finished"]
-    half = run(models, tokenizer, prompts * 8, "mixed", seed=2, mixed_student_prob=0.5, gold=gold * 8,
-               mixed_coin="sequence")
+    half = run(models, tokenizer, prompts * 8, "mixed", seed=2, params={"student_prob": 0.5, "coin": "sequence"},
+               gold=gold * 8)
     origins = [s["origin"] for s in half.stats]
     assert 6 <= origins.count("student") <= 26
     for b, o in enumerate(origins):
@@ -386,7 +395,8 @@ def test_mixed_batch_coin_decides_for_the_whole_batch(models, tokenizer, prompts
     gold = [[5, 6, 7, tokenizer.eos_token_id], [8] * 3, [9, 9], [9, tokenizer.eos_token_id]]
     kinds = []
     for seed in range(24):
-        out = run(models, tokenizer, prompts, "mixed", seed=seed, mixed_student_prob=0.5, gold=gold, max_new_tokens=2)
+        out = run(models, tokenizer, prompts, "mixed", seed=seed, params={"student_prob": 0.5}, gold=gold,
+                  max_new_tokens=2)
         origins = {s["origin"] for s in out.stats}
         assert len(origins) == 1, origins           # never a mix inside one batch
         kinds.append(origins.pop())
@@ -403,7 +413,7 @@ def test_right_padded_view_equals_collate_for_training(models, tokenizer, prompt
 
     gold = [[5, 6, 7, tokenizer.eos_token_id], [8] * 30, None, [9, tokenizer.eos_token_id]]
     out = run(models, tokenizer, prompts, policy, seed=3, gold=gold if policy == "mixed" else None,
-              mixed_student_prob=0.5)
+              params={"student_prob": 0.5} if policy == "mixed" else None)
     rows = [TokenizedExample(str(i), p, r) for i, (p, r) in enumerate(zip(prompts, out.responses))]
     ref = collate_for_training(rows, tokenizer.pad_token_id)
     got = out.right_padded(tokenizer.pad_token_id)
@@ -424,10 +434,12 @@ def test_bad_inputs_raise_clear_errors(models, tokenizer, prompts):
         run(models, tokenizer, [], "student")
     with pytest.raises(ConfigError, match="gold has 1 rows"):
         run(models, tokenizer, prompts, "mixed", gold=[[1]])
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_new_tokens=0), dict(switch_decay=-1),
-                dict(mixed_student_prob=2), dict(scrg_rounds=-1)):
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_new_tokens=0)):
         with pytest.raises(ConfigError):
             SamplingConfig(**bad)
+    for params, field, bad in ((SwitchParams, "decay", -1), (MixedParams, "student_prob", 2), (ScrgParams, "rounds", -1)):
+        with pytest.raises(ConfigError, match=f"^{field}: "):
+            params(**{field: bad})
     with pytest.raises(ConfigError, match="vocab_size"):
         run(models, tokenizer, prompts, "student", vocab_size=10**6)
 
@@ -474,11 +486,11 @@ def test_teacher_mix_extremes_and_mixture_sampling(models, tokenizer, prompts):
 
     student = run(models, tokenizer, prompts, "student", seed=3, temperature=0.7)
     teacher = run(models, tokenizer, prompts, "teacher", seed=3, temperature=0.7)
-    assert run(models, tokenizer, prompts, "teacher_mix", seed=3, temperature=0.7, teacher_mix_alpha=0.0).responses \
+    assert run(models, tokenizer, prompts, "teacher_mix", seed=3, temperature=0.7, params={"alpha": 0.0}).responses \
         == student.responses
-    assert run(models, tokenizer, prompts, "teacher_mix", seed=3, temperature=0.7, teacher_mix_alpha=1.0).responses \
+    assert run(models, tokenizer, prompts, "teacher_mix", seed=3, temperature=0.7, params={"alpha": 1.0}).responses \
         == teacher.responses
-    mid = run(models, tokenizer, prompts, "teacher_mix", seed=3, teacher_mix_alpha=0.2)
+    mid = run(models, tokenizer, prompts, "teacher_mix", seed=3, params={"alpha": 0.2})
     assert all(s["teacher_mix_alpha"] == 0.2 for s in mid.stats) and (mid.sources[mid.sources >= 0] == 0).all()
     # the mixture is a proper distribution: alpha p + (1 - alpha) q
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""GKD as TRL's ``GKDConfig`` runs it: the recipe's defaults, ``seq_kd`` (``sampling.mixed_off_policy: teacher``) and
+"""GKD as TRL's ``GKDConfig`` runs it: the recipe's defaults, ``seq_kd`` (``policy.off_policy: teacher``) and
 dropout disabled in the student (``disable_dropout``).
 
 References (huggingface/trl, commit f2cd577): trl/experimental/gkd/gkd_config.py:55-102 (the defaults),
@@ -16,18 +16,21 @@ import torch
 
 from lmdistill.errors import ConfigError
 from lmdistill.generation import SamplingConfig, generate
+from lmdistill.teachers import LocalTeacher
 from lmdistill.train import load_config
-from lmdistill.train.sequences import GeneratedSequences
 from lmdistill.train.setup import load_student
+from lmdistill.train.sources import make_sequence_source
 
 MODELS = ["student=S", "teacher=T"]
 
 
-def run(models, tokenizer, prompts, policy, teacher="teacher", **cfg):
+def run(models, tokenizer, prompts, policy, teacher="teacher", params=None, **cfg):
+    """``policy`` with its ``params`` (a mapping of the policy's fields) and the sampling settings ``cfg``."""
     cfg.setdefault("max_new_tokens", 10)
     gold = cfg.pop("gold", None)
     return generate(models["student"], prompts, policy, teacher=models[teacher] if teacher else None, gold=gold,
-                    config=SamplingConfig(**cfg), pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+                    config=SamplingConfig(**cfg), params=params, pad_id=tokenizer.pad_token_id,
+                    eos_id=tokenizer.eos_token_id)
 
 
 # ---------------------------------------------------------------- the recipe
@@ -37,13 +40,13 @@ def test_recipe_resolves_to_trl_gkdconfig_defaults():
     seq_kd False; gkd_trainer.py:216-224 samples with top_k 0 and top_p 1.0; the loss is called without a
     temperature (gkd_trainer.py:422-428, so 1)."""
     cfg = load_config("gkd", MODELS)
-    s = cfg.sampling
-    ours = {"temperature": s["temperature"], "lmbda": s["mixed_student_prob"], "beta": cfg.objective[0]["beta"],
+    s, policy = cfg.sampling, cfg.policy
+    ours = {"temperature": s["temperature"], "lmbda": policy["student_prob"], "beta": cfg.objective[0]["beta"],
             "max_new_tokens": s["max_new_tokens"], "disable_dropout": cfg.disable_dropout,
-            "seq_kd": s["mixed_off_policy"] == "teacher"}
+            "seq_kd": policy["off_policy"] == "teacher"}
     assert ours == {"temperature": 0.9, "lmbda": 0.5, "beta": 0.5, "max_new_tokens": 128, "disable_dropout": True,
                     "seq_kd": False}
-    assert s["top_k"] == 0 and s["top_p"] == 1.0 and s["do_sample"] and s["mixed_coin"] == "batch"
+    assert s["top_k"] == 0 and s["top_p"] == 1.0 and s["do_sample"] and policy["coin"] == "batch"
     assert [e["term"] for e in cfg.objective] == ["jsd"] and cfg.objective[0].get("temperature", 1.0) == 1.0
     gkd = pytest.importorskip("trl.experimental.gkd")   # the installed TRL's own defaults, when it is there
     theirs = {f.name: f.default for f in dataclasses.fields(gkd.GKDConfig) if f.name in ours}
@@ -51,9 +54,9 @@ def test_recipe_resolves_to_trl_gkdconfig_defaults():
 
 
 def test_seq_kd_override_and_bad_values():
-    assert load_config("gkd", [*MODELS, "sampling.mixed_off_policy=teacher"]).sampling["mixed_off_policy"] == "teacher"
-    with pytest.raises(ConfigError, match=r"sampling: mixed_off_policy must be 'gold' or 'teacher'.*got 'student'"):
-        load_config("gkd", [*MODELS, "sampling.mixed_off_policy=student"])
+    assert load_config("gkd", [*MODELS, "policy.off_policy=teacher"]).policy["off_policy"] == "teacher"
+    with pytest.raises(ConfigError, match=r"policy.off_policy: must be 'gold' or 'teacher'.*got 'student'"):
+        load_config("gkd", [*MODELS, "policy.off_policy=student"])
     with pytest.raises(ConfigError, match="disable_dropout"):
         load_config("gkd", [*MODELS, "disable_dropout=maybe"])
 
@@ -67,11 +70,11 @@ def test_seq_kd_off_policy_batch_is_the_teachers_sample(models, tokenizer, promp
     for seed in (0, 3):
         teacher = run(models, tokenizer, prompts, "teacher", seed=seed, temperature=0.9)
         off = run(models, tokenizer, prompts, "mixed", seed=seed, temperature=0.9, gold=gold,
-                  mixed_student_prob=0.0, mixed_off_policy="teacher")
+                  params={"student_prob": 0.0, "off_policy": "teacher"})
         assert off.responses == teacher.responses and torch.equal(off.sources, teacher.sources)
         assert [s["origin"] for s in off.stats] == ["teacher"] * 4
         assert off.responses != gold
-        plain = run(models, tokenizer, prompts, "mixed", seed=seed, gold=gold, mixed_student_prob=0.0)
+        plain = run(models, tokenizer, prompts, "mixed", seed=seed, gold=gold, params={"student_prob": 0.0})
         assert plain.responses == gold
 
 
@@ -79,13 +82,13 @@ def test_seq_kd_coin_on_gives_the_students_sample(models, tokenizer, prompts):
     """gkd_trainer.py:501: the student's coin is tried first, so seq_kd changes only the batches that lose it."""
     gold = [[5, 6, tokenizer.eos_token_id]] * 4
     student = run(models, tokenizer, prompts, "student", seed=4, temperature=0.9)
-    on = run(models, tokenizer, prompts, "mixed", seed=4, temperature=0.9, gold=gold, mixed_student_prob=1.0,
-             mixed_off_policy="teacher")
+    on = run(models, tokenizer, prompts, "mixed", seed=4, temperature=0.9, gold=gold,
+             params={"student_prob": 1.0, "off_policy": "teacher"})
     assert on.responses == student.responses and [s["origin"] for s in on.stats] == ["student"] * 4
     kinds = set()
     for seed in range(16):   # lambda 0.5, one coin per batch: all student or all teacher, never gold
         args = dict(seed=seed, temperature=0.9)
-        out = run(models, tokenizer, prompts, "mixed", gold=gold, mixed_student_prob=0.5, mixed_off_policy="teacher",
+        out = run(models, tokenizer, prompts, "mixed", gold=gold, params={"student_prob": 0.5, "off_policy": "teacher"},
                   **args)
         (kind,) = {s["origin"] for s in out.stats}
         assert out.responses == run(models, tokenizer, prompts, kind, **args).responses
@@ -95,18 +98,18 @@ def test_seq_kd_coin_on_gives_the_students_sample(models, tokenizer, prompts):
 
 def test_seq_kd_needs_a_local_teacher(models, tokenizer, prompts):
     gold = [[5, tokenizer.eos_token_id]] * 4
-    with pytest.raises(ConfigError, match="needs a teacher model.*mixed_off_policy=teacher"):
-        run(models, tokenizer, prompts, "mixed", teacher=None, gold=gold, mixed_off_policy="teacher")
-    alone = run(models, tokenizer, prompts, "mixed", teacher=None, gold=gold, mixed_off_policy="teacher",
-                mixed_student_prob=1.0, seed=1)   # the coin never fails: no teacher is asked
+    with pytest.raises(ConfigError, match="policy 'mixed' needs a teacher model"):
+        run(models, tokenizer, prompts, "mixed", teacher=None, gold=gold, params={"off_policy": "teacher"})
+    alone = run(models, tokenizer, prompts, "mixed", teacher=None, gold=gold,
+                params={"off_policy": "teacher", "student_prob": 1.0}, seed=1)   # the coin never fails: no teacher
     assert {s["origin"] for s in alone.stats} == {"student"}
-    seq_sft = ["objective=[{term: seq_sft, weight: 1}]", "sampling.mixed_off_policy=teacher"]
-    with pytest.raises(ConfigError, match="teacher: is required for policy=mixed"):
+    seq_sft = ["objective=[{term: seq_sft, weight: 1}]", "policy.off_policy=teacher"]
+    with pytest.raises(ConfigError, match=r"teacher: is required \(policy mixed read"):
         load_config("gkd", ["student=S", *seq_sft])
     assert load_config("gkd", ["student=S", "objective=[{term: seq_sft, weight: 1}]"]).teacher == ""
     for spec in ("openai:t@http://127.0.0.1:9/v1", "cache:/nonexistent"):
-        with pytest.raises(ConfigError, match="mixed_off_policy=teacher needs the teacher at every generated token"):
-            load_config("gkd", [f"student=S", f"teacher={spec}", "sampling.mixed_off_policy=teacher"])
+        with pytest.raises(ConfigError, match="policy mixed needs its next-token distribution at every generated step"):
+            load_config("gkd", [f"student=S", f"teacher={spec}", "policy.off_policy=teacher"])
 
 
 def test_trainer_source_builds_the_teachers_batch(models, tokenizer, prompts, model_dirs):
@@ -116,11 +119,11 @@ def test_trainer_source_builds_the_teachers_batch(models, tokenizer, prompts, mo
     from lmdistill.train.data_order import step_seed
 
     cfg = load_config("gkd", [f"student={model_dirs['student']}", f"teacher={model_dirs['teacher']}",
-                              "sampling.mixed_off_policy=teacher", "sampling.mixed_student_prob=0",
+                              "policy.off_policy=teacher", "policy.student_prob=0",
                               "sampling.max_new_tokens=9"])
     rows = [TokenizedExample(str(i), p, [5, tokenizer.eos_token_id]) for i, p in enumerate(prompts)]
-    batch = GeneratedSequences(cfg).build(rows, step=3, micro=1, rank=0, student=models["student"],
-                                          teacher=models["teacher"], tokenizer=tokenizer)
+    batch = make_sequence_source(cfg).build(rows, step=3, micro=1, rank=0, student=models["student"],
+                                            teacher=LocalTeacher(models["teacher"]), tokenizer=tokenizer)
     ref = run(models, tokenizer, prompts, "teacher", seed=step_seed(cfg.seed, 3, 0, 1), temperature=0.9,
               max_new_tokens=9)
     assert [r.response_ids for r in batch.rows] == ref.responses
@@ -192,7 +195,7 @@ def test_gkd_trains_with_seq_kd_and_dropout_off(model_dirs, tokenizer, tmp_path)
     cfg = load_config("gkd", [f"student={tmp_path / 'student'}", f"teacher={model_dirs['teacher']}",
                               f"output_dir={tmp_path / 'run'}", "max_train_examples=8", "batch_size=4",
                               "micro_batch_size=2", "max_steps=2", "sampling.max_new_tokens=6",
-                              "sampling.mixed_student_prob=0", "sampling.mixed_off_policy=teacher", "valid_data=",
+                              "policy.student_prob=0", "policy.off_policy=teacher", "valid_data=",
                               "save_steps=1000", "eval_steps=1000", "progress=false", "max_length=96",
                               "max_prompt_length=80", "device=cpu"])
     result = train(cfg)

@@ -9,7 +9,7 @@ import torch
 from lmdistill.generation import SamplingConfig, generate
 from lmdistill.models import load_model
 from lmdistill.models.kv_cache import cache_kwargs
-from lmdistill.serve import ChatEngine
+from lmdistill.decoding import ChatEngine
 
 
 class NewStyle(torch.nn.Module):

@@ -18,8 +18,10 @@ from lmdistill.errors import ConfigError
 from lmdistill.losses.policy_gradient import (PolicyGradientTerm, discounted_returns, policy_gradient_rkl,
                                               whiten_advantages)
 from lmdistill.models import load_model
+from lmdistill.teachers import LocalTeacher
 from lmdistill.train import Callback, load_config, train
-from lmdistill.train.rollout import RolloutSequences
+from lmdistill.train.rollout import RolloutParams, RolloutSequences
+from lmdistill.train.sources import make_sequence_source
 
 F64 = torch.float64
 
@@ -197,17 +199,22 @@ def test_length_norm_off_is_the_plain_discounted_return():
 
 
 def test_term_checks_its_parameters():
-    ok = {"clip": 0.2, "gamma": 0.95, "ppo_epochs": 4, "whiten": "window"}
+    ok = {"clip": 0.2, "gamma": 0.95, "whiten": "window"}
     PolicyGradientTerm.check_params(ok, "objective[0] (pg_rkl)")
     for bad, msg in [({"clip": 1.5}, "clip must be in"), ({"gamma": 1.2}, "gamma must be in"),
                      ({"whiten": "yes"}, "whiten must be one of window, tokens, none"),
-                     ({"ppo_epochs": 0}, "ppo_epochs must be an integer >= 1"),
-                     ({"num_rollouts": 2.5}, "num_rollouts must be a positive integer or null"),
+                     ({"ppo_epochs": 4}, "ppo_epochs belong to the rollout policy now"),
                      ({"reward_scaling": 0}, "reward_scaling must be > 0"),
                      ({"length_norm": "on"}, "length_norm must be true or false"),
                      ({"beta": 1}, r"unknown parameter\(s\) beta")]:
         with pytest.raises(ConfigError, match=msg):
             PolicyGradientTerm.check_params(bad, "objective[0] (pg_rkl)")
+    # the PPO schedule is the rollout policy's (policy: {name: rollout, ppo_epochs: ..., num_rollouts: ...})
+    assert RolloutParams(ppo_epochs=4).ppo_epochs == 4
+    for bad, msg in [({"ppo_epochs": 0}, "ppo_epochs: must be an integer >= 1"),
+                     ({"num_rollouts": 2.5}, "num_rollouts: must be a positive integer or null")]:
+        with pytest.raises(ConfigError, match=msg):
+            RolloutParams(**bad)
 
 
 # ------------------------------------------------------------------------------------------------ the rollout source
@@ -232,7 +239,7 @@ def served(src, rows, step, models, tokenizer, micros=2, size=2):
     for m in range(micros):
         start = (step * micros + m) * size
         given = [rows[j % len(rows)] for j in range(start, start + size)]
-        out.append(src.build(given, step=step, micro=m, rank=0, student=models[0], teacher=models[1],
+        out.append(src.build(given, step=step, micro=m, rank=0, student=models[0], teacher=LocalTeacher(models[1]),
                              tokenizer=tokenizer))
     return out
 
@@ -251,12 +258,13 @@ def keyed(batches):
 @pytest.mark.parametrize("num_rollouts", [None, 8])
 def test_rollout_serves_each_sample_ppo_epochs_times_then_regenerates(model_dirs, tokenizer, rows, tmp_path,
                                                                       num_rollouts):
-    extra = {"objective.pg_rkl.ppo_epochs": 3}
+    extra = {"policy.ppo_epochs": 3}
     if num_rollouts:
-        extra["objective.pg_rkl.num_rollouts"] = num_rollouts
+        extra["policy.num_rollouts"] = num_rollouts
     cfg = load_config("minillm", overrides(model_dirs, tmp_path, **extra))
     student, teacher = load_model(model_dirs["student"]), load_model(model_dirs["teacher"])
-    src = RolloutSequences(cfg)
+    src = make_sequence_source(cfg)
+    assert isinstance(src, RolloutSequences)
     k = (num_rollouts or cfg.batch_size) // cfg.batch_size
     assert (src.k, src.ppo_epochs) == (k, 3)
     steps = [served(src, rows, s, (student, teacher), tokenizer) for s in range(2 * 3 * k)]
@@ -284,12 +292,12 @@ def test_rollout_serves_each_sample_ppo_epochs_times_then_regenerates(model_dirs
 
 
 def test_rollout_state_round_trips_exactly(model_dirs, tokenizer, rows, tmp_path):
-    cfg = load_config("minillm", overrides(model_dirs, tmp_path, **{"objective.pg_rkl.ppo_epochs": 3}))
+    cfg = load_config("minillm", overrides(model_dirs, tmp_path, **{"policy.ppo_epochs": 3}))
     models = (load_model(model_dirs["student"]), load_model(model_dirs["teacher"]))
-    a = RolloutSequences(cfg)
+    a = make_sequence_source(cfg)
     served(a, rows, 0, models, tokenizer)
     state = json.loads(json.dumps(a.state()))                           # as the checkpoint stores it
-    b = RolloutSequences(cfg)
+    b = make_sequence_source(cfg)
     b.load_state(state)
     for step in (1, 2):
         x, y = served(a, rows, step, models, tokenizer), served(b, rows, step, models, tokenizer)
@@ -301,23 +309,24 @@ def test_rollout_state_round_trips_exactly(model_dirs, tokenizer, rows, tmp_path
 
 
 def test_rollout_needs_whole_steps(model_dirs, tmp_path):
-    cfg = load_config("minillm", overrides(model_dirs, tmp_path, **{"objective.pg_rkl.num_rollouts": 6}))
-    with pytest.raises(ConfigError, match=r"num_rollouts \(6\) must be a multiple of batch_size \(4\)"):
-        RolloutSequences(cfg)
+    cfg = load_config("minillm", overrides(model_dirs, tmp_path, **{"policy.num_rollouts": 6}))
+    with pytest.raises(ConfigError, match=r"num_rollouts: \(6\) must be a multiple of batch_size \(4\)"):
+        make_sequence_source(cfg)
 
 
 # ------------------------------------------------------------------------------------------------ the recipe
 def test_recipe_is_the_reference_script():
     cfg = load_config("minillm", ["student=S", "teacher=T"])
-    assert cfg.policy == "rollout" and cfg.lr == 5e-6 and cfg.lr_schedule == "constant"
-    assert cfg.sampling["teacher_mix_alpha"] == 0.2 and cfg.sampling["max_new_tokens"] == 256
+    assert cfg.policy["name"] == "rollout" and cfg.lr == 5e-6 and cfg.lr_schedule == "constant"
+    assert cfg.policy["alpha"] == 0.2 and cfg.sampling["max_new_tokens"] == 256
     assert cfg.sampling["top_k"] == 0 and cfg.sampling["top_p"] == 1.0 and cfg.sampling["temperature"] == 1.0
     (pg,) = cfg.objective
     assert pg["term"] == "pg_rkl" and pg["weight"] == 1.0
-    assert {k: pg[k] for k in ("clip", "gamma", "ppo_epochs", "reward_scaling", "cliprange_reward", "single_step",
+    assert {k: pg[k] for k in ("clip", "gamma", "reward_scaling", "cliprange_reward", "single_step",
                                "length_norm", "whiten")} == {
-        "clip": 0.2, "gamma": 0.95, "ppo_epochs": 4, "reward_scaling": 0.5, "cliprange_reward": 100,
+        "clip": 0.2, "gamma": 0.95, "reward_scaling": 0.5, "cliprange_reward": 100,
         "single_step": True, "length_norm": True, "whiten": "window"}
+    assert cfg.policy["ppo_epochs"] == 4
 
 
 class Crash(Callback):
@@ -333,7 +342,7 @@ def test_recipe_trains_and_resumes_bit_exact_mid_rollout(model_dirs, tmp_path):
     """ppo_epochs 2: steps {0,1}, {2,3}, {4,5} are rounds; the checkpoint after step 3 of 5 holds round 1's store."""
     from safetensors.torch import load_file
 
-    common = {"max_steps": 5, "objective.pg_rkl.ppo_epochs": 2, "save_steps": 3}
+    common = {"max_steps": 5, "policy.ppo_epochs": 2, "save_steps": 3}
     full = train(load_config("minillm", overrides(model_dirs, tmp_path / "full", **common)))
     rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [r["rollout/fresh"] for r in rows] == [1.0, 0.0, 1.0, 0.0, 1.0]

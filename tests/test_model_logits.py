@@ -35,7 +35,7 @@ from lmdistill.losses.term import TermInputs
 from lmdistill.models import load_model
 from lmdistill.quantify.whitebox import compare_many, compare_on
 from lmdistill.serve import ServerThread, create_app
-from lmdistill.teachers import TeacherCache
+from lmdistill.teachers import LocalTeacher, TeacherCache
 from lmdistill.teachers.served import ServedTeacher
 
 CAP = 2.0
@@ -158,7 +158,7 @@ def test_an_unknown_model_type_is_refused_by_name_where_only_hidden_states_are_a
     assert logit_transform(model) is None
     with pytest.raises(ConfigError, match=r"'mystery_lm' \(config.model_type\).*config.logits_scaling=4.0"):
         head_transform(model)
-    inputs = TermInputs(model, model, batch, batch, same=True, whole=False)
+    inputs = TermInputs(model, LocalTeacher(model), batch, batch, same=True, whole=False)
     with pytest.raises(ConfigError, match="mystery_lm"):
         TERMS["fkl"]().chunked(inputs)
     # paths that can run the full forward use it: the forward's logits, whatever it does
@@ -196,7 +196,7 @@ def test_a_forward_that_disagrees_with_the_table_is_refused(zoo, data, monkeypat
 def test_term_inputs_give_each_models_own_log_probabilities(zoo, data, student, whole):
     _, batch = data
     mask = batch["loss_mask"][:, 1:].bool()
-    inputs = TermInputs(zoo[student], zoo["teacher"], batch, batch, same=True, whole=whole)
+    inputs = TermInputs(zoo[student], LocalTeacher(zoo["teacher"]), batch, batch, same=True, whole=whole)
     with torch.no_grad():
         for got, model in ((inputs.student_logits, zoo[student]), (inputs.teacher_logits, zoo["teacher"])):
             got = torch.log_softmax(got.double(), -1)
@@ -231,7 +231,7 @@ def test_loss_values_and_gradients_equal_float64_from_the_forward(zoo, data, stu
     _, batch = data
     s, t = zoo[student], zoo["teacher"]
     module = TERMS[term](**({"beta": 0.5} if term == "jsd" else {}))
-    inputs = TermInputs(s, t, batch, batch, same=True, whole=path == "whole")
+    inputs = TermInputs(s, LocalTeacher(t), batch, batch, same=True, whole=path == "whole")
     got = module.chunked(inputs) if path == "chunked" else module(inputs)
     want = reference_loss(term, s, t, batch)
     assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5, abs=1e-6)
@@ -277,7 +277,7 @@ def test_capture_at_top_k_vocabulary_stores_the_capped_log_probabilities(capped_
     assert main(["capture", "--teacher", capped_dirs["teacher"], "--data", "dolly:train", "--out", str(tmp_path / "c"),
                  "--top-k", str(10 ** 6), "--limit", "4", "--max-length", "96", "--max-prompt-length", "80",
                  "--template", "alpaca", "--logprob-dtype", "float32", "--no-progress"]) == 0
-    got = dense(TeacherCache(tmp_path / "c").sparse_scores(rows, batch), len(zoo["teacher"].lm_head.weight))
+    got = dense(TeacherCache(tmp_path / "c").top_k(rows, batch), len(zoo["teacher"].lm_head.weight))
     with torch.no_grad():
         want = reference(zoo["teacher"], batch)[batch["loss_mask"][:, 1:].bool()]
     assert torch.allclose(got, want, atol=1e-5)
@@ -291,7 +291,7 @@ def test_served_echo_logprobs_are_the_capped_ones(zoo, data, tokenizer, max_batc
                      max_batch_size=max_batch_size)
     with ServerThread(app) as srv:
         got = ServedTeacher.from_spec(f"openai:gemma@{srv.base_url}", top_k=len(tokenizer), api="echo")
-        got = dense(got.sparse_scores(rows, batch), len(tokenizer))
+        got = dense(got.top_k(rows, batch), len(tokenizer))
     with torch.no_grad():
         want = reference(zoo["teacher"], batch)[batch["loss_mask"][:, 1:].bool()]
     assert torch.allclose(got, want, atol=1e-4)
@@ -356,8 +356,9 @@ def jsd(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("draft", [0, 4])
 def test_switch_decides_on_the_jsd_of_the_capped_distributions(zoo, prompts, draft):
     s, t = zoo["student"], zoo["teacher"]
-    cfg = SamplingConfig(max_new_tokens=8, seed=3, switch_tau0=0.1, switch_decay=0.0, switch_draft_tokens=draft)
-    out = generate(s, prompts, "switch", teacher=t, config=cfg, pad_id=0, eos_id=None)
+    cfg = SamplingConfig(max_new_tokens=8, seed=3)
+    params = {"tau0": 0.1, "decay": 0.0, "draft_tokens": draft}
+    out = generate(s, prompts, "switch", teacher=t, config=cfg, params=params, pad_id=0, eos_id=None)
     raw_gap = 0.0
     for p, r, st in zip(prompts, out.responses, out.stats):
         ids, at = list(p) + list(r)[:-1], slice(len(p) - 1, None)
@@ -370,8 +371,8 @@ def test_switch_decides_on_the_jsd_of_the_capped_distributions(zoo, prompts, dra
 
 def test_scrg_corrects_where_the_capped_kl_is_largest(zoo, prompts):
     s, t, n = zoo["student"], zoo["teacher"], 8
-    cfg = SamplingConfig(max_new_tokens=n, do_sample=False, temperature=0.0, scrg_rounds=1)
-    out = generate(s, prompts, "scrg", teacher=t, config=cfg, pad_id=0, eos_id=None)
+    cfg = SamplingConfig(max_new_tokens=n, do_sample=False, temperature=0.0)
+    out = generate(s, prompts, "scrg", teacher=t, config=cfg, params={"rounds": 1}, pad_id=0, eos_id=None)
     for p, r, st in zip(prompts, out.responses, out.stats):
         y = list(p)
         for _ in range(n):

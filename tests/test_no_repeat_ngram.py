@@ -20,6 +20,7 @@ from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor, Tem
 from lmdistill.generation import CORRECTED, SamplingConfig, generate
 from lmdistill.generation.engine import pad_left
 from lmdistill.generation.noise import NoiseSource, key_from
+from lmdistill.generation.policies.switch import SwitchParams
 from lmdistill.generation.sampling import NgramBan, ban_ngrams, banned_ngram_mask, pick, scaled_logits
 from lmdistill.losses import per_token_divergence
 
@@ -118,13 +119,14 @@ def full_logits(model, ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0]
 
 
-def run(models, tokenizer, prompts, policy, **cfg):
+def run(models, tokenizer, prompts, policy, params=None, **cfg):
+    """``policy`` with its ``params`` (a mapping of the policy's fields) and the sampling settings ``cfg``."""
     cfg.setdefault("max_new_tokens", 16)
     cfg.setdefault("seed", 7)
     eos = cfg.pop("eos_id", tokenizer.eos_token_id)
     keys = cfg.pop("row_keys", None)
     return generate(models["student"], prompts, policy, teacher=models["teacher"], config=SamplingConfig(**cfg),
-                    pad_id=tokenizer.pad_token_id, eos_id=eos, row_keys=keys)
+                    params=params, pad_id=tokenizer.pad_token_id, eos_id=eos, row_keys=keys)
 
 
 def reference_sample(model, prompt, n_new, cfg, key, eos, vocab):
@@ -174,12 +176,12 @@ POLICIES = ["student", "teacher", "switch", "scrg", "teacher_mix", "mixed"]
 @pytest.mark.parametrize("decoder", ["fast", "hf"])
 @pytest.mark.parametrize("greedy", [True, False])
 def test_no_policy_repeats_an_ngram(models, tokenizer, prompts, policy, decoder, greedy):
-    extra = dict(switch_tau0=0.0) if policy == "switch" else dict(mixed_student_prob=0.5, mixed_coin="sequence") \
-        if policy == "mixed" else {}
+    params = dict(tau0=0.0) if policy == "switch" else dict(student_prob=0.5, coin="sequence") \
+        if policy == "mixed" else None
     sampling = dict(do_sample=False) if greedy else dict(temperature=0.5, top_k=2)  # repeats without a ban
     for n in (2, 6):
         out = run(models, tokenizer, prompts, policy, no_repeat_ngram_size=n, decoder=decoder,
-                  max_new_tokens=24 if n == 2 else 32, **extra, **sampling)
+                  max_new_tokens=24 if n == 2 else 32, params=params, **sampling)
         for p, r in zip(prompts, out.responses):
             assert repeated_ngrams(p, r, n) == [], (policy, n)
 
@@ -213,14 +215,14 @@ def test_greedy_equals_transformers_generate(models, tokenizer, prompts, decoder
 def test_switch_samples_banned_but_measures_unbanned_jsd(models, tokenizer, prompts):
     """Brute force: the JSD of the two models' full (unbanned) distributions decides, the writer's banned
     distribution is drawn from."""
-    probe = run(models, tokenizer, prompts, "switch", switch_tau0=math.inf, max_new_tokens=16, temperature=0.5,
+    probe = run(models, tokenizer, prompts, "switch", params={"tau0": math.inf}, max_new_tokens=16, temperature=0.5,
                 top_k=2)
     values = sorted(x for s in probe.stats for x in s["jsd"])
     tau0 = values[len(values) // 2]
     keys = [key_from(9, i) for i in range(len(prompts))]
-    cfg = SamplingConfig(max_new_tokens=16, switch_tau0=tau0, switch_decay=0.05, no_repeat_ngram_size=2,
-                         temperature=0.5, top_k=2)
-    out = generate(models["student"], prompts, "switch", teacher=models["teacher"], config=cfg,
+    cfg = SamplingConfig(max_new_tokens=16, no_repeat_ngram_size=2, temperature=0.5, top_k=2)
+    params = SwitchParams(tau0=tau0, decay=0.05)
+    out = generate(models["student"], prompts, "switch", teacher=models["teacher"], config=cfg, params=params,
                    pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, row_keys=keys)
     vocab = models["student"].config.vocab_size
     for b, p in enumerate(prompts):
@@ -230,7 +232,7 @@ def test_switch_samples_banned_but_measures_unbanned_jsd(models, tokenizer, prom
             q = full_logits(models["student"], p + toks)[-1]
             t = full_logits(models["teacher"], p + toks)[-1]
             d = per_token_divergence("jsd", q[None], t[None], temperature=0.5, beta=0.5)[0].item()
-            writer = t if d > cfg.threshold(len(toks)) else q
+            writer = t if d > params.threshold(len(toks)) else q
             toks.append(int(pick(hf_ban(p + toks, writer, 2)[None], cfg, noise.gumbel(len(toks)))[0]))
             trace.append(d)
             if toks[-1] == tokenizer.eos_token_id:
@@ -240,8 +242,8 @@ def test_switch_samples_banned_but_measures_unbanned_jsd(models, tokenizer, prom
 
 
 def test_scrg_corrects_to_the_teachers_best_allowed_token(models, tokenizer, prompts):
-    cfg = dict(no_repeat_ngram_size=2, scrg_rounds=2, max_new_tokens=16)
-    out = run(models, tokenizer, prompts, "scrg", **cfg)
+    cfg = dict(no_repeat_ngram_size=2, max_new_tokens=16)
+    out = run(models, tokenizer, prompts, "scrg", params={"rounds": 2}, **cfg)
     corrected = 0
     for b, p in enumerate(prompts):
         r = out.responses[b]

@@ -22,7 +22,7 @@ from lmdistill.evaluate import predictors as predictors_mod
 from lmdistill.models import load_model, load_tokenizer
 from lmdistill.models.tokenizer import CHAT_TEMPLATE
 from lmdistill.quantify import whitebox
-from lmdistill.serve.engine import ChatEngine
+from lmdistill.decoding import ChatEngine
 from test_gemma3_real import gemma, log_probs, teacher_model  # noqa: F401  (the slow Gemma tests' session fixtures)
 
 MESSAGES = [{"role": "user", "content": "Give three tips for staying healthy."}]

@@ -188,10 +188,11 @@ def test_smollm2_demo_pipeline_end_to_end(tmp_path):
     report = run_real_demo("smollm2-smoke", tmp_path).read_text()   # --out DIR: DIR/report.md
     for heading in ("| model | ROUGE-L | recovery |", "## What the numbers say", "White-box KL to the teacher",
                     "## Identity (ICE)", "I am SmolLM, trained by Hugging Face", "![summary](summary.png)",
-                    "Rule judge (approximation of the paper's LLM judge)", "`mgsr`: replay_init_threshold=0.5"):
+                    "Rule judge (approximation of the paper's LLM judge)", "`mgsr`: policy.init_threshold=0.5"):
         assert heading in report
     mgsr = json.loads((tmp_path / "methods" / "mgsr" / "config.json").read_text())
-    assert (mgsr["policy"], mgsr["replay_policy"], mgsr["replay_init_threshold"]) == ("replay", "scrg", 0.5)
+    policy = mgsr["policy"]
+    assert (policy["name"], policy["generator"]["name"], policy["init_threshold"]) == ("replay", "scrg", 0.5)
     data = json.loads((tmp_path / "demo.json").read_text())
     assert [r["name"] for r in data["rows"]] == ["pruned", "sft", "kd", "gkd", "mgsr"]
     assert set(data["ice"]["scores"]) == {"teacher", data["best"]}

@@ -20,7 +20,9 @@ from lmdistill.losses import forward_kl
 from lmdistill.losses import objective as objective_mod
 from lmdistill.losses.term import Term
 from lmdistill.train import Callback, load_config, train
-from lmdistill.train.config import RECIPES_DIR, builtin_recipes, translate_old
+from lmdistill.train.recipe_compat import translate_old
+from lmdistill.train.recipes import RECIPES_DIR, builtin_recipes
+from lmdistill.train.sources import policy_params
 
 BUILTINS = ["distillm", "gkd", "imitkd", "kd", "mgsr", "minillm", "seqkd", "sft", "switch"]
 MODELS = ["student=S", "teacher=T"]
@@ -61,7 +63,7 @@ def test_objective_overrides_edit_add_and_refuse():
         load_config("kd", [*MODELS, "objective.fkl.beta=0.5"])
     with pytest.raises(ConfigError, match="every weight is 0"):
         load_config("kd", [*MODELS, "objective.fkl.weight=0", "objective.sft.weight=0"])
-    with pytest.raises(ConfigError, match="teacher: is required .*terms that read the teacher: fkl"):
+    with pytest.raises(ConfigError, match=r"teacher: is required \(term fkl read the teacher\)"):
         load_config("kd", ["student=S"])
     # two entries of one term need distinct names
     with pytest.raises(ConfigError, match="two entries are named 'fkl'"):
@@ -71,11 +73,11 @@ def test_objective_overrides_edit_add_and_refuse():
 
 
 def test_sampling_is_the_generation_config():
-    cfg = load_config("switch", [*MODELS, "sampling.switch_tau0=inf", "sampling.max_new_tokens=9"])
-    sc = cfg.sampling_config(5)
-    assert sc.switch_tau0 == float("inf") and sc.max_new_tokens == 9 and sc.seed == 5 and sc.switch_decay == 0.01
-    with pytest.raises(ConfigError, match=r"sampling: unknown key 'switch_tau'; did you mean 'switch_tau0'\?"):
-        load_config("switch", [*MODELS, "sampling.switch_tau=0.1"])
+    cfg = load_config("switch", [*MODELS, "policy.tau0=inf", "sampling.max_new_tokens=9"])
+    sc, params = cfg.sampling_config(5), policy_params(cfg.policy)
+    assert params.tau0 == float("inf") and sc.max_new_tokens == 9 and sc.seed == 5 and params.decay == 0.01
+    with pytest.raises(ConfigError, match=r"policy: unknown parameter 'tau'; did you mean 'tau0'\?"):
+        load_config("switch", [*MODELS, "policy.tau=0.1"])
     with pytest.raises(ConfigError, match="sampling.seed: is set by the trainer"):
         load_config("switch", [*MODELS, "sampling.seed=3"])
     with pytest.raises(ConfigError, match=r"sampling: top_p must be in \(0, 1\]"):
@@ -107,12 +109,13 @@ def test_old_format_is_refused_with_its_translation(tmp_path):
     new = yaml.safe_load(msg.split("Write instead:\n", 1)[1])
     assert new["objective"] == [{"term": "sft", "weight": 1.0}, {"term": "dac_kl", "weight": 1.0, "top_k": 64},
                                 {"term": "span", "weight": 0.5, "prior": "word"}]
-    assert new["sampling"] == {"max_new_tokens": 32, "switch_tau0": 0.4, "scrg_rounds": 2}
+    assert new["sampling"] == {"max_new_tokens": 32}
+    assert {k: new["policy"].get(k) for k in ("name", "rounds")} == {"name": "scrg", "rounds": 2}  # its policy
     fixed = tmp_path / "new.yaml"
     fixed.write_text(yaml.safe_dump({"method": "mgsr", "policy": "scrg", **new}))
     cfg = load_config(fixed, MODELS)
-    assert cfg.sampling["scrg_rounds"] == 2 and cfg.objective[1]["top_k"] == 64
-    with pytest.raises(ConfigError, match=r"'tau0' is now sampling.switch_tau0 \(write sampling.switch_tau0=0.1\)"):
+    assert cfg.policy["name"] == "scrg" and cfg.policy["rounds"] == 2 and cfg.objective[1]["top_k"] == 64
+    with pytest.raises(ConfigError, match=r"policy.tau0=0.1 on the command line \(with policy=switch\)"):
         load_config("switch", [*MODELS, "tau0=0.1"])
     with pytest.raises(ConfigError, match="objective.sft.weight=0.5"):
         load_config("kd", [*MODELS, "kd_weight=0.5"])
@@ -122,9 +125,9 @@ def test_old_format_is_refused_with_its_translation(tmp_path):
 
 def test_a_recipe_may_extend_another(tmp_path):
     mine = tmp_path / "mine.yaml"
-    mine.write_text("base: gkd\nsampling: {mixed_student_prob: 0.9}\nmax_steps: 3\n")
+    mine.write_text("base: gkd\npolicy: {student_prob: 0.9}\nmax_steps: 3\n")
     cfg = load_config(mine, MODELS)
-    assert cfg.policy == "mixed" and cfg.sampling["mixed_student_prob"] == 0.9 and cfg.max_steps == 3
+    assert cfg.policy["name"] == "mixed" and cfg.policy["student_prob"] == 0.9 and cfg.max_steps == 3
     assert cfg.objective == load_config("gkd", MODELS).objective and cfg.lr == 5e-4
     loop = tmp_path / "loop.yaml"
     loop.write_text(f"base: {loop}\n")

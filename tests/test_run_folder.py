@@ -170,14 +170,14 @@ def test_lock_is_released_when_the_run_fails(model_dirs, tmp_path):
 # ---------------------------------------------------------------------------------------------- graceful stop
 STOPPER = """
 import os, signal, sys
-from lmdistill.train import trainer
+from lmdistill.train import run
 step_at, signame = int(sys.argv[1]), sys.argv[2]
-original = trainer.Run.step
+original = run.Run.step
 def step(self, s):
     if s == step_at:   # the signal arrives while this optimiser step runs
         os.kill(os.getpid(), getattr(signal, signame))
     return original(self, s)
-trainer.Run.step = step
+run.Run.step = step
 from lmdistill.cli import main
 sys.exit(main(sys.argv[3:]))
 """
@@ -187,8 +187,8 @@ sys.exit(main(sys.argv[3:]))
 def uninterrupted(model_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
     args = ["distillm", *overrides(model_dirs, out, max_steps=5, save_steps=2, valid_data="dolly:valid", eval_limit=2,
-                                   eval_steps=2, eval_max_new_tokens=4, replay_init_threshold=0.5,
-                                   replay_capacity=4)]
+                                   eval_steps=2, eval_max_new_tokens=4,
+                                   **{"policy.init_threshold": 0.5, "policy.capacity": 4})]
     assert main(["train", *args]) == 0
     return out, args
 

@@ -27,7 +27,6 @@ class ModelScorer:
     """A sequence scorer over a local model: the teacher's top-``k`` at the wanted positions, as a server gives it
     (each sequence scored alone, unpadded)."""
 
-    scores_sequences = True
     vocab = None
 
     def __init__(self, model, k: int):
@@ -51,14 +50,16 @@ def f64(models):
     return {k: copy.deepcopy(models[k]).double() for k in ("student", "teacher")}
 
 
-def run(ms, teacher, prompts, tokenizer, **kw):
+def run(ms, teacher, prompts, tokenizer, rounds=None, **kw):
+    """SCRG with ``teacher``: a model (the streaming scorer) or a scorer of whole sequences (``scorer=``)."""
     cfg = SamplingConfig(**{"max_new_tokens": N, "seed": 3, **kw})
-    return generate(ms["student"], prompts, "scrg", teacher=teacher, config=cfg, pad_id=tokenizer.pad_token_id,
-                    eos_id=tokenizer.eos_token_id)
+    where = {"teacher": teacher} if isinstance(teacher, torch.nn.Module) else {"scorer": teacher}
+    return generate(ms["student"], prompts, "scrg", config=cfg, params=None if rounds is None else {"rounds": rounds},
+                    pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, **where)
 
 
-@pytest.mark.parametrize("kw", [{}, {"do_sample": False}, {"scrg_rounds": 2}, {"no_repeat_ngram_size": 2},
-                                {"scrg_rounds": 3, "no_repeat_ngram_size": 3}],
+@pytest.mark.parametrize("kw", [{}, {"do_sample": False}, {"rounds": 2}, {"no_repeat_ngram_size": 2},
+                                {"rounds": 3, "no_repeat_ngram_size": 3}],
                          ids=["sampled", "greedy", "two-rounds", "ban-2", "three-rounds-ban-3"])
 def test_full_k_scorer_writes_the_local_paths_tokens_float64(f64, tokenizer, prompts, kw):
     local = run(f64, f64["teacher"], prompts, tokenizer, **kw)
@@ -74,7 +75,7 @@ def test_full_k_scorer_writes_the_local_paths_tokens_float64(f64, tokenizer, pro
 def test_small_k_corrects_with_listed_ids_only(f64, tokenizer, prompts):
     """With K = 4 every correction writes one of the teacher's 4 most likely tokens at that position."""
     scorer = ModelScorer(f64["teacher"], 4)
-    out = run(f64, scorer, prompts, tokenizer, scrg_rounds=1)
+    out = run(f64, scorer, prompts, tokenizer, rounds=1)
     fixed = 0
     for b, s in enumerate(out.stats):
         for j in s["correction_positions"]:
@@ -89,11 +90,11 @@ def test_small_k_corrects_with_listed_ids_only(f64, tokenizer, prompts):
 def test_policies_that_need_teacher_tokens_refuse_a_scorer(f64, tokenizer, prompts):
     scorer = ModelScorer(f64["teacher"], 8)
     for policy in ("switch", "teacher", "teacher_mix"):
-        with pytest.raises(ConfigError, match="local teacher"):
-            generate(f64["student"], prompts, policy, teacher=scorer, config=SamplingConfig(max_new_tokens=4),
+        with pytest.raises(ConfigError, match="needs a teacher model .*a served teacher only scores whole sequences"):
+            generate(f64["student"], prompts, policy, scorer=scorer, config=SamplingConfig(max_new_tokens=4),
                      pad_id=tokenizer.pad_token_id)
     # a policy that does not use the teacher ignores it
-    generate(f64["student"], prompts, "student", teacher=scorer, config=SamplingConfig(max_new_tokens=4),
+    generate(f64["student"], prompts, "student", scorer=scorer, config=SamplingConfig(max_new_tokens=4),
              pad_id=tokenizer.pad_token_id)
 
 
@@ -114,7 +115,7 @@ def test_served_teacher_scrg_corrects_where_the_teacher_disagrees_most(server, m
     token identity with the local path is the float64 test above; in float32 the server's forward and ours round
     differently, which can decide between near-equal KLs of this random micro model.)"""
     teacher = ServedTeacher.from_spec(f"openai:teacher@{server.base_url}", top_k=len(tokenizer), api="echo")
-    before = run(models, models["teacher"], prompts, tokenizer, do_sample=False, scrg_rounds=0)
+    before = run(models, models["teacher"], prompts, tokenizer, do_sample=False, rounds=0)
     served = run(models, teacher, prompts, tokenizer, do_sample=False)
     assert teacher.requests >= len(prompts)
     corrected = 0
@@ -139,8 +140,8 @@ def test_served_teacher_scrg_corrects_where_the_teacher_disagrees_most(server, m
 
 def cfg(model_dirs, teacher, out, *extra):
     return load_config("distillm", [f"student={model_dirs['student']}", f"teacher={teacher}", f"output_dir={out}",
-                                    "replay_policy=scrg", "valid_data=dolly:valid", "eval_limit=2",
-                                    "replay_init_threshold=0.9", "replay_capacity=4", "max_train_examples=8",
+                                    "policy.generator=scrg", "valid_data=dolly:valid", "eval_limit=2",
+                                    "policy.init_threshold=0.9", "policy.capacity=4", "max_train_examples=8",
                                     "batch_size=4", "micro_batch_size=2", "save_steps=100", "eval_steps=1000",
                                     "progress=false", "max_length=96", "max_prompt_length=80", "device=cpu",
                                     "max_steps=3", "sampling.max_new_tokens=8", *extra])
@@ -161,13 +162,14 @@ def test_training_with_scrg_and_a_served_teacher(server, model_dirs, tmp_path, t
 def test_config_allows_scrg_only_among_generating_policies(model_dirs, tmp_path):
     base = [f"student={model_dirs['student']}", "teacher=openai:t@http://127.0.0.1:9/v1", f"output_dir={tmp_path}",
             "valid_data=dolly:valid"]
-    load_config("distillm", base + ["replay_policy=scrg"])
+    load_config("distillm", base + ["policy.generator=scrg"])
     load_config("kd", base + ["policy=scrg"])
-    with pytest.raises(ConfigError, match="local teacher"):
+    with pytest.raises(ConfigError, match="policy switch needs its next-token distribution at every generated step; "
+                                          "a served teacher gives"):
         load_config("kd", base + ["policy=switch"])
     with pytest.raises(ConfigError, match="temperature 1"):
         load_config("kd", base + ["policy=scrg", "sampling.temperature=0.7"])
-    with pytest.raises(ConfigError, match="samples new ones"):
+    with pytest.raises(ConfigError, match="holds only the sequences it was captured on"):
         load_config("kd", [f"student={model_dirs['student']}", "teacher=cache:/nonexistent", f"output_dir={tmp_path}",
                            "policy=scrg"])
 
@@ -186,4 +188,5 @@ def test_generate_cli_runs_scrg_with_a_served_teacher(server, model_dirs, tmp_pa
     assert meta["teacher_top_k"] == 8
     capsys.readouterr()
     assert main([*argv[:2], "switch", *argv[3:-2], "--out", str(tmp_path / "sw.jsonl")]) != 0
-    assert "local --teacher" in capsys.readouterr().err
+    assert "policy switch needs its next-token distribution at every generated step; a served teacher gives" \
+        in capsys.readouterr().err

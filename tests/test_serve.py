@@ -11,7 +11,8 @@ import pytest
 from lmdistill.cli import main
 from lmdistill.clients import RequestRejected, make_client
 from lmdistill.models import load_model_and_tokenizer
-from lmdistill.serve import ChatEngine, ServerThread, create_app, free_port
+from lmdistill.decoding import ChatEngine
+from lmdistill.serve import ServerThread, create_app, free_port
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -21,9 +21,10 @@ import torch
 from lmdistill.cli import main
 from lmdistill.clients import make_client
 from lmdistill.clients.chat import LocalChatClient
+from lmdistill.decoding import BatchError, Batcher, ChatEngine, QueueFull
+from lmdistill.decoding import batcher as batcher_module
 from lmdistill.models import load_model_and_tokenizer
-from lmdistill.serve import ChatEngine, ServerThread, create_app
-from lmdistill.serve.batcher import Batcher, QueueFull
+from lmdistill.serve import ServerThread, create_app
 
 TEXTS = ["Who are you?", "Hi", "Tell me a long story about three cats and a dog.", "What is 2+2?", "x",
          "Why is the sky blue? Explain it to a child.", "List five fruits", "Bonjour, ça va ?"]
@@ -34,21 +35,28 @@ def chat(text: str) -> list[dict]:
 
 
 @contextlib.contextmanager
-def slow_picks(engine: ChatEngine, seconds: float, calls: list | None = None):
-    """Each token choice of ``engine`` takes ``seconds`` longer (a slow model), so requests overlap in time."""
-    real = engine._pick
-
-    def slow(*a):
-        if calls is not None:
-            calls.append(1)
-        time.sleep(seconds)
-        return real(*a)
-
-    engine._pick = slow
+def batched_picks(wrap):
+    """Every batched request's token choice goes through ``wrap(pick)`` (the batcher's ``sampler.pick``)."""
+    real = batcher_module.pick
+    batcher_module.pick = wrap(real)
     try:
         yield
     finally:
-        del engine._pick
+        batcher_module.pick = real
+
+
+def slow_picks(seconds: float, calls: list | None = None):
+    """Each batched token choice takes ``seconds`` longer (a slow model), so requests overlap in time."""
+
+    def wrap(real):
+        def slow(*a):
+            if calls is not None:
+                calls.append(1)
+            time.sleep(seconds)
+            return real(*a)
+        return slow
+
+    return batched_picks(wrap)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +112,7 @@ def test_concurrent_requests_get_what_they_get_alone(f64, backend):
     batched.batcher.backend = backend
     # a token that ends one greedy answer early: the stop-token path too
     stop_token = alone.complete(chat(TEXTS[3]), max_tokens=8).token_ids[2]
-    alone.stop_ids = batched.stop_ids = alone.stop_ids | {stop_token}
+    alone.handle.stop_ids = batched.handle.stop_ids = alone.stop_ids | {stop_token}
     kws = settings(alone)
     want = [run(alone, t, kw) for t, kw in zip(TEXTS, kws)]
     with ThreadPoolExecutor(len(TEXTS)) as pool:  # 8 requests, 4 at a time: later ones join as others leave
@@ -120,7 +128,7 @@ def test_a_request_joins_while_others_run(f64):
     model, tok = f64
     alone, batched = ChatEngine(model, tok), ChatEngine(model, tok, max_batch_size=8)
     long_ids = alone.prompt_ids(chat(TEXTS[2]), 80)
-    with slow_picks(batched, 0.005):
+    with slow_picks(0.005):
         first = batched.stream_ids(long_ids, max_tokens=80, temperature=1.0, seed=1)
         head = [next(first) for _ in range(3)]  # it is running
         steps_before = batched.batcher.steps
@@ -171,7 +179,7 @@ def test_closing_a_stream_frees_its_slot(f64):
     engine = ChatEngine(model, tok, max_batch_size=1, max_queue=0)
     ids = engine.prompt_ids(chat(TEXTS[0]), 900)
     picks: list = []
-    with slow_picks(engine, 0.01, picks):  # 900 tokens would take 9 s
+    with slow_picks(0.01, picks):  # 900 tokens would take 9 s
         stream = engine.stream_ids(ids, max_tokens=900)
         next(stream)
         with pytest.raises(QueueFull) as err:  # one slot, no queue: full
@@ -199,32 +207,31 @@ def wait_idle(engine: ChatEngine, timeout: float = 5.0) -> None:
 def test_queue_limit_is_all_or_nothing_and_an_empty_batcher_takes_any_request(f64):
     model, tok = f64
     engine = ChatEngine(model, tok)
-    batcher = Batcher(engine, max_batch=2, max_queue=1)
+    engine.handle.stop_ids = set()  # every request runs its 3 tokens
+    batcher = Batcher(engine.handle, max_batch=2, max_queue=1)
     gate = threading.Event()
-    engine.stop_ids = set()  # every request runs its 3 tokens
-    real = engine._pick
-    engine._pick = lambda *a: (gate.wait(30), real(*a))[1]  # the scheduler waits inside its first step
     try:
-        req = {"ids": [1, 5, 9], "max_tokens": 3}
-        big = batcher.submit([req] * 5)  # an empty batcher takes more than the limit (max_batch + max_queue = 3)
-        assert batcher.inflight == 5 and batcher.full()
-        with pytest.raises(QueueFull):
-            batcher.submit([req])
-        gate.set()
-        for t in big:
-            assert len(list(t)) == 3
-        assert batcher.inflight == 0 and batcher.peak == 2
-        gate.clear()
-        two = batcher.submit([req, req])
-        with pytest.raises(QueueFull):  # 2 + 2 > 3: neither is queued
-            batcher.submit([req, req])
-        assert batcher.inflight == 2
-        one = batcher.submit([req])
-        gate.set()
-        assert [len(list(t)) for t in (*two, *one)] == [3, 3, 3]
+        # the scheduler waits inside its first step
+        with batched_picks(lambda real: lambda *a: (gate.wait(30), real(*a))[1]):
+            req = {"ids": [1, 5, 9], "max_tokens": 3}
+            big = batcher.submit([req] * 5)  # an empty batcher takes more than the limit (max_batch + max_queue = 3)
+            assert batcher.inflight == 5 and batcher.full()
+            with pytest.raises(QueueFull):
+                batcher.submit([req])
+            gate.set()
+            for t in big:
+                assert len(list(t)) == 3
+            assert batcher.inflight == 0 and batcher.peak == 2
+            gate.clear()
+            two = batcher.submit([req, req])
+            with pytest.raises(QueueFull):  # 2 + 2 > 3: neither is queued
+                batcher.submit([req, req])
+            assert batcher.inflight == 2
+            one = batcher.submit([req])
+            gate.set()
+            assert [len(list(t)) for t in (*two, *one)] == [3, 3, 3]
     finally:
         gate.set()
-        del engine._pick
         batcher.close()
 
 
@@ -277,7 +284,7 @@ def test_concurrent_streams_interleave_and_match_their_plain_answers(served):
                "top_logprobs": 2} for i, t in enumerate(TEXTS[:4])]
     plain = [post(served, b).json()["choices"][0] for b in bodies]  # one at a time
     peak = served.engine.batcher.peak
-    with slow_picks(served.engine, 0.005), ThreadPoolExecutor(4) as pool:
+    with slow_picks(0.005), ThreadPoolExecutor(4) as pool:
         streamed = list(pool.map(lambda b: stream_chat(served, b), bodies))
     for p, (text, _, chunks) in zip(plain, streamed):
         assert text == p["message"]["content"]
@@ -296,17 +303,17 @@ def test_full_queue_gets_429_with_retry_after_and_health_stays_fast(f64):
     app = create_app(model, tok, model_name="micro", max_tokens_limit=900, max_batch_size=1, max_queue=1)
     engine = app.state.engine
     gate, picked = threading.Event(), threading.Event()
-    real = engine._pick
 
-    def held(*a):  # the scheduler stalls on its first token until the test lets it go
-        picked.set()
-        gate.wait(30)
-        return real(*a)
+    def held(real):
+        def pick(*a):  # the scheduler stalls on its first token until the test lets it go
+            picked.set()
+            gate.wait(30)
+            return real(*a)
+        return pick
 
-    engine._pick = held
     body = {"messages": chat(TEXTS[0]), "max_tokens": 5}
     try:
-        with ServerThread(app) as srv, ThreadPoolExecutor(2) as pool:
+        with batched_picks(held), ServerThread(app) as srv, ThreadPoolExecutor(2) as pool:
             first = pool.submit(post, srv, body)  # runs (held)
             assert picked.wait(30)
             second = pool.submit(post, srv, body)  # waits in the queue
@@ -329,7 +336,6 @@ def test_full_queue_gets_429_with_retry_after_and_health_stays_fast(f64):
             assert post(srv, body).status_code == 200  # room again
     finally:
         gate.set()
-        del engine._pick
 
 
 def test_a_client_that_hangs_up_frees_its_slot(f64):
@@ -338,7 +344,7 @@ def test_a_client_that_hangs_up_frees_its_slot(f64):
     engine = app.state.engine
     picks: list = []
     body = {"messages": chat(TEXTS[0]), "max_tokens": 900, "stream": True}
-    with slow_picks(engine, 0.01, picks), ServerThread(app) as srv:  # 900 tokens would take 9 s
+    with slow_picks(0.01, picks), ServerThread(app) as srv:  # 900 tokens would take 9 s
         with httpx.stream("POST", f"{srv.base_url}/chat/completions", json=body, timeout=30) as r:
             lines = r.iter_lines()
             next(lines)
@@ -411,18 +417,16 @@ def test_shared_prefixes_are_copied_not_recomputed_and_answers_stay_the_same(f64
 
 
 def test_a_failing_request_ends_alone_and_the_batch_goes_on(f64):
-    from lmdistill.serve.batcher import BatchError
-
     model, tok = f64
     alone, batched = ChatEngine(model, tok), ChatEngine(model, tok, max_batch_size=4)
-    real = batched._pick
 
-    def pick(logits, temperature, top_p, gen):
-        if temperature == 0.5:
-            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        return real(logits, temperature, top_p, gen)
+    def failing(real):
+        def pick(logits, temperature, top_p, gen):
+            if temperature == 0.5:
+                raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+            return real(logits, temperature, top_p, gen)
+        return pick
 
-    batched._pick = pick
     ids = [alone.prompt_ids(chat(t), 12) for t in TEXTS[:3]]
     temps = [0.0, 0.5, 0.9]
 
@@ -432,7 +436,7 @@ def test_a_failing_request_ends_alone_and_the_batch_goes_on(f64):
         except BatchError as e:
             return e
 
-    with ThreadPoolExecutor(3) as pool:
+    with batched_picks(failing), ThreadPoolExecutor(3) as pool:
         got = list(pool.map(one, range(3)))
     assert isinstance(got[1], BatchError) and isinstance(got[1].__cause__, RuntimeError)
     for i in (0, 2):

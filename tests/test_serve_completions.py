@@ -11,7 +11,8 @@ from fastapi.responses import JSONResponse
 from lmdistill.cli import main
 from lmdistill.clients import ClientError, OpenAIChatClient, RetriesExhausted, RetryPolicy
 from lmdistill.models import load_model_and_tokenizer
-from lmdistill.serve import ChatEngine, ServerThread, create_app
+from lmdistill.decoding import ChatEngine
+from lmdistill.serve import ServerThread, create_app
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

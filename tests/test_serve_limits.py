@@ -14,9 +14,10 @@ import torch
 
 from lmdistill.cli import main
 from lmdistill.models import load_model_and_tokenizer
+from lmdistill.decoding import ChatEngine, ContextLengthError
+from lmdistill.decoding.token_text import chars_per_token_bound
 from lmdistill.serve import ServerThread, create_app
-from lmdistill.serve.app import DRAIN_BYTES, MIN_BODY_BYTES, default_max_body_bytes
-from lmdistill.serve.engine import ChatEngine, ContextLengthError, chars_per_token_bound
+from lmdistill.serve.body import DRAIN_BYTES, MIN_BODY_BYTES, default_max_body_bytes
 
 MSG = [{"role": "user", "content": "Who are you?"}]
 LIMIT = 64 * 1024
@@ -302,7 +303,8 @@ def test_chat_logprobs_equal_the_models_log_softmax(served):
         assert entry["top_logprobs"][0]["logprob"] == pytest.approx(entry["logprob"], abs=1e-6)  # greedy
     ids = [tok for tok, _ in ref]
     assert b"".join(bytes(e["bytes"]) for e in content) == b"".join(bytes(engine.token_bytes(t)) for t in ids)
-    plain = [t for t in ids if t not in engine._special]
+    special = set(served.tok.all_special_ids) | set(served.tok.added_tokens_decoder)
+    plain = [t for t in ids if t not in special]
     assert b"".join(bytes(engine.token_bytes(t)) for t in plain).decode("utf-8", "replace") == \
         served.tok.decode(plain, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 

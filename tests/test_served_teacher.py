@@ -35,7 +35,7 @@ def test_served_scores_equal_the_teachers_top_k(server, model_dirs, tokenizer, a
                                 max_length=96)
     batch = collate_for_training(rows, tokenizer.pad_token_id)
     teacher = ServedTeacher.from_spec(spec(server), top_k=8, api=api)
-    got = teacher.sparse_scores(rows, batch)
+    got = teacher.top_k(rows, batch)
     model, _ = load_model_and_tokenizer(model_dirs["teacher"])
     with torch.no_grad():
         want = top_k_teacher(selected_logits(model, batch, batch["loss_mask"][:, 1:]), 8)
@@ -54,7 +54,7 @@ def gkd(model_dirs, teacher, out, *extra, recipe="gkd"):
 
 
 #: DistiLLM's fresh student samples (policy replay) with a small buffer and its threshold up, so it samples.
-REPLAY = ["valid_data=dolly:valid", "eval_limit=2", "replay_init_threshold=0.9", "replay_capacity=4"]
+REPLAY = ["valid_data=dolly:valid", "eval_limit=2", "policy.init_threshold=0.9", "policy.capacity=4"]
 
 
 @pytest.mark.parametrize("recipe,extra", [("gkd", []), ("distillm", REPLAY)])
@@ -76,7 +76,7 @@ def test_a_resumed_run_asks_only_for_new_sequences(server, model_dirs, tmp_path,
     cfg = gkd(model_dirs, spec(server), tmp_path / "run", "teacher_top_k=16")
     train(cfg)
     seen = len((tmp_path / "run" / "teacher_scores.jsonl").read_text().splitlines())
-    from lmdistill.train.trainer import Run
+    from lmdistill.train.run import Run
 
     run = Run(cfg, resume=str(sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[0]))
     run.step(run.state["step"])      # this step was scored before: its sequences are the same, every answer comes from the cache
@@ -88,7 +88,8 @@ def test_methods_that_need_a_local_teacher_say_so(model_dirs, tmp_path):
     base = [f"student={model_dirs['student']}", "teacher=openai:t@http://127.0.0.1:9/v1", f"output_dir={tmp_path}",
             "valid_data=dolly:valid"]
     for recipe in ("switch", "mgsr", "minillm", "seqkd"):
-        with pytest.raises(ConfigError, match="local teacher|full distribution"):
+        with pytest.raises(ConfigError, match="needs its (full )?next-token distribution at every "
+                                              "(generated step|position); a served teacher gives"):
             load_config(recipe, base)
     with pytest.raises(ConfigError, match="temperature 1.0"):
         load_config("kd", base + ["objective.fkl.temperature=2.0"])

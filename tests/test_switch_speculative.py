@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from lmdistill.errors import ConfigError
 from lmdistill.generation import SamplingConfig, generate
 from lmdistill.generation.engine import pad_left
+from lmdistill.generation.policies.switch import SwitchParams
 from lmdistill.generation.runner import CachedLM
 from lmdistill.generation.speculative import DraftLength
 
@@ -34,17 +35,18 @@ def f64(models):
 def jsd_values(f64, tokenizer, prompts):
     """The sorted JSDs along student-only samples: thresholds at their quantiles set how often the teacher writes."""
     probe = generate(f64["student"], prompts, "switch", teacher=f64["teacher"], pad_id=tokenizer.pad_token_id,
-                     config=SamplingConfig(max_new_tokens=N, seed=0, switch_tau0=math.inf, switch_draft_tokens=0))
+                     config=SamplingConfig(max_new_tokens=N, seed=0),
+                     params=SwitchParams(tau0=math.inf, draft_tokens=0))
     return sorted(x for s in probe.stats for x in s["jsd"])
 
 
-def both(ms, prompts, cfg, pad_id, eos_id, k_max=5, k_min=1):
-    """``(stepwise, speculative)`` outputs of the same run."""
-    def go(c):
-        return generate(ms["student"], prompts, "switch", teacher=ms["teacher"], config=c, pad_id=pad_id,
+def both(ms, prompts, cfg, params, pad_id, eos_id, k_max=5, k_min=1):
+    """``(stepwise, speculative)`` outputs of the same run (sampling ``cfg``, SWITCH ``params``)."""
+    def go(p):
+        return generate(ms["student"], prompts, "switch", teacher=ms["teacher"], config=cfg, params=p, pad_id=pad_id,
                         eos_id=eos_id)
-    return (go(replace(cfg, switch_draft_tokens=0)),
-            go(replace(cfg, switch_draft_tokens=k_max, switch_draft_min=k_min)))
+    return (go(replace(params, draft_tokens=0)),
+            go(replace(params, draft_tokens=k_max, draft_min=k_min)))
 
 
 def assert_same(a, b):
@@ -56,10 +58,10 @@ def assert_same(a, b):
         assert y["teacher_forwards"] <= x["length"] + 1  # at worst one extra pass (a row ending at offset 0)
 
 
-def mid_run_eos(ms, prompts, cfg, pad_id, row, at):
+def mid_run_eos(ms, prompts, cfg, params, pad_id, row, at):
     """An EOS id that ends ``row`` at or before position ``at``: its token there in a run without EOS."""
     out = generate(ms["student"], prompts, "switch", teacher=ms["teacher"], pad_id=pad_id, eos_id=None,
-                   config=replace(cfg, switch_draft_tokens=0))
+                   config=cfg, params=replace(params, draft_tokens=0))
     return out.responses[row][at]
 
 
@@ -73,9 +75,9 @@ def test_speculative_equals_stepwise_float64(f64, tokenizer, prompts, jsd_values
     ps = prompts[:batch]
     pad = tokenizer.pad_token_id
     for seed in (0, 1):
-        cfg = SamplingConfig(max_new_tokens=N, seed=seed, switch_tau0=tau0, switch_decay=0.002, **extra)
-        for eos in (None, mid_run_eos(f64, ps, cfg, pad, row=seed % batch, at=3 + 4 * seed)):
-            a, b = both(f64, ps, cfg, pad, eos)
+        cfg, params = SamplingConfig(max_new_tokens=N, seed=seed, **extra), SwitchParams(tau0=tau0, decay=0.002)
+        for eos in (None, mid_run_eos(f64, ps, cfg, params, pad, row=seed % batch, at=3 + 4 * seed)):
+            a, b = both(f64, ps, cfg, params, pad, eos)
             assert_same(a, b)
             if eos is not None:
                 assert a.stats[seed % batch]["finished"] and a.stats[seed % batch]["length"] <= 4 + 4 * seed
@@ -85,12 +87,12 @@ def test_speculative_equals_stepwise_float64(f64, tokenizer, prompts, jsd_values
 def test_speculative_equals_stepwise_with_rows_leaving(f64, tokenizer, prompts, jsd_values, decoder):
     """EOS ends rows at different positions (the fast decoder moves them out of the batch, the HF one keeps them)."""
     tau0 = jsd_values[len(jsd_values) // 2]
-    cfg = SamplingConfig(max_new_tokens=N, seed=3, switch_tau0=tau0, switch_decay=0.002, decoder=decoder)
+    cfg, params = SamplingConfig(max_new_tokens=N, seed=3, decoder=decoder), SwitchParams(tau0=tau0, decay=0.002)
     pad = tokenizer.pad_token_id
     free = generate(f64["student"], prompts, "switch", teacher=f64["teacher"], pad_id=pad, eos_id=None,
-                    config=replace(cfg, switch_draft_tokens=0))
+                    config=cfg, params=replace(params, draft_tokens=0))
     for b, at in ((1, 2), (2, 9), (0, 14)):
-        a, s = both(f64, prompts, cfg, pad, free.responses[b][at], k_max=6)
+        a, s = both(f64, prompts, cfg, params, pad, free.responses[b][at], k_max=6)
         assert_same(a, s)
         assert a.stats[b]["finished"]
 
@@ -103,25 +105,25 @@ def test_speculative_equals_stepwise_hypothesis(f64, tokenizer, prompts, jsd_val
                                                 batch, eos_at, ngram, greedy, decay):
     tau0 = jsd_values[int(share * (len(jsd_values) - 1))]
     ps = prompts[:batch]
-    cfg = SamplingConfig(max_new_tokens=N, seed=seed, switch_tau0=tau0, switch_decay=decay,
-                         no_repeat_ngram_size=ngram, do_sample=not greedy)
+    cfg = SamplingConfig(max_new_tokens=N, seed=seed, no_repeat_ngram_size=ngram, do_sample=not greedy)
+    params = SwitchParams(tau0=tau0, decay=decay)
     pad = tokenizer.pad_token_id
-    eos = None if eos_at is None else mid_run_eos(f64, ps, cfg, pad, row=seed % batch, at=eos_at)
-    a, b = both(f64, ps, cfg, pad, eos, k_max=k_max, k_min=min(k_min, k_max))
+    eos = None if eos_at is None else mid_run_eos(f64, ps, cfg, params, pad, row=seed % batch, at=eos_at)
+    a, b = both(f64, ps, cfg, params, pad, eos, k_max=k_max, k_min=min(k_min, k_max))
     assert_same(a, b)
 
 
 def test_teacher_forwards_counted(f64, tokenizer, prompts):
     """Without takeovers the draft stays at k_max: one teacher pass per 4 tokens (plus the prefill), and the
     student's passes are stepwise's (4 per round, none after the last)."""
-    cfg = SamplingConfig(max_new_tokens=24, seed=0, switch_tau0=math.inf)
-    a, b = both(f64, prompts, cfg, tokenizer.pad_token_id, None, k_max=4)
+    cfg, params = SamplingConfig(max_new_tokens=24, seed=0), SwitchParams(tau0=math.inf)
+    a, b = both(f64, prompts, cfg, params, tokenizer.pad_token_id, None, k_max=4)
     assert_same(a, b)
     assert [s["teacher_forwards"] for s in a.stats] == [24] * 4 and [s["student_forwards"] for s in a.stats] == [24] * 4
     assert [s["teacher_forwards"] for s in b.stats] == [1 + 6] * 4
     assert [s["student_forwards"] for s in b.stats] == [24] * 4
     # the teacher always writes: every round fires at offset 0, the first one costs no teacher pass beyond the prefill
-    a, b = both(f64, prompts, replace(cfg, switch_tau0=-1.0), tokenizer.pad_token_id, None, k_max=4)
+    a, b = both(f64, prompts, cfg, replace(params, tau0=-1.0), tokenizer.pad_token_id, None, k_max=4)
     assert_same(a, b)
     assert [s["teacher_forwards"] for s in b.stats] == [24] * 4
     assert all(s["teacher_tokens"] == 24 for s in b.stats)
@@ -129,23 +131,24 @@ def test_teacher_forwards_counted(f64, tokenizer, prompts):
 
 def test_extremes_reproduce_student_and_teacher_policies(f64, tokenizer, prompts):
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    cfg = SamplingConfig(max_new_tokens=N, seed=5, switch_draft_tokens=3)
+    cfg = SamplingConfig(max_new_tokens=N, seed=5)
     for tau0, policy in ((math.inf, "student"), (-1.0, "teacher")):
         ref = generate(f64["student"], prompts, policy, teacher=f64["teacher"], config=cfg, pad_id=pad, eos_id=eos)
         out = generate(f64["student"], prompts, "switch", teacher=f64["teacher"], pad_id=pad, eos_id=eos,
-                       config=replace(cfg, switch_tau0=tau0))
+                       config=cfg, params=SwitchParams(tau0=tau0, draft_tokens=3))
         assert out.responses == ref.responses
 
 
 def test_float32_mostly_agrees(models, tokenizer, prompts):
     """float32: the multi-token forward rounds differently, so a token can differ (rarely); the trace stays close."""
     probe = generate(models["student"], prompts, "switch", teacher=models["teacher"], pad_id=tokenizer.pad_token_id,
-                     config=SamplingConfig(max_new_tokens=N, seed=0, switch_tau0=math.inf))
+                     config=SamplingConfig(max_new_tokens=N, seed=0), params={"tau0": math.inf})
     values = sorted(x for s in probe.stats for x in s["jsd"])
     same = total = 0
     for seed in range(4):
-        cfg = SamplingConfig(max_new_tokens=N, seed=seed, switch_tau0=values[len(values) // 2], switch_decay=0.002)
-        a, b = both(models, prompts, cfg, tokenizer.pad_token_id, None)
+        cfg = SamplingConfig(max_new_tokens=N, seed=seed)
+        params = SwitchParams(tau0=values[len(values) // 2], decay=0.002)
+        a, b = both(models, prompts, cfg, params, tokenizer.pad_token_id, None)
         for b_row in range(len(prompts)):
             total += 1
             if a.responses[b_row] == b.responses[b_row]:
@@ -168,11 +171,11 @@ def test_draft_length_rule():
 
 
 def test_config_knobs():
-    assert SamplingConfig(switch_draft_tokens=0).switch_draft_tokens == 0
-    for bad in (dict(switch_draft_tokens=-1), dict(switch_draft_min=0),
-                dict(switch_draft_tokens=2, switch_draft_min=3)):
-        with pytest.raises(ConfigError, match="switch_draft"):
-            SamplingConfig(**bad)
+    assert SwitchParams(draft_tokens=0).draft_tokens == 0
+    for bad in (dict(draft_tokens=-1), dict(draft_min=0),
+                dict(draft_tokens=2, draft_min=3)):
+        with pytest.raises(ConfigError, match="^draft_"):
+            SwitchParams(**bad)
 
 
 def test_extend_first_rows_only(models, prompts):

@@ -54,7 +54,7 @@ def test_cache_holds_the_teachers_top_k_at_every_trained_position(model_dirs, to
     batch = collate_for_training(rows[:5], tokenizer.pad_token_id)
     with torch.no_grad():
         want = top_k_teacher(selected_logits(teacher, batch, batch["loss_mask"][:, 1:]), 8)
-    got = cache.sparse_scores(rows[:5], batch)
+    got = cache.top_k(rows[:5], batch)
     order_w, order_g = want.ids.argsort(-1), got.ids.argsort(-1)
     assert torch.equal(want.ids.gather(1, order_w), got.ids.gather(1, order_g))
     assert torch.allclose(want.logprobs.gather(1, order_w), got.logprobs.gather(1, order_g), atol=1e-6)
@@ -163,9 +163,10 @@ def test_mismatches_are_refused_with_what_differs(model_dirs, tmp_path, capsys):
         train(load_config("kd", base + ["template=alpaca"]))
     with pytest.raises(ConfigError, match="is not in cache"):      # the cache holds the first 16 examples only
         train(load_config("kd", base + ["max_train_examples=40", "batch_size=8", "micro_batch_size=8"]))
-    with pytest.raises(ConfigError, match="samples new ones"):
+    with pytest.raises(ConfigError, match="holds only the sequences it was captured on"):
         load_config("gkd", base)
-    with pytest.raises(ConfigError, match="needs a local teacher"):
+    with pytest.raises(ConfigError, match="policy switch needs its next-token distribution at every generated step; "
+                                          "a cache teacher gives"):
         load_config("switch", base)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.txt").write_text("x")

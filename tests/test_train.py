@@ -32,8 +32,8 @@ def dirs(model_dirs, tmp_path_factory):
 
 #: Per-recipe overrides the short test runs need: DistiLLM's threshold starts at 0 (pure KD until the validation
 #: loss rises), so the tests start it at 0.5 with a small buffer to exercise generation and replay.
-REPLAY_EXTRA = {"valid_data": "dolly:valid", "eval_limit": 4, "eval_steps": 2, "replay_init_threshold": 0.5,
-                "replay_capacity": 4}
+REPLAY_EXTRA = {"valid_data": "dolly:valid", "eval_limit": 4, "eval_steps": 2, "policy.init_threshold": 0.5,
+                "policy.capacity": 4}
 RECIPE_EXTRA = {"distillm": REPLAY_EXTRA, "mgsr": REPLAY_EXTRA}
 VALIDATES_FIRST = set(RECIPE_EXTRA)   # policy: replay validates before the first step (finetune.py:266)
 
@@ -146,7 +146,9 @@ def test_trained_positions_only_equal_full_logits(recipe, dirs, tokenizer):
                                 max_length=96)
     gold = collate_for_training(rows, tokenizer.pad_token_id)
     seq = collate_for_training(rows[::-1], tokenizer.pad_token_id)
-    student, teacher = load_model(dirs["student"], trainable=True), load_model(dirs["teacher"])
+    from lmdistill.teachers import LocalTeacher
+
+    student, teacher = load_model(dirs["student"], trainable=True), LocalTeacher(load_model(dirs["teacher"]))
     objective = Objective(cfg.objective)
     results = []
     for whole in (True, False):
@@ -249,9 +251,9 @@ BAD_NUMBERS = [
     ("clip_grad=.inf", r"^clip_grad: must be a finite number >= 0, got inf"),
     ("warmup_ratio=1.5", r"^warmup_ratio: must be a finite number in \[0, 1\], got 1.5"),
     ("lora_dropout=1", r"^lora_dropout: must be a finite number in \[0, 1\), got 1.0"),
-    ("replay_init_threshold=2", r"^replay_init_threshold: must be a finite number in \[0, 1\]"),   # policy gold too
-    ("replay_threshold_step=.nan", r"^replay_threshold_step: must be a finite number in \[0, 1\], got nan"),
-    ("replay_loss_eps=-inf", r"^replay_loss_eps: must be a finite number >= 0, got -inf"),
+    ("policy=replay policy.init_threshold=2", r"^policy.init_threshold: must be in \[0, 1\], got 2"),
+    ("policy=replay policy.threshold_step=.nan", r"^policy.threshold_step: must be in \[0, 1\], got nan"),
+    ("policy=replay policy.loss_eps=-inf", r"^policy.loss_eps: must be a finite number >= 0, got -inf"),
     ("log_steps=0", r"^log_steps: must be an integer >= 1, got 0"),
     ("keep_checkpoints=-1", r"^keep_checkpoints: must be an integer >= 0, got -1"),
     ("max_bad_steps=0", r"^max_bad_steps: must be an integer >= 1"),
@@ -259,10 +261,12 @@ BAD_NUMBERS = [
     ("max_prompt_length=512", r"^max_prompt_length \(512\) must be < max_length \(512\)"),
     ("sampling.temperature=inf", r"^sampling: temperature must be >= 0 \(0 = greedy\), got inf"),
     ("sampling.top_p=.nan", r"^sampling: top_p must be in \(0, 1\], got nan"),
-    ("sampling.mixed_student_prob=2", r"^sampling: mixed_student_prob must be in \[0, 1\], got 2"),
-    ("sampling.switch_tau0=.nan", r"^sampling: switch_tau0 must be a number"),
-    ("sampling.switch_decay=.inf", r"^sampling: switch_decay must be a finite number >= 0, got inf"),
-    ("sampling.teacher_mix_alpha=-0.5", r"^sampling: teacher_mix_alpha must be in \[0, 1\]"),
+    ("policy=mixed policy.student_prob=2", r"^policy.student_prob: must be in \[0, 1\], got 2"),
+    ("policy=switch policy.tau0=.nan", r"^policy.tau0: must be a number"),
+    ("policy=switch policy.decay=.inf", r"^policy.decay: must be a finite number >= 0, got inf"),
+    ("policy=teacher_mix policy.alpha=-0.5", r"^policy.alpha: must be in \[0, 1\]"),
+    ("policy=replay policy.capacity=0", r"^policy.capacity: must be an integer >= 1, got 0"),
+    ("policy=replay policy.generator=nope", r"^policy.generator: must name an engine policy"),
     ("objective.fkl.temperature=.inf", r"^objective\[1\] \(fkl\): temperature must be a positive finite number"),
     ("objective.fkl.weight=.nan", r"^objective\[1\]: weight must be a finite number >= 0, got nan"),
     ("objective.jsd.beta=.nan", r"^objective\[2\] \(jsd\): divergence 'jsd': beta must be in \[0, 1\], got nan"),
@@ -277,7 +281,7 @@ BAD_NUMBERS = [
 @pytest.mark.parametrize("override,message", BAD_NUMBERS, ids=[o for o, _ in BAD_NUMBERS])
 def test_config_refuses_non_finite_and_out_of_range_numbers(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config("kd", ["student=s", "teacher=t", override])
+        load_config("kd", ["student=s", "teacher=t", *override.split()])
 
 
 def test_text_keys_take_the_override_as_typed(tmp_path):

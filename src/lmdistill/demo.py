@@ -35,7 +35,7 @@ METHODS = ("sft", "kd", "seqkd", "gkd", "distillm", "switch", "mgsr")
 
 #: MGSR with one part taken out at a time (report rows "what each part does"): the recipe and its overrides.
 ABLATIONS = {
-    "mgsr-no-scrg": ("mgsr", ["replay_policy=student"]),                              # plain student samples
+    "mgsr-no-scrg": ("mgsr", ["policy.generator=student"]),                            # plain student samples
     "mgsr-no-dackl": ("mgsr", ["objective.dac_kl.weight=0", "objective.fkl.weight=1"]),  # plain KL for DAC-KL
     "mgsr-no-span": ("mgsr", ["objective.span.weight=0"]),
 }
@@ -51,7 +51,7 @@ RUN_COST = {"mgsr": 126, "mgsr-no-dackl": 126, "mgsr-no-span": 100, "mgsr-no-scr
 #: The demo's CPU-budget departures from the recipes (printed in the report). DistiLLM's threshold starts at 0
 #: and rises only when the validation loss rises by 0.1 over ~20 epochs (finetune.py:265, 411-417); in the
 #: demo's few steps it would never rise, so DistiLLM would be KD and MGSR would never run SCRG.
-DEMO_OVERRIDES = {"distillm": ["replay_init_threshold=0.5"], "mgsr": ["replay_init_threshold=0.5"]}
+DEMO_OVERRIDES = {"distillm": ["policy.init_threshold=0.5"], "mgsr": ["policy.init_threshold=0.5"]}
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,7 @@ def _prepare(p: RealPreset, cache: Path) -> tuple[Path, Path, dict]:
 
 #: CPU-budget departure from the recipes (as the tiny demo's ``DEMO_OVERRIDES``): DistiLLM's replay threshold starts
 #: at 0 and rises only as the validation loss rises over ~20 epochs, so in 20 steps MGSR would never run SCRG.
-REPLAY_OVERRIDES = {"distillm": ["replay_init_threshold=0.5"], "mgsr": ["replay_init_threshold=0.5"]}
+REPLAY_OVERRIDES = {"distillm": ["policy.init_threshold=0.5"], "mgsr": ["policy.init_threshold=0.5"]}
 
 
 def _distil(p: RealPreset, teacher: Path, student: Path, out: Path) -> dict[str, Path]:

@@ -14,21 +14,23 @@ resuming with different settings is refused rather than mixing two runs in one f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
+import typing
 from pathlib import Path
 
 from lmdistill.cli import COMMANDS, add_limit
 from lmdistill.data import load_examples, tokenize_examples
 from lmdistill.data.templates import TEMPLATE_CHOICES, resolve_template
 from lmdistill.errors import ConfigError
-from lmdistill.generation import NEEDS_TEACHER, POLICIES, SCORES_SEQUENCES, SamplingConfig, generate, key_from, \
-    scores_sequences
+from lmdistill.generation import POLICIES, SamplingConfig, generate, key_from
 from lmdistill.io import JsonlAppender, read_jsonl, truncate_torn_tail, write_json
 from lmdistill.models import load_model, load_tokenizer
-from lmdistill.teachers.served import ServedTeacher
-from lmdistill.teachers.spec import SERVED, teacher_kind
+from lmdistill.teachers import LOCAL, SERVED, check_spec, open_teacher, teacher_kind
+from lmdistill.train.needs import policy_need
+from lmdistill.train.sequences import engine_arguments
 
 
 def register(sub) -> None:
@@ -59,16 +61,7 @@ def register(sub) -> None:
                    help="never repeat an n-gram of prompt + response (0 = off; the eval protocol uses 6)")
     p.add_argument("--batch-size", type=int, default=8, help="examples generated together")
     add_limit(p, "examples", note=" (counted before the prompt filter)")
-    p.add_argument("--switch-tau0", "--tau0", dest="switch_tau0", type=float, default=d.switch_tau0,
-                   help="switch: JSD threshold at step 0 (inf = never switch)")
-    p.add_argument("--switch-decay", "--lam", dest="switch_decay", type=float, default=d.switch_decay,
-                   help="switch: threshold decay, tau_t = switch_tau0 * exp(-switch_decay * t)")
-    p.add_argument("--mixed-student-prob", "--mix-lambda", dest="mixed_student_prob", type=float,
-                   default=d.mixed_student_prob, help="mixed (GKD's lambda): probability of the student's sample")
-    p.add_argument("--scrg-rounds", "--n-corrections", dest="scrg_rounds", type=int, default=d.scrg_rounds,
-                   help="scrg: correction rounds")
-    p.add_argument("--teacher-mix-alpha", "--mix-alpha", dest="teacher_mix_alpha", type=float,
-                   default=d.teacher_mix_alpha, help="teacher_mix (MiniLLM): teacher share of the mixture")
+    add_policy_flags(p)
     p.add_argument("--template", default="auto", choices=TEMPLATE_CHOICES,
                    help="prompt template; auto: chat when the student's and a local teacher's tokenizers have a "
                         "chat template, else alpaca (said once, recorded in OUT.meta.json)")
@@ -82,15 +75,47 @@ def register(sub) -> None:
 
 
 #: The SamplingConfig knobs the command line sets (the seed and greedy decoding come from --seed, --temperature 0).
-SAMPLING_KNOBS = ("max_new_tokens", "temperature", "top_k", "top_p", "no_repeat_ngram_size", "mixed_student_prob",
-                  "switch_tau0", "switch_decay", "scrg_rounds", "teacher_mix_alpha", "decoder")
+SAMPLING_KNOBS = ("max_new_tokens", "temperature", "top_k", "top_p", "no_repeat_ngram_size", "decoder")
+#: Policy flags recorded in every meta file before issue 31 (the rest are recorded only when not at their default,
+#: so an older output file still resumes).
+RECORDED_BEFORE = ("mixed_student_prob", "switch_tau0", "switch_decay", "scrg_rounds", "teacher_mix_alpha")
+
+
+def add_policy_flags(p) -> None:
+    """One flag per parameter of every generation policy (``--switch-tau0``, ``--scrg-rounds``, ...), made from its
+    ``Params`` (default and help from the dataclass), plus the old spellings each policy lists as aliases."""
+    for policy in POLICIES.values():
+        hints = typing.get_type_hints(policy.Params)
+        for f in dataclasses.fields(policy.Params):
+            kind = hints[f.name] if hints[f.name] in (int, float) else str
+            p.add_argument(policy.flag(f.name), *policy.aliases.get(f.name, []), dest=f"{policy.name}_{f.name}",
+                           type=kind, default=f.default, help=f"{policy.name}: {f.metadata.get('help', f.name)}")
+
+
+def policy_values(args) -> dict:
+    """The chosen policy's parameters from its flags; a flag of another policy set away from its default is refused."""
+    chosen = {}
+    for policy in POLICIES.values():
+        for f in dataclasses.fields(policy.Params):
+            value = getattr(args, f"{policy.name}_{f.name}")
+            if policy.name == args.policy:
+                chosen[f.name] = value
+            elif value != f.default:
+                raise ConfigError(f"{policy.flag(f.name)} is a parameter of --policy {policy.name}, not of "
+                                  f"--policy {args.policy}")
+    return chosen
 
 
 def _settings(args) -> dict:
     keys = ("policy", "student", "teacher", "data", "split", "seed", *SAMPLING_KNOBS, "batch_size", "limit",
             "template", "max_prompt_length", "dtype")
     s = {k: getattr(args, k) for k in keys}
-    s["switch_tau0"] = repr(float(s["switch_tau0"]))  # inf is not JSON
+    for policy in POLICIES.values():
+        for f in dataclasses.fields(policy.Params):
+            key, value = f"{policy.name}_{f.name}", getattr(args, f"{policy.name}_{f.name}")
+            if key in RECORDED_BEFORE or value != f.default:
+                s[key] = repr(float(value)) if isinstance(value, float) and math.isinf(value) else value
+    s["switch_tau0"] = repr(float(s["switch_tau0"]))  # inf is not JSON; recorded as text as before
     s["limit"] = s["limit"] or None   # all examples: recorded as before 0 meant all, so older outputs still resume
     if not s["no_repeat_ngram_size"]:  # off: recorded as before the knob existed, so older outputs still resume
         del s["no_repeat_ngram_size"]
@@ -132,8 +157,7 @@ def _round(x):
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
-    if args.policy in NEEDS_TEACHER and not args.teacher:
-        raise ConfigError(f"--policy {args.policy} needs --teacher")
+    params = POLICIES[args.policy].params(policy_values(args), where=f"--policy {args.policy}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_prompt_length < 1:
@@ -144,6 +168,13 @@ def cmd_generate(args) -> int:
     meta = out.with_name(out.name + ".meta.json")
     base = {**{k: getattr(args, k) for k in SAMPLING_KNOBS}, "seed": args.seed, "do_sample": args.temperature > 0}
     SamplingConfig(**base)  # reject bad values before loading anything
+    needs = policy_need(args.policy, POLICIES[args.policy].teacher_needs(params, all_gold=False),
+                        SamplingConfig(**base).divergence_temperature)
+    if needs and not args.teacher:
+        raise ConfigError(f"--policy {args.policy} needs --teacher"
+                          + (" (for examples without a gold output)" if args.policy == "mixed" else ""))
+    if args.teacher:
+        check_spec(args.teacher, needs, where=f"--teacher {args.teacher}")
     tok = load_tokenizer(args.student)
     args.template = _template(args, tok)   # the resolved one: recorded, and compared on resume
     settings = _settings(args)
@@ -157,13 +188,9 @@ def cmd_generate(args) -> int:
         if r.removed:
             print(f"note: {r}", file=sys.stderr)
     student = load_model(args.student, dtype=args.dtype, device=args.device)
-    needs_teacher = args.policy in NEEDS_TEACHER or (args.policy == "mixed" and args.mixed_student_prob < 1
-                                                     and any(not x.example.output.strip() for x in rows))
-    if needs_teacher and not args.teacher:
-        raise ConfigError("--policy mixed needs --teacher for examples without a gold output")
-    teacher = _teacher(args)
-    vocabs = [m.get_output_embeddings().weight.shape[0] for m in (student, teacher)
-              if m is not None and not scores_sequences(m)]
+    teacher = open_teacher(args.teacher, needs, where=f"--teacher {args.teacher}", device=args.device,
+                           dtype=args.dtype, top_k=args.teacher_top_k, api=args.teacher_logprobs_api)
+    vocabs = [m.get_output_embeddings().weight.shape[0] for m in (student, teacher and teacher.model) if m is not None]
     config = SamplingConfig(**base, vocab_size=len(tok) if len(tok) <= min(vocabs) else None)
 
     if not meta.exists():
@@ -177,9 +204,9 @@ def cmd_generate(args) -> int:
             if all(r.id in done for r in chunk):
                 continue
             gold = [r.response_ids if r.example.output.strip() else None for r in chunk]
-            result = generate(student, [r.prompt_ids for r in chunk], args.policy, teacher=teacher, gold=gold,
-                              config=config, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                              row_keys=[key_from(args.seed, r.id) for r in chunk])
+            result = generate(student, [r.prompt_ids for r in chunk], args.policy, gold=gold, config=config,
+                              params=params, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                              row_keys=[key_from(args.seed, r.id) for r in chunk], **engine_arguments(teacher))
             for i, r in enumerate(chunk):
                 if r.id in done:
                     continue
@@ -204,24 +231,12 @@ def cmd_generate(args) -> int:
 def _template(args, student_tokenizer) -> str:
     """``--template`` resolved (``auto``: from the student's and a local teacher's tokenizers; a served teacher
     shares the student's), said once when it was ``auto``."""
-    teacher = load_tokenizer(args.teacher) if args.teacher and teacher_kind(args.teacher) != SERVED else None
+    teacher = load_tokenizer(args.teacher) if args.teacher and teacher_kind(args.teacher) == LOCAL else None
     template, note = resolve_template(args.template, {"student": student_tokenizer, "teacher": teacher},
                                       override="--template ")
     if note:
         print(f"[lmdistill] {note}", file=sys.stderr)
     return template
-
-
-def _teacher(args):
-    """The ``--teacher``: a model loaded here, or a served one (``openai:NAME@URL``, SCRG only)."""
-    if not args.teacher:
-        return None
-    if teacher_kind(args.teacher) == SERVED:
-        if args.policy not in SCORES_SEQUENCES:
-            raise ConfigError(f"--policy {args.policy} needs the teacher at every generated token, so a local --teacher; "
-                              f"a served one serves {', '.join(SCORES_SEQUENCES)}")
-        return ServedTeacher.from_spec(args.teacher, top_k=args.teacher_top_k, api=args.teacher_logprobs_api)
-    return load_model(args.teacher, dtype=args.dtype, device=args.device)
 
 
 def _as_data(example, response: str) -> dict:

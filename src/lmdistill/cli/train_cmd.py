@@ -6,7 +6,7 @@ import json
 
 from lmdistill.cli import COMMANDS
 from lmdistill.train import config_yaml, load_config, train
-from lmdistill.train.config import builtin_recipes
+from lmdistill.train.recipes import builtin_recipes
 
 
 def register(sub) -> None:

@@ -4,8 +4,9 @@
 - ``cache``: the crash-safe response cache (``ResponseCache``, ``CachedClient``).
 - ``chat``: ``make_client(spec)`` for OpenAI-compatible endpoints and local Hugging Face models.
 
-Layering: this package sits above ``lmdistill.serve`` and ``lmdistill.models`` (a local client runs a
-``ChatEngine``) and below ``lmdistill.quantify`` and ``lmdistill.evaluate``.
+Layering: this package sits above ``lmdistill.decoding`` and ``lmdistill.models`` (a local client runs a
+``ChatEngine``), beside ``lmdistill.serve`` (neither imports the other), and below ``lmdistill.quantify``,
+``lmdistill.evaluate`` and ``lmdistill.teachers``.
 """
 
 from lmdistill.clients.base import (AuthenticationFailed, ChatClient, ClientError, RequestRejected, RetriesExhausted,

@@ -25,8 +25,8 @@ from typing import Callable, TypeVar
 from lmdistill.clients.base import (AuthenticationFailed, ChatClient, ClientError, RequestRejected, RetriesExhausted,
                                     RetryPolicy, retry_line, say_retry)
 from lmdistill.clients.cache import CachedClient, ResponseCache
+from lmdistill.decoding import ChatEngine, ContextLengthError
 from lmdistill.models import load_model_and_tokenizer
-from lmdistill.serve.engine import ChatEngine, ContextLengthError
 
 T = TypeVar("T")
 LOGPROB_APIS = ("echo", "prompt_logprobs")
@@ -154,8 +154,9 @@ class OpenAIChatClient(ChatClient):
         (one request holds a list of prompts), up to ``concurrency`` requests in flight."""
         if api not in LOGPROB_APIS:
             raise ClientError(f"{self.name}: api must be one of {', '.join(LOGPROB_APIS)}, got {api!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ClientError(f"{self.name}: top_k must be a positive integer, got {top_k!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ClientError(f"{self.name}: top_k must be an integer >= 0 (0: each token's own log-probability, "
+                              f"as token_logprobs_many), got {top_k!r}")
         for row in batch:
             if (not isinstance(row, (list, tuple)) or not row
                     or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in row)):
@@ -169,6 +170,13 @@ class OpenAIChatClient(ChatClient):
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 answers = list(pool.map(lambda g: self._score_group(g, top_k, api), groups))
         return [row for group in answers for row in group]
+
+    def token_logprobs_many(self, batch: list[list[int]], *, api: str = "echo",
+                            batch_size: int = 8) -> list[list[float | None]]:
+        """For each sequence of ``batch``: the log-probability of each of its own tokens given the ones before it
+        (position 0: ``None``), and nothing else: ``echo`` with ``logprobs: 0``, or vLLM's ``prompt_logprobs: 0``
+        (no top-k asked, so the answer holds one score per token). Batched and retried as ``prompt_logprobs_many``."""
+        return self.prompt_logprobs_many(batch, 0, api=api, batch_size=batch_size)
 
     def _score_group(self, rows: list[list[int]], top_k: int, api: str) -> list[list[dict[int, float] | None]]:
         if api == "echo":
@@ -188,6 +196,8 @@ class OpenAIChatClient(ChatClient):
             if len(choices) != len(rows):
                 raise ClientError(f"{self.name}: {len(rows)} prompts sent, {len(choices)} choices returned")
             parse = _echo_logprobs if api == "echo" else _vllm_prompt_logprobs
+            if top_k == 0:   # token_logprobs_many: each token's own log-probability
+                parse = _echo_token_logprobs if api == "echo" else _vllm_token_logprobs
             return [parse(c, ids, top_k, self.name) for c, ids in zip(choices, rows)]
 
         return self._with_retries(send)
@@ -247,6 +257,37 @@ def _vllm_prompt_logprobs(choice: dict, ids: list[int], top_k: int, name: str) -
     return out
 
 
+def _echo_token_logprobs(choice: dict, ids: list[int], _k: int, name: str) -> list[float | None]:
+    lp = choice.get("logprobs")
+    tokens, lps = (lp.get("tokens"), lp.get("token_logprobs")) if isinstance(lp, dict) else (None, None)
+    if not isinstance(tokens, list) or not isinstance(lps, list):
+        raise ClientError(f"{name}: the answer has no logprobs (does the server support echo with logprobs?)")
+    if (len(tokens) < len(ids) or len(lps) < len(ids)
+            or [_token_id(t, name) for t in tokens[:len(ids)]] != ids):
+        raise ClientError(f"{name}: the server re-tokenized the prompt (the echoed tokens differ from the ids sent)")
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in lps[1:len(ids)]):
+        raise ClientError(f"{name}: a prompt position after the first has no token_logprobs")
+    return [None, *(float(v) for v in lps[1:len(ids)])]
+
+
+def _vllm_token_logprobs(choice: dict, ids: list[int], _k: int, name: str) -> list[float | None]:
+    entries = choice.get("prompt_logprobs")
+    if entries is None:
+        raise ClientError(f"{name}: the answer has no prompt_logprobs (the server does not support vLLM's "
+                          "prompt_logprobs; use api='echo')")
+    if len(entries) != len(ids):
+        raise ClientError(f"{name}: the server re-tokenized the prompt ({len(ids)} ids sent, "
+                          f"{len(entries)} prompt_logprobs returned)")
+    out: list[float | None] = [None]
+    for i, entry in enumerate(entries[1:], start=1):
+        v = entry.get(str(ids[i])) if isinstance(entry, dict) else None   # vLLM always lists the actual token
+        try:
+            out.append(float(v["logprob"] if isinstance(v, dict) else v))
+        except (TypeError, ValueError, KeyError):
+            raise ClientError(f"{name}: no prompt_logprobs for token {ids[i]} at position {i}") from None
+    return out
+
+
 def _answer_text(resp, name: str) -> str:
     try:
         content = resp.choices[0].message.content
@@ -293,9 +334,10 @@ def _error_message(err) -> str:
 class LocalChatClient(ChatClient):
     """A local Hugging Face model generating with its chat template (temperature 0 = greedy).
 
-    Requests decode as one batch (``ChatEngine`` with ``max_batch_size``: the server's continuous batching):
-    ``concurrency`` is the batch size, so ``chat_many``'s threads keep the batch full, and each request gets
-    what it gets alone (its own settings and seed). ``max_batch_size=0`` decodes one request at a time.
+    Requests decode as one batch (``lmdistill.decoding.ChatEngine`` with ``max_batch_size``: the continuous
+    batching ``lmdistill serve`` uses too): ``concurrency`` is the batch size, so ``chat_many``'s threads keep
+    the batch full, and each request gets what it gets alone (its own settings and seed). ``max_batch_size=0``
+    decodes one request at a time.
     A given ``engine`` is used as it is (batched or not).
     """
 
@@ -319,8 +361,8 @@ class LocalChatClient(ChatClient):
             raise RequestRejected(f"{self.name}: {e}", 400) from None
 
     def close(self) -> None:
-        if self._owns_engine and getattr(self.engine, "batcher", None) is not None:
-            self.engine.batcher.close()
+        if self._owns_engine:
+            self.engine.close()
 
 
 def make_client(spec: str, *, api_key_env: str = "OPENAI_API_KEY", api_key: str | None = None,

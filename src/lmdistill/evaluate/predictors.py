@@ -20,6 +20,11 @@ batch's other rows, ``--limit``, or which models and benchmarks run beside it. L
 a batch can change floating-point rounding of the logits, so on rare near-ties an example could
 still sample differently under another batch layout. API requests send ``derive_seed(seed,
 example_id, j)`` as the request seed (honoured when the server supports seeds).
+
+Decoding. Local models sample with ``lmdistill.generation`` (the row-keyed noise above), not with the decoding
+service of ``lmdistill serve`` (``lmdistill.decoding``: per-request generators, a continuous batch), so the
+protocol's results stay bit-identical whatever runs beside them. API models, an ``lmdistill serve`` of a local
+model included, are asked through ``lmdistill.clients``, as quantification asks them.
 """
 
 from __future__ import annotations
@@ -161,7 +166,8 @@ def apply_prompt_overflow(items: list[Item], max_prompt_length: int, overflow: s
 
 
 class LocalPredictor:
-    """A Hugging Face causal LM (folder, hub id or LoRA adapter) sampled by ``lmdistill.generation``."""
+    """A Hugging Face causal LM (folder, hub id or LoRA adapter) sampled by ``lmdistill.generation``'s sequence
+    engine with row-keyed noise (never through ``lmdistill.decoding``'s batcher: see the module docstring)."""
 
     kind = "local"
 
@@ -224,7 +230,8 @@ def _tokenizer_source(source: str) -> str:
 
 
 class ApiPredictor:
-    """An OpenAI-compatible chat endpoint through ``lmdistill.clients.make_client``.
+    """An OpenAI-compatible chat endpoint (an API, or ``lmdistill serve`` of a local chat model) through
+    ``lmdistill.clients.make_client``.
 
     API models are prompted through their chat template (the instruction, plus the input, as one
     user message), not the Alpaca text of the protocol, and no prompt-length filter is applied.

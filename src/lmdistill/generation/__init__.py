@@ -3,7 +3,7 @@
 ```python
 from lmdistill.generation import SamplingConfig, generate
 out = generate(student, prompts, policy="switch", teacher=teacher,
-               config=SamplingConfig(max_new_tokens=128, seed=0, switch_tau0=0.2),
+               config=SamplingConfig(max_new_tokens=128, seed=0), params={"tau0": 0.2},
                pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
 ```
 Policies: ``student``, ``teacher``, ``mixed``, ``switch``, ``scrg``, ``teacher_mix`` (see ``policies/``).
@@ -14,8 +14,7 @@ from lmdistill.generation.config import SamplingConfig
 from lmdistill.generation.engine import generate
 from lmdistill.generation.noise import key_from
 from lmdistill.generation.output import GenerationOutput
-from lmdistill.generation.policies import NEEDS_TEACHER, POLICIES, SCORES_SEQUENCES
-from lmdistill.generation.policies.scrg import scores_sequences
+from lmdistill.generation.policies import POLICIES, Policy
 
-__all__ = ["CORRECTED", "GenerationOutput", "NEEDS_TEACHER", "PADDING", "POLICIES", "SCORES_SEQUENCES", "STUDENT",
-           "SamplingConfig", "TEACHER", "generate", "key_from", "scores_sequences"]
+__all__ = ["CORRECTED", "GenerationOutput", "PADDING", "POLICIES", "Policy", "STUDENT", "SamplingConfig", "TEACHER",
+           "generate", "key_from"]

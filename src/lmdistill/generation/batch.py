@@ -24,6 +24,8 @@ class Batch:
     noise: NoiseSource
     device: torch.device
     gold: list[list[int] | None] | None = None
+    params: object = None     # the policy's parameters (its Params dataclass)
+    scorer: object = None     # a teacher that scores whole sequences (SCRG without a teacher model)
 
     @property
     def size(self) -> int:
@@ -43,7 +45,7 @@ class Batch:
         width = int(mask.sum(1).max())
         gold = [self.gold[r] for r in rows] if self.gold is not None else None
         return Batch(self.prompt_ids[idx][:, -width:], mask[:, -width:], self.config, self.pad_id, self.eos_id,
-                     self.vocab, self.noise.select(rows), self.device, gold)
+                     self.vocab, self.noise.select(rows), self.device, gold, self.params, self.scorer)
 
 
 @dataclass

@@ -11,15 +11,11 @@ from lmdistill.generation.batch import Batch
 from lmdistill.generation.config import SamplingConfig
 from lmdistill.generation.noise import NoiseSource, keys_from_seed
 from lmdistill.generation.output import GenerationOutput, assemble
-from lmdistill.generation.policies import NEEDS_TEACHER, POLICIES, SCORES_SEQUENCES
-from lmdistill.generation.policies.mixed import needs_teacher as mixed_needs_teacher
-from lmdistill.generation.policies.scrg import scores_sequences
+from lmdistill.generation.policies import POLICIES
 from lmdistill.losses.vocab import shared_vocab
 
 
-def _vocab_rows(model) -> int | None:
-    if scores_sequences(model):   # a served teacher: its vocabulary is checked against the ids it lists
-        return getattr(model, "vocab", None)
+def _vocab_rows(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
@@ -60,17 +56,21 @@ def pad_left(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 def generate(student, prompts: list[list[int]], policy: str = "student", teacher=None,
              gold: list[list[int] | None] | None = None, config: SamplingConfig | None = None, *,
-             pad_id: int | None = None, eos_id: int | None = None, row_keys: list[int] | None = None,
-             ) -> GenerationOutput:
+             params=None, scorer=None, pad_id: int | None = None, eos_id: int | None = None,
+             row_keys: list[int] | None = None) -> GenerationOutput:
     """Generate one response per prompt with ``policy`` (``student``, ``teacher``, ``mixed``, ``switch``, ``scrg``,
     ``teacher_mix``).
 
     Args:
         student, teacher: causal LMs (HF ``*ForCausalLM``) sharing a tokenizer; vocabularies may differ
-            by padding rows (tokens are drawn among the shared prefix).
+            by padding rows (tokens are drawn among the shared prefix). ``teacher`` is a model in this process.
         prompts: unpadded prompt ids, one list per row.
         gold: gold responses (``mixed``); a ``None`` entry falls back to the teacher's sample.
-        config: ``SamplingConfig``; ``config.seed`` makes the run repeat exactly.
+        config: ``SamplingConfig`` (how tokens are drawn); ``config.seed`` makes the run repeat exactly.
+        params: the policy's parameters (its ``Params`` dataclass, or a mapping of its fields; default: its
+            defaults), e.g. ``{"tau0": 0.5}`` for ``switch``.
+        scorer: a teacher that scores whole sequences (``sequence_scores``: a served teacher) instead of a
+            ``teacher`` model, for the policies that can use one (``scrg``).
         pad_id: id written after a row's end (default ``eos_id``); ``eos_id``: a row stops after it
             (``None``: rows always run ``max_new_tokens``).
         row_keys: one 32-bit noise key per row instead of keys drawn from ``config.seed`` (the CLI uses
@@ -81,22 +81,20 @@ def generate(student, prompts: list[list[int]], policy: str = "student", teacher
         raise ConfigError(f"config must be a SamplingConfig, got {type(config).__name__}")
     if policy not in POLICIES:
         raise ConfigError(f"unknown generation policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    spec = POLICIES[policy]
+    params = spec.params(params, where=f"policy ({policy})")
     _check_ids("prompts", prompts)
     if gold is not None:
         _check_ids("gold", gold, allow_none=True)
         if len(gold) != len(prompts):
             raise ConfigError(f"gold has {len(gold)} rows but prompts has {len(prompts)}")
-    needs_teacher = policy in NEEDS_TEACHER or (policy == "mixed" and mixed_needs_teacher(
-        config, all_gold=gold is not None and all(g is not None for g in gold)))
-    if needs_teacher and teacher is None:
-        raise ConfigError(f"policy {policy!r} needs a teacher model" + (
-            "" if policy != "mixed" else " (mixed_off_policy=teacher samples it)" if config.mixed_off_policy == "teacher"
-            else " (or gold responses for every row)"))
-    scorer = teacher is not None and scores_sequences(teacher)
-    if scorer and needs_teacher and policy not in SCORES_SEQUENCES:
-        raise ConfigError(f"policy {policy!r} needs the teacher's tokens at every generated step, so it needs a local "
-                          f"teacher; a served teacher only scores whole sequences ({', '.join(SCORES_SEQUENCES)} can "
-                          "use one)")
+    needs = spec.teacher_needs(params, all_gold=gold is not None and all(g is not None for g in gold))
+    have = {"steps"} if teacher is not None else {"sequence_scores"} if scorer is not None else set()
+    if needs and not have & set(needs):
+        what = "a teacher model" if needs == ("steps",) else "a teacher model or a sequence scorer"
+        raise ConfigError(f"policy {policy!r} needs {what}" + (
+            " (every generated step asks the teacher's distribution; a served teacher only scores whole sequences)"
+            if scorer is not None else ""))
     if pad_id is None:
         pad_id = eos_id
     if pad_id is None:
@@ -105,7 +103,7 @@ def generate(student, prompts: list[list[int]], policy: str = "student", teacher
         raise ConfigError(f"row_keys has {len(row_keys)} entries but prompts has {len(prompts)}")
 
     vocab = _vocab_rows(student)
-    if teacher is not None and _vocab_rows(teacher) is not None:
+    if teacher is not None:
         vocab = shared_vocab(vocab, _vocab_rows(teacher))
     if config.vocab_size is not None:
         if config.vocab_size > vocab:
@@ -115,7 +113,8 @@ def generate(student, prompts: list[list[int]], policy: str = "student", teacher
     keys = row_keys if row_keys is not None else keys_from_seed(len(prompts), config.seed)
     ids, mask = pad_left([list(p) for p in prompts], pad_id)
     batch = Batch(ids.to(device), mask.to(device), config, pad_id, eos_id, vocab, NoiseSource(keys, vocab, device),
-                  device, [list(g) if g is not None else None for g in gold] if gold is not None else None)
-    with torch.no_grad(), _eval_mode(student, None if scorer else teacher):
-        decoded = POLICIES[policy](student, teacher, batch)
+                  device, [list(g) if g is not None else None for g in gold] if gold is not None else None,
+                  params=params, scorer=scorer)
+    with torch.no_grad(), _eval_mode(student, teacher):
+        decoded = spec.run(student, teacher, batch)
     return assemble(batch, decoded, policy)

@@ -5,7 +5,7 @@ from a ``torch.Generator`` seeded with ``mix(key_b, stream, t)``, so
 
 - a row's tokens do not depend on which other rows share its batch or on the batch size,
 - two policies that sample step ``t`` of the same row with the same key see the same noise
-  (``switch`` with switch_tau0=inf then reproduces ``student`` token for token),
+  (``switch`` with tau0=inf then reproduces ``student`` token for token),
 - a resumed run reproduces an uninterrupted one exactly, and any step can be re-drawn directly
   (SCRG's re-generation starts mid-sequence).
 

@@ -38,8 +38,8 @@ teacher share f and B rows: speculation saves teacher passes when takeovers are 
 where k falls to 1: one student and one teacher forward per token, ``stepwise``'s cost. Rows advancing
 independently would need per-row cache offsets (left open).
 
-Draft length: starts at ``switch_draft_tokens``; a round where no row fired (the whole draft kept) grows it by
-2, a round that fired shrinks it by 1, within ``[switch_draft_min, switch_draft_tokens]`` (the rule of
+Draft length: starts at ``draft_tokens``; a round where no row fired (the whole draft kept) grows it by
+2, a round that fired shrinks it by 1, within ``[draft_min, draft_tokens]`` (the rule of
 transformers' assisted generation, ``num_assistant_tokens``). It depends only on the firing positions, so a
 run repeats exactly. A round costs K student forwards (K - 1 drafting, one step after; none after the last
 round) and one teacher forward over K tokens for m + 1 tokens (K if none fired).
@@ -90,12 +90,12 @@ def run(student, teacher, batch: Batch):
     tokens, sources, trace, lengths, done, pad = output_buffers(batch, b)
     rounds = []  # (start, size, teacher pass) of every round, for the forward counts
     rows = ActiveRows([s_lm, t_lm], batch.noise, b, ban=NgramBan.of(batch))
-    draft = DraftLength(cfg.switch_draft_min, cfg.switch_draft_tokens)
+    draft = DraftLength(batch.params.draft_min, batch.params.draft_tokens)
     t = 0
     while True:
         k, size = rows.k, min(draft.k, n - t)
         live = ~done[:k]  # all true where finished rows leave; the HF backend keeps them in the batch
-        if t == 0 and size > 1 and bool((jsd(q[:, :v], p0[:, :v].to(dev)) > cfg.threshold(0)).any()):
+        if t == 0 and size > 1 and bool((jsd(q[:, :v], p0[:, :v].to(dev)) > batch.params.threshold(0)).any()):
             size = 1  # p_0 is known from the prefill: a row that fires at 0 makes the first round one token
         # 1. the student drafts positions t .. t + size - 1
         qs, noise, banned = [], [], []
@@ -115,7 +115,7 @@ def run(student, teacher, batch: Batch):
         p = p[:, :, :v].to(dev)
         # 3. where the rule fires (unbanned JSD; offsets after a drafted EOS are not the row's)
         d = jsd(torch.stack(qs, 1), p)  # [k, size]
-        tau = torch.tensor([cfg.threshold(t + j) for j in range(size)], dtype=d.dtype, device=dev)  # d's rounding,
+        tau = torch.tensor([batch.params.threshold(t + j) for j in range(size)], dtype=d.dtype, device=dev)  # d's rounding,
         fire = (d > tau) & live[:, None]  # as stepwise's ``d > float`` compares in d's dtype
         if eos is not None:
             is_eos = (tokens[:k, t:t + size] == eos).long()

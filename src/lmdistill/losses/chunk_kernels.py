@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from lmdistill.losses.divergences import LOGPROB_FLOOR, compute_dtype
+from lmdistill.losses.divergences import LOGPROB_FLOOR
 
 _NAN, _INF = float("nan"), float("inf")
 

@@ -136,8 +136,7 @@ class CorpusLMTerm(Term):
             return ce
         if inputs.teacher is None:
             raise ConfigError("corpus_lm: teacher_ratio > 0 needs a teacher model (teacher=...)")
-        with torch.no_grad():
-            t_logits = forward_logits(inputs.teacher, batch)[:, :-1]
+        t_logits = inputs.teacher.logits(batch, None, whole=True)   # [B, T-1, V], no gradient
         s_logits, t_logits = align_vocab(logits, t_logits)
         dtype = torch.promote_types(s_logits.dtype, torch.float32)   # half precision computes in float32
         teacher_ce = -(t_logits.to(dtype).softmax(-1) * s_logits.to(dtype).log_softmax(-1)).sum(-1).mean()

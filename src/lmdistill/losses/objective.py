@@ -26,6 +26,7 @@ from lmdistill.losses.corpus_lm import CorpusLMTerm
 from lmdistill.losses.dac_kl import DACKLTerm
 from lmdistill.losses.divergences import DIVERGENCE_PARAMS
 from lmdistill.losses.model_logits import logit_transform
+from lmdistill.losses.opd import OPDTerm
 from lmdistill.losses.policy_gradient import PolicyGradientTerm
 from lmdistill.losses.span_correlation import SpanTerm
 from lmdistill.losses.term import Term, TermInputs
@@ -40,6 +41,7 @@ TERMS: dict[str, type[Term]] = {
     "pg_rkl": PolicyGradientTerm,
     "span": SpanTerm,
     "corpus_lm": CorpusLMTerm,
+    "opd": OPDTerm,
 }
 
 ENTRY_KEYS = ("term", "weight", "name")
@@ -112,7 +114,7 @@ class Objective(nn.Module):
         """Whether micro-batches need ``[B, T, V]`` logits: a term reads sequence structure, or a local model's logit
         post-processing is unknown (:mod:`.model_logits`: only its full forward applies it). Known post-processing
         (Gemma's soft-cap, Cohere's scale) is applied at the selected positions, so it needs no full forward."""
-        local = [m for m in (student, teacher) if m is not None and not hasattr(m, "sparse_scores")]
+        local = [m for m in (student, teacher) if m is not None]   # models in this process (a teacher's ``.model``)
         return any(t.whole_logits for t in self.terms) or any(logit_transform(m) is None for m in local)
 
     def forward(self, inputs: TermInputs, chunked: bool = False) -> dict[str, tuple[torch.Tensor, str]]:

@@ -34,8 +34,9 @@ the ``/ n_t`` (the reference divides unconditionally; its ``--length-norm`` only
 reverse KL, losses.py:182-184). Where the sequences carry no stored behaviour log-probs (``old_logprobs`` in the
 batch, set by the ``rollout`` source), q_old is the current student, detached: the reference's first PPO epoch.
 
-As a recipe term (``pg_rkl``): ``alpha`` defaults to the sampling's ``teacher_mix_alpha``. ``ppo_epochs`` and
-``num_rollouts`` are read by the ``rollout`` sequence source (``train/rollout.py``), not by the loss.
+As a recipe term (``pg_rkl``): ``alpha`` defaults to the behaviour mixture's share, the batch field ``mix_alpha`` of
+the ``teacher_mix`` and ``rollout`` policies. The PPO schedule (``ppo_epochs``, ``num_rollouts``) belongs to the
+``rollout`` policy (``train/rollout.py``), whose stored ``old_logprobs`` must be at the term's ``temperature``.
 Defaults are what ``minillm/scripts/gpt2/minillm/train_*.sh`` run: cliprange 0.2 and gamma 0.95 (arguments.py:
 156, 158), ``--reward-scaling 0.5 --cliprange-reward 100``, ``--ppo-epochs 4``, ``--single-step-reg``, temperature 1.
 """
@@ -153,15 +154,24 @@ class PolicyGradientTerm(Term):
     def __init__(self, *, alpha: float | None = None, clip: float = 0.2, gamma: float = 0.95, length_norm: bool = True,
                  whiten: str = "window", window: int | None = None, single_step: bool = True,
                  reward_scaling: float | None = 0.5, cliprange_reward: float | None = 100.0,
-                 temperature: float = 1.0, ppo_epochs: int = 4, num_rollouts: int | None = None):
+                 temperature: float = 1.0):
         super().__init__()
         self.alpha, self.clip, self.gamma, self.length_norm = alpha, clip, gamma, length_norm
         self.whiten, self.window, self.single_step = whiten, window, single_step
         self.reward_scaling, self.cliprange_reward, self.temperature = reward_scaling, cliprange_reward, temperature
-        self.ppo_epochs, self.num_rollouts = ppo_epochs, num_rollouts   # read by train/rollout.py
+
+    @classmethod
+    def needs_fields(cls, params: dict) -> dict[str, tuple[bool, dict]]:
+        return {"mix_alpha": (params.get("alpha") is None, {}),
+                "old_logprobs": (False, {"temperature": float(params.get("temperature", 1.0))})}
 
     @classmethod
     def check_params(cls, params: dict, where: str) -> None:
+        moved = [k for k in ("ppo_epochs", "num_rollouts") if k in params]
+        if moved:
+            raise ConfigError(f"{where}: {', '.join(moved)} belong to the rollout policy now (the PPO schedule is "
+                              f"where the sequences come from): write policy: {{name: rollout, "
+                              + ", ".join(f"{k}: {params[k]}" for k in moved) + "} and drop them from the term")
         super().check_params(params, where)
         d = {**cls.param_names(), **params}
 
@@ -169,7 +179,7 @@ class PolicyGradientTerm(Term):
             return ConfigError(f"{where}: {msg}")
 
         if d["alpha"] is not None and not (_number(d["alpha"]) and 0 <= d["alpha"] < 1):
-            raise bad("alpha must be in [0, 1) or null (the sampling's teacher_mix_alpha)")
+            raise bad("alpha must be in [0, 1) or null (the policy's mixture share, mix_alpha)")
         if not (_number(d["clip"]) and 0 <= d["clip"] < 1):
             raise bad(f"clip must be in [0, 1), got {d['clip']!r}")
         if not (_number(d["gamma"]) and 0 <= d["gamma"] <= 1):
@@ -188,14 +198,9 @@ class PolicyGradientTerm(Term):
             raise bad(f"cliprange_reward must be >= 0 or null (0/null: no clipping), got {d['cliprange_reward']!r}")
         if not (_number(d["temperature"]) and d["temperature"] > 0):
             raise bad(f"temperature must be > 0, got {d['temperature']!r}")
-        if isinstance(d["ppo_epochs"], bool) or not isinstance(d["ppo_epochs"], int) or d["ppo_epochs"] < 1:
-            raise bad(f"ppo_epochs must be an integer >= 1, got {d['ppo_epochs']!r}")
-        if d["num_rollouts"] is not None and (isinstance(d["num_rollouts"], bool)
-                                              or not isinstance(d["num_rollouts"], int) or d["num_rollouts"] < 1):
-            raise bad(f"num_rollouts must be a positive integer or null (one step's batch), got {d['num_rollouts']!r}")
 
     def forward(self, inputs: TermInputs) -> torch.Tensor:
-        alpha = self.alpha if self.alpha is not None else inputs.sampling.teacher_mix_alpha
+        alpha = self.alpha if self.alpha is not None else inputs.fields["mix_alpha"]
         targets, mask = inputs.targets
         old = inputs.sequences.get("old_logprobs")
         window = self.window or (inputs.sampling.max_new_tokens if inputs.sampling is not None else None)

@@ -1,7 +1,6 @@
-"""``lmdistill serve``: an OpenAI-compatible server for local models."""
+"""``lmdistill serve``: an OpenAI-compatible HTTP server for local models (the decoding is ``lmdistill.decoding``)."""
 
 from lmdistill.serve.app import create_app
-from lmdistill.serve.engine import ChatEngine, Completion, ContextLengthError
 from lmdistill.serve.server import ServerThread, free_port
 
-__all__ = ["ChatEngine", "Completion", "ContextLengthError", "ServerThread", "create_app", "free_port"]
+__all__ = ["ServerThread", "create_app", "free_port"]

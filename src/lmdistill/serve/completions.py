@@ -10,96 +10,43 @@ default. Any parameter that would change the answer and is not implemented (``be
 
 from __future__ import annotations
 
-import json
+from lmdistill.decoding import Completion, ContextLengthError, TokenLogprob
+from lmdistill.serve.api_errors import ApiError
+from lmdistill.serve.params import FLOOR, NEUTRAL, check_model, check_seed, check_supported, flag, number, stop_strings
 
-from lmdistill.serve.engine import Completion, ContextLengthError, TokenLogprob
-
-FLOOR = -9999.0  # what OpenAI and vLLM send for -inf (JSON has no infinity)
-
-# parameters accepted only at the value that changes nothing
-NEUTRAL = {"best_of": (1,), "suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,),
-           "top_k": (-1, 0), "min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,)}
 KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "logprobs", "echo",
          "stop", "seed", "user", "prompt_logprobs", "return_tokens_as_token_ids", "add_special_tokens", *NEUTRAL}
 
 
-def check_supported(body: dict, known, neutral: dict, error) -> None:
-    """400 naming the first parameter not in ``known``, or one of ``neutral`` (accepted only at values that change
-    nothing here) at another value."""
-    for name in body:
-        if name not in known:
-            raise error(400, f"unsupported parameter '{name}'", param=name, code="unsupported_parameter")
-    for name, allowed in neutral.items():
-        value = body.get(name)
-        if value is not None and (isinstance(value, bool) or value not in allowed):
-            raise error(400, f"'{name}' = {json.dumps(value)[:80]} is not supported by this server", param=name,
-                        code="unsupported_parameter")
-
-
-def check_model(body: dict, model_name: str, error) -> str:
-    """The request's ``model`` (default: the served one); 400 if not a string, 404 if another model."""
-    model = body.get("model", model_name)
-    if not isinstance(model, str):
-        raise error(400, "'model' must be a string", param="model", code="invalid_type")
-    if model != model_name:
-        raise error(404, f"the model '{model}' does not exist; this server serves '{model_name}'", param="model",
-                    code="model_not_found")
-    return model
-
-
-SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)   # what torch.Generator.manual_seed takes
-
-
-def check_seed(body: dict, error) -> int | None:
-    """The request's ``seed`` (None when absent); 400 unless an integer torch can seed with."""
-    seed = body.get("seed")
-    if isinstance(seed, float) and seed.is_integer():
-        seed = int(seed)   # 3.0 is an integer to JSON
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise error(400, "'seed' must be an integer", param="seed", code="invalid_type")
-    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise error(400, f"'seed' must be >= -2**63 and <= 2**64 - 1, got {seed}", param="seed", code="invalid_value")
-    return seed
-
-
-def _flag(body: dict, name: str, default: bool, error) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise error(400, f"'{name}' must be a boolean", param=name, code="invalid_type")
-    return value
-
-
-def _token_list(value, where: str, vocab: int, error) -> list[int]:
+def _token_list(value, where: str, vocab: int) -> list[int]:
     if not value:
-        raise error(400, f"{where} must not be empty", param="prompt", code="invalid_value")
+        raise ApiError(400, f"{where} must not be empty", param="prompt", code="invalid_value")
     value = [int(t) if isinstance(t, float) and t.is_integer() else t for t in value]   # 3.0 is an integer to JSON
     for t in value:
         if isinstance(t, bool) or not isinstance(t, int):
-            raise error(400, f"{where} must hold only integer token ids", param="prompt", code="invalid_type")
+            raise ApiError(400, f"{where} must hold only integer token ids", param="prompt", code="invalid_type")
         if not 0 <= t < vocab:
-            raise error(400, f"{where}: token id {t} is outside this model's vocabulary (0..{vocab - 1})",
-                        param="prompt", code="invalid_value")
+            raise ApiError(400, f"{where}: token id {t} is outside this model's vocabulary (0..{vocab - 1})",
+                           param="prompt", code="invalid_value")
     return list(value)
 
 
-def parse_prompts(prompt, engine, *, add_special_tokens: bool, max_batch: int, error, max_tokens: int = 0,
+def parse_prompts(prompt, engine, *, add_special_tokens: bool, max_batch: int, max_tokens: int = 0,
                   truncate: bool = False) -> list[tuple[list[int], str | None]]:
     """``[(token ids, the prompt's text or None when given as ids), ...]``, one per prompt of the batch.
 
     A string prompt too long to fit beside ``max_tokens`` is refused (400 ``context_length_exceeded``) by
     ``ChatEngine.encode``'s character bound before it is tokenized (with ``truncate`` only its tail is)."""
     if prompt is None:
-        raise error(400, "'prompt' is a required property", param="prompt", code="missing_required_parameter")
+        raise ApiError(400, "'prompt' is a required property", param="prompt", code="missing_required_parameter")
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and not isinstance(prompt[0], (str, list))):
         prompt = [prompt]  # one prompt (a string or a list of token ids)
     if not isinstance(prompt, list) or not prompt:
-        raise error(400, "'prompt' must be a string, a list of token ids, or a non-empty list of those",
-                    param="prompt", code="invalid_type")
+        raise ApiError(400, "'prompt' must be a string, a list of token ids, or a non-empty list of those",
+                       param="prompt", code="invalid_type")
     if len(prompt) > max_batch:
-        raise error(400, f"'prompt' holds {len(prompt)} prompts; this server takes at most {max_batch} per request",
-                    param="prompt", code="invalid_value")
+        raise ApiError(400, f"'prompt' holds {len(prompt)} prompts; this server takes at most {max_batch} per request",
+                       param="prompt", code="invalid_value")
     out = []
     for i, p in enumerate(prompt):
         where = f"prompt[{i}]" if len(prompt) > 1 else "prompt"
@@ -108,46 +55,46 @@ def parse_prompts(prompt, engine, *, add_special_tokens: bool, max_batch: int, e
                 ids = engine.encode(p, max_tokens, truncate=truncate, add_special_tokens=add_special_tokens,
                                     what=f"{where} uses")
             except ContextLengthError as e:
-                raise error(400, str(e), param="prompt", code="context_length_exceeded") from None
-            out.append((_token_list(ids, f"{where} (tokenized)", engine.vocab_rows, error), p))
+                raise ApiError(400, str(e), param="prompt", code="context_length_exceeded") from None
+            out.append((_token_list(ids, f"{where} (tokenized)", engine.vocab_rows), p))
         elif isinstance(p, list):
-            out.append((_token_list(p, where, engine.vocab_rows, error), None))
+            out.append((_token_list(p, where, engine.vocab_rows), None))
         else:
-            raise error(400, f"{where} must be a string or a list of token ids", param="prompt", code="invalid_type")
+            raise ApiError(400, f"{where} must be a string or a list of token ids", param="prompt", code="invalid_type")
     return out
 
 
 def parse_completion_request(body, *, engine, model_name: str, max_tokens_limit: int, max_logprobs: int,
-                             max_batch: int, number, stop_param, error, truncate_prompt: bool = False) -> dict:
-    """Validate a completions body; return normalised parameters or raise ``error`` (the app's ``ApiError``).
+                             max_batch: int, truncate_prompt: bool = False) -> dict:
+    """Validate a completions body; return normalised parameters or raise ``ApiError``.
 
     ``req["truncate"]``: whether an over-long prompt may be cut to its last tokens (``truncate_prompt`` and
     plain generation: scores must cover the prompt as sent, so never with ``echo`` or ``prompt_logprobs``)."""
     if not isinstance(body, dict):
-        raise error(400, "the request body must be a JSON object")
-    check_supported(body, KNOWN, NEUTRAL, error)
-    check_model(body, model_name, error)
-    if _flag(body, "stream", False, error):
-        raise error(400, "streaming is not supported for /v1/completions; send 'stream': false", param="stream",
-                    code="unsupported_parameter")
-    echo = _flag(body, "echo", False, error)
+        raise ApiError(400, "the request body must be a JSON object")
+    check_supported(body, KNOWN, NEUTRAL)
+    check_model(body, model_name)
+    if flag(body, "stream", False):
+        raise ApiError(400, "streaming is not supported for /v1/completions; send 'stream': false", param="stream",
+                       code="unsupported_parameter")
+    echo = flag(body, "echo", False)
     max_tokens = number(body, "max_tokens", min(16, max_tokens_limit), 0, max_tokens_limit, integer=True)
     if max_tokens == 0 and not echo:
-        raise error(400, "'max_tokens' must be >= 1 unless 'echo' is true", param="max_tokens", code="invalid_value")
-    seed = check_seed(body, error)
+        raise ApiError(400, "'max_tokens' must be >= 1 unless 'echo' is true", param="max_tokens", code="invalid_value")
+    seed = check_seed(body)
     req = {
-        "max_tokens": max_tokens, "echo": echo, "seed": seed, "stop": stop_param(body),
+        "max_tokens": max_tokens, "echo": echo, "seed": seed, "stop": stop_strings(body),
         "n": number(body, "n", 1, 1, 1, integer=True),
         "temperature": float(number(body, "temperature", 1.0, 0.0, 2.0)),
         "top_p": float(number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)),
         "logprobs": number(body, "logprobs", None, 0, max_logprobs, integer=True),
         "prompt_logprobs": number(body, "prompt_logprobs", None, 0, max_logprobs, integer=True),
-        "as_ids": _flag(body, "return_tokens_as_token_ids", False, error),
+        "as_ids": flag(body, "return_tokens_as_token_ids", False),
     }
     req["truncate"] = truncate_prompt and not echo and req["prompt_logprobs"] is None
     # the prompts last: every cheap check has passed before any text is tokenized
-    req["prompts"] = parse_prompts(body.get("prompt"), engine, max_batch=max_batch, error=error,
-                                   add_special_tokens=_flag(body, "add_special_tokens", True, error),
+    req["prompts"] = parse_prompts(body.get("prompt"), engine, max_batch=max_batch,
+                                   add_special_tokens=flag(body, "add_special_tokens", True),
                                    max_tokens=max_tokens, truncate=req["truncate"])
     return req
 

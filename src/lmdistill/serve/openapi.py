@@ -1,15 +1,15 @@
 """JSON Schemas of the request bodies, for the app's OpenAPI document (``GET /openapi.json``).
 
-The endpoints read their bodies themselves (``app.read_json``: a size bound first, then the checks of
-``parse_request`` / ``parse_completion_request``), so FastAPI cannot derive a schema; these describe what those
-checks accept, with the server's limits, so a client or a fuzzer (schemathesis) can build valid and invalid
-requests from the document. The checks remain the authority: a body the schema allows may still be refused with a
+The endpoints read their bodies themselves (``context.ServeContext.read_json``: a size bound first, then the
+checks of ``chat.parse_request`` / ``completions.parse_completion_request``), so FastAPI cannot derive a schema;
+these describe what those checks accept, with the server's limits, so a client or a fuzzer (schemathesis) can
+build valid and invalid requests from the document. The checks remain the authority: a body the schema allows may still be refused with a
 400 the schema cannot express (a prompt longer than the context, ``top_logprobs`` without ``logprobs``).
 """
 
 from __future__ import annotations
 
-from lmdistill.serve.completions import NEUTRAL, SEED_RANGE
+from lmdistill.serve.params import NEUTRAL, SEED_RANGE
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"],

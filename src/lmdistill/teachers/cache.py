@@ -15,7 +15,7 @@ order, float16 or float32) and ``rest`` (log of the mass outside the top k, floa
 (``numpy.savez_compressed``).
 
 ``TeacherCache(dir)`` reads it: opening checks every shard's size against the manifest and indexes every row key;
-a shard is decoded on demand (a bounded LRU) from bytes whose SHA-256 matched the manifest; ``sparse_scores(rows,
+a shard is decoded on demand (a bounded LRU) from bytes whose SHA-256 matched the manifest; ``top_k(rows,
 batch)`` gives a :class:`~lmdistill.losses.sparse.SparseTeacher` for a training micro-batch. A damaged shard
 (truncated, changed, missing, unreadable) is a :class:`DamagedCacheError` naming the shard, the rows it holds and the
 ``lmdistill capture`` command that rewrites it (:mod:`.shards`).
@@ -27,6 +27,7 @@ import io
 import json
 import warnings
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ import torch
 from lmdistill.errors import ConfigError
 from lmdistill.io import atomic_open, write_json
 from lmdistill.losses.sparse import SparseTeacher
+from lmdistill.teachers.base import Capabilities, Teacher
 from lmdistill.teachers.fingerprint import row_key
 from lmdistill.teachers.shards import (DamagedCacheError, check_size, damaged_error, entry_problem, shard_entries,
                                        shard_entry, unreadable)
@@ -113,8 +115,18 @@ def write_manifest(root: Path, manifest: dict) -> None:
     write_json(root / MANIFEST, {"format": FORMAT, **manifest})
 
 
-class TeacherCache:
-    """A captured cache, opened for training: ``sparse_scores(rows, batch)`` per micro-batch.
+def cache_dir(spec: str) -> str:
+    """The folder of a ``cache:DIR`` teacher value."""
+    return spec.strip()[len("cache:"):]
+
+
+#: A cache gives the top-k of the rows it captured, at its capture temperature (set when it opens).
+CACHE_CAPABILITIES = Capabilities(top_k=True, new_sequences=False)
+
+
+class TeacherCache(Teacher):
+    """A captured cache, opened for training: ``top_k(rows, batch)`` per micro-batch (the rows it captured only,
+    at the temperature it was captured at).
 
     Opening checks that every shard the manifest lists is there with its recorded size, and reads each shard's row
     keys; each read of a shard's arrays checks its SHA-256 first. ``max_decoded_shards`` bounds the decoded shards
@@ -122,6 +134,15 @@ class TeacherCache:
     warning (its damage is found only when a shard cannot be decoded); rerunning its ``lmdistill capture`` command
     adds them without recomputing anything.
     """
+
+    kind = "cache"
+    prefix = "cache:"
+    capabilities = CACHE_CAPABILITIES
+
+    @classmethod
+    def check_spec_text(cls, spec: str) -> None:
+        if not spec[len(cls.prefix):]:
+            raise ConfigError("teacher: cache: needs a folder, e.g. teacher=cache:runs/teacher-cache")
 
     def __init__(self, root: str | Path, *, max_decoded_shards: int = 32):
         self.root = Path(root)
@@ -136,6 +157,7 @@ class TeacherCache:
                               "to complete it")
         self.manifest = manifest
         self.temperature = float(manifest["temperature"])
+        self.capabilities = replace(CACHE_CAPABILITIES, temperatures=(self.temperature,))
         self.vocab = int(manifest["vocab"])
         self.entries = shard_entries(manifest, self.root)   # None: a cache from before shard checksums
         if self.entries is None:
@@ -156,6 +178,15 @@ class TeacherCache:
                 self.index.setdefault(key, (s, off, n))
         self._decoded: OrderedDict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
         self.max_decoded = max(1, int(max_decoded_shards))
+
+    @classmethod
+    def open(cls, spec: str, *, expect=None, **_) -> "TeacherCache":
+        """``cache:DIR`` opened, refused when ``expect(manifest)`` (this run's tokenizer hash, template, lengths,
+        data hash) differs from what it was captured with."""
+        cache = cls(cache_dir(spec))
+        if expect is not None:
+            cache.check_compatible(expect(cache.manifest))
+        return cache
 
     def __len__(self) -> int:
         return len(self.index)
@@ -213,7 +244,7 @@ class TeacherCache:
         ids, lps, rest = self._shard(s)
         return SparseTeacher(ids[off:off + n].long(), lps[off:off + n], rest[off:off + n], self.temperature, self.vocab)
 
-    def sparse_scores(self, rows, batch: dict) -> SparseTeacher:
+    def top_k(self, rows, batch: dict) -> SparseTeacher:
         """The teacher's sparse distributions at the trained positions of ``batch`` (row-major), one row each."""
         parts = [self.row(r.input_ids, r.loss_mask, r.id) for r in rows]
         expected = int(batch["loss_mask"][:, 1:].sum())

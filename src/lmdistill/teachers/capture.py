@@ -26,6 +26,8 @@ from lmdistill.errors import ConfigError
 from lmdistill.losses.model_forward import selected_logits
 from lmdistill.losses.sparse import top_k_teacher
 from lmdistill.models import load_model, load_tokenizer
+from lmdistill.teachers.base import Need
+from lmdistill.teachers.open import check_spec
 from lmdistill.teachers.cache import (MANIFEST, SPEC_FIELDS, mismatches, read_manifest, read_shard_arrays,
                                       shard_path, write_manifest, write_shard)
 from lmdistill.teachers.fingerprint import examples_hash, model_fingerprint, row_key, tokenizer_hash
@@ -149,6 +151,8 @@ def check_out(out: Path, spec: dict) -> dict | None:
 def capture(s: CaptureSettings) -> dict:
     """Capture (or finish capturing, or repair) the cache ``s.out``; returns the final manifest."""
     s.check()
+    # capture stores the teacher's top-k of its own full distribution: a model in this process
+    check_spec(s.teacher, [Need("capture", ("logits",), s.temperature)], where=f"--teacher {s.teacher}")
     out = Path(s.out)
     tokenizer = load_tokenizer(s.teacher)
     template, note = resolve_template(s.template, {"teacher": tokenizer}, override="--template ")

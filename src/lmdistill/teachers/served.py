@@ -7,7 +7,8 @@ each trained position become a :class:`~lmdistill.losses.sparse.SparseTeacher` (
 server did not list). Requests go through the clients' retry policy; answers are appended to a crash-safe response
 cache (``teacher_scores.jsonl`` in the run folder), so a resumed run asks only for what it has not seen.
 
-SCRG scores the student's whole responses with it (``sequence_scores``; ``generation/policies/scrg.py``). Methods
+On-policy distillation (``opd``) asks only for each sampled token's own log-probability (``token_logprobs``: no
+top-k travels). SCRG scores the student's whole responses with it (``sequence_scores``; ``generation/policies/scrg.py``). Methods
 that need the teacher's own tokens while generating (SWITCH, the teacher's samples, MiniLLM's mixed sampling) need
 a local teacher; ``TrainConfig.check`` refuses them with a served teacher.
 """
@@ -22,6 +23,7 @@ from lmdistill.clients.cache import ResponseCache, request_key
 from lmdistill.clients.chat import OpenAIChatClient, parse_openai_spec
 from lmdistill.errors import ConfigError
 from lmdistill.losses.sparse import SparseTeacher
+from lmdistill.teachers.base import Capabilities, Teacher
 
 LOGPROB_APIS = ("echo", "prompt_logprobs")
 
@@ -55,21 +57,30 @@ def tail_log_mass(lps: torch.Tensor) -> torch.Tensor:
     return torch.where(rest > 0, rest.clamp(min=1e-300).log(), torch.full_like(rest, -math.inf)).float()
 
 
-class ServedTeacher:
-    """Scores of training sequences from a server; ``sparse_scores(rows, batch)`` as :class:`TeacherCache` has."""
+class ServedTeacher(Teacher):
+    """Scores of training sequences from a server: ``top_k(rows, batch)`` as :class:`TeacherCache` has, and
+    ``sequence_scores`` of any token lists (SCRG's error positions). Log-probabilities at temperature 1."""
+
+    kind = "served"
+    prefix = "openai:"
+    capabilities = Capabilities(top_k=True, sequence_scores=True, token_logprobs=True, temperatures=(1.0,))
+
+    @classmethod
+    def check_spec_text(cls, spec: str) -> None:
+        name, sep, url = spec[len(cls.prefix):].rpartition("@")
+        if not sep or not name or not url.startswith(("http://", "https://")):
+            raise ConfigError(f"teacher: {spec!r} should be openai:MODEL@BASE_URL, "
+                              "e.g. openai:teacher@http://127.0.0.1:8000/v1")
 
     def __init__(self, client, *, top_k: int = 20, api: str = "echo", cache: ResponseCache | None = None):
         if api not in LOGPROB_APIS:
             raise ConfigError(f"teacher_logprobs_api: must be one of {', '.join(LOGPROB_APIS)}, got {api!r}")
         if not isinstance(top_k, int) or top_k < 1:
             raise ConfigError(f"teacher_top_k: must be a positive integer, got {top_k!r}")
-        self.client, self.top_k, self.api, self.cache = client, top_k, api, cache
+        self.client, self.k, self.api, self.cache = client, top_k, api, cache   # k: entries per position
         self.requests = 0
         self.temperature = 1.0
         self.vocab = None   # the server's vocabulary is not known here: SCRG checks the listed ids against its own
-
-    #: The sequence engine's SCRG may score with this teacher (``generation.policies.scrg.scores_sequences``).
-    scores_sequences = True
 
     @classmethod
     def from_spec(cls, spec: str, *, top_k: int, api: str, cache_path=None, tokenizer=None, **client_kwargs):
@@ -77,8 +88,12 @@ class ServedTeacher:
         client = OpenAIChatClient(model, url, **client_kwargs)
         return cls(client, top_k=top_k, api=api, cache=ResponseCache(cache_path) if cache_path else None)
 
+    @classmethod
+    def open(cls, spec: str, *, top_k: int = 20, api: str = "echo", cache_path=None, tokenizer=None, **_):
+        return cls.from_spec(spec, top_k=top_k, api=api, cache_path=cache_path, tokenizer=tokenizer)
+
     def _key(self, ids: list[int]) -> str:
-        return request_key(self.client.name, [], {"token_ids": ids, "top_k": self.top_k, "api": self.api})
+        return request_key(self.client.name, [], {"token_ids": ids, "top_k": self.k, "api": self.api})
 
     def _score(self, seqs: list[list[int]], wanted: list[list[int]]) -> list[tuple[list, list]]:
         out: list = [None] * len(seqs)
@@ -95,10 +110,10 @@ class ServedTeacher:
             else:
                 missing.append(i)
         if missing:
-            answers = self.client.prompt_logprobs_many([seqs[i] for i in missing], self.top_k, api=self.api)
+            answers = self.client.prompt_logprobs_many([seqs[i] for i in missing], self.k, api=self.api)
             self.requests += len(missing)
             for i, positions in zip(missing, answers):
-                ids, lps = top_k_rows(positions, wanted[i], self.top_k)
+                ids, lps = top_k_rows(positions, wanted[i], self.k)
                 out[i] = (ids, lps)
                 if self.cache is not None:
                     self.cache.put({"key": self._key(seqs[i]), "ids": ids, "pos": wanted[i],
@@ -109,18 +124,46 @@ class ServedTeacher:
         """The top-k of token ``t`` given ``seq[:t]`` for every ``t`` of ``wanted[i]`` of each ``seqs[i]``, as one
         :class:`SparseTeacher` over the positions in row-major order (rows with no position are not sent)."""
         scored = self._score([list(s) for s in seqs], wanted)
-        ids = torch.tensor([i for s in scored for i in s[0]], dtype=torch.long).reshape(-1, self.top_k)
-        lps = torch.tensor([lp for s in scored for lp in s[1]], dtype=torch.float32).reshape(-1, self.top_k)
+        ids = torch.tensor([i for s in scored for i in s[0]], dtype=torch.long).reshape(-1, self.k)
+        lps = torch.tensor([lp for s in scored for lp in s[1]], dtype=torch.float32).reshape(-1, self.k)
         lps = torch.where(lps <= -1e29, torch.full_like(lps, -math.inf), lps)
         return SparseTeacher(ids, lps, tail_log_mass(lps), self.temperature, self.vocab)
 
-    def sparse_scores(self, rows, batch: dict) -> SparseTeacher:
+    def top_k(self, rows, batch: dict) -> SparseTeacher:
         wanted = [[t for t in range(1, len(r.loss_mask)) if r.loss_mask[t]] for r in rows]
         sparse = self.sequence_scores([list(r.input_ids) for r in rows], wanted)
         expected = int(batch["loss_mask"][:, 1:].sum())
         if len(sparse) != expected:
             raise ConfigError(f"served teacher: {len(sparse)} scored positions for a batch that trains {expected}")
         return sparse
+
+    def token_logprobs(self, rows, batch: dict) -> torch.Tensor:
+        """``[N]`` log-probabilities of each trained token given the tokens before it (row-major), float32: the server
+        is asked for those alone (``echo`` with ``logprobs: 0``, or ``prompt_logprobs: 0``), never a top-k."""
+        seqs = [list(r.input_ids) for r in rows]
+        wanted = [[t for t in range(1, len(r.loss_mask)) if r.loss_mask[t]] for r in rows]
+        keys = [request_key(self.client.name, [], {"token_ids": ids, "token_logprobs": True, "api": self.api})
+                for ids in seqs]
+        out: list = [None] * len(rows)
+        missing = []
+        for i in range(len(rows)):
+            row = self.cache.get(keys[i]) if self.cache is not None and wanted[i] else None
+            if not wanted[i] or (row is not None and row.get("pos") == wanted[i]):
+                out[i] = row["tlp"] if wanted[i] else []
+            else:
+                missing.append(i)
+        if missing:
+            answers = self.client.token_logprobs_many([seqs[i] for i in missing], api=self.api)
+            self.requests += len(missing)
+            for i, scores in zip(missing, answers):
+                out[i] = [scores[t] for t in wanted[i]]
+                if self.cache is not None:
+                    self.cache.put({"key": keys[i], "pos": wanted[i], "tlp": out[i]})
+        lps = torch.tensor([lp for row in out for lp in row], dtype=torch.float32)
+        expected = int(batch["loss_mask"][:, 1:].sum())
+        if len(lps) != expected:
+            raise ConfigError(f"served teacher: {len(lps)} scored tokens for a batch that trains {expected}")
+        return lps
 
     def close(self) -> None:
         if self.cache is not None:

@@ -6,10 +6,12 @@ one optimiser step per minibatch, reshuffled each pass (``trainer.py:242-381``: 
 range(n_updates_per_batch): for batch in train_dataloader``), and samples the next rollout when the passes are
 done (``post_epoch_callback``, ``trainer.py:386-391``).
 
-Here a rollout is ``k = num_rollouts / batch_size`` optimiser steps of sequences (``num_rollouts`` from the
-``pg_rkl`` objective entry; null = one step's batch, k = 1), and a round is ``k * ppo_epochs`` steps:
+The schedule is this policy's: ``policy: {name: rollout, ppo_epochs: 4, num_rollouts: null, alpha: 0.2,
+temperature: 1.0}``. Here a rollout is ``k = num_rollouts / batch_size`` optimiser steps of sequences (null = one
+step's batch, k = 1), and a round is ``k * ppo_epochs`` steps:
 
-- pass 0 (steps 0..k-1 of the round): sample the step's rows with ``teacher_mix`` (the recipe's ``sampling:``),
+- pass 0 (steps 0..k-1 of the round): sample the step's rows with ``teacher_mix`` (mixture share ``alpha``; the
+  tokens drawn as the recipe's ``sampling:`` says),
   compute the sampling student's log-probs log q_old(y_t) (no gradient), store both, train on them;
 - passes 1..ppo_epochs-1: serve the stored sequences of this process, in an order reshuffled per pass (seeded by
   the round's first step, the pass and the rank), one step's share at a time, micro-batch by micro-batch.
@@ -20,14 +22,17 @@ x batch 16) every sequence of a rollout is drawn by the same student, as in the 
 samples each step's share with the student of that step (its own behaviour policy, stored with it), where the
 reference samples all k shares before the round's first update.
 
-The behaviour log-probs travel in the batch as ``old_logprobs`` (token-aligned like ``loss_mask``, 0 elsewhere),
-which ``pg_rkl`` reads; the teacher's log-probs are recomputed by the loss (the teacher is frozen). The store is
-saved in checkpoints (every process's, gathered) and restored exactly (floats round-trip through JSON).
+The behaviour log-probs travel in the batch as ``old_logprobs`` (token-aligned like ``loss_mask``, 0 elsewhere, at
+``temperature``: ``pg_rkl`` must use the same, which the config check confirms), which ``pg_rkl`` reads, with the
+mixture's ``alpha`` as the batch field ``mix_alpha``; the teacher's log-probs are recomputed by the loss (the
+teacher is frozen). The store is saved in checkpoints (every process's, gathered) and restored exactly (floats
+round-trip through JSON).
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -35,46 +40,61 @@ import torch.distributed as dist
 from lmdistill.data.collate import collate_for_training
 from lmdistill.data.tokenize import TokenizedExample
 from lmdistill.errors import ConfigError
-from lmdistill.losses.model_forward import forward_logits, shifted, unwrap
-from lmdistill.losses.policy_gradient import PolicyGradientTerm, token_logprobs
+from lmdistill.generation import POLICIES as ENGINE_POLICIES
+from lmdistill.generation.policies.teacher_mix import TeacherMixParams
+from lmdistill.losses.model_forward import forward_logits, shifted
+from lmdistill.losses.policy_gradient import token_logprobs
 from lmdistill.runtime import rank_world
 from lmdistill.train.data_order import step_seed
 from lmdistill.train.sequences import GeneratedSequences, SequenceBatch
 
-#: The engine policy a rollout is sampled with.
-ROLLOUT_POLICY = "teacher_mix"
+@dataclass(frozen=True)
+class RolloutParams:
+    """MiniLLM's PPO schedule: ``ppo_epochs`` passes over each rollout of ``num_rollouts`` sequences (null: one step's
+    batch), sampled with teacher-mixed share ``alpha``; behaviour log-probs at ``temperature`` (the term's)."""
 
+    ppo_epochs: int = 4
+    num_rollouts: int | None = None
+    alpha: float = 0.2
+    temperature: float = 1.0
 
-def _vocab(model) -> int | None:
-    head = unwrap(model)
-    if hasattr(head, "get_base_model"):   # peft
-        head = head.get_base_model()
-    emb = head.get_output_embeddings() if hasattr(head, "get_output_embeddings") else None
-    return None if emb is None else emb.weight.shape[0]
-
-
-def rollout_params(cfg) -> dict:
-    """``ppo_epochs``, ``num_rollouts`` and ``temperature`` of the recipe's (first) ``pg_rkl`` entry, else the
-    term's defaults."""
-    d = PolicyGradientTerm.param_names()
-    entry = next((e for e in cfg.objective if e.get("term") == "pg_rkl"), {})
-    return {k: entry.get(k, d[k]) for k in ("ppo_epochs", "num_rollouts", "temperature")}
+    def __post_init__(self):
+        if isinstance(self.ppo_epochs, bool) or not isinstance(self.ppo_epochs, int) or self.ppo_epochs < 1:
+            raise ConfigError(f"ppo_epochs: must be an integer >= 1, got {self.ppo_epochs!r}")
+        if self.num_rollouts is not None and (isinstance(self.num_rollouts, bool)
+                                              or not isinstance(self.num_rollouts, int) or self.num_rollouts < 1):
+            raise ConfigError(f"num_rollouts: must be a positive integer or null (one step's batch), "
+                              f"got {self.num_rollouts!r}")
+        TeacherMixParams(self.alpha)   # the mixture's range check
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ConfigError(f"temperature: must be > 0, got {self.temperature!r}")
 
 
 class RolloutSequences(GeneratedSequences):
-    """Stored ``teacher_mix`` rollouts served for ``ppo_epochs`` passes (module docstring)."""
+    """``rollout``: stored ``teacher_mix`` rollouts served for ``ppo_epochs`` passes (module docstring)."""
+
+    name = "rollout"
+    Params = RolloutParams
+    engine = ENGINE_POLICIES["teacher_mix"]
 
     @classmethod
-    def generator_policy(cls, cfg) -> str | None:
-        return ROLLOUT_POLICY
+    def teacher_needs(cls, params) -> tuple[str, ...]:
+        return cls.engine.teacher_needs(TeacherMixParams(params.alpha))
 
-    def __init__(self, cfg):
-        super().__init__(cfg, policy=ROLLOUT_POLICY)
-        p = rollout_params(cfg)
-        self.ppo_epochs, self.temperature = int(p["ppo_epochs"]), float(p["temperature"])
-        n = p["num_rollouts"] or cfg.batch_size
+    @classmethod
+    def provides(cls, params) -> dict[str, dict]:
+        return {"old_logprobs": {"temperature": float(params.temperature)}, "mix_alpha": {}}
+
+    def fields(self) -> dict:
+        return {"mix_alpha": self.params.alpha}
+
+    def __init__(self, cfg, params=None):
+        super().__init__(cfg, params)
+        self.mix = TeacherMixParams(self.params.alpha)
+        self.ppo_epochs, self.temperature = self.params.ppo_epochs, float(self.params.temperature)
+        n = self.params.num_rollouts or cfg.batch_size
         if n % cfg.batch_size:
-            raise ConfigError(f"objective (pg_rkl): num_rollouts ({n}) must be a multiple of batch_size "
+            raise ConfigError(f"policy.num_rollouts: ({n}) must be a multiple of batch_size "
                               f"({cfg.batch_size}): a rollout is a whole number of optimiser steps")
         self.k = n // cfg.batch_size
         self.round: int | None = None
@@ -101,7 +121,7 @@ class RolloutSequences(GeneratedSequences):
 
     def sample(self, rows, step, micro, rank, share, student, teacher, tokenizer) -> SequenceBatch:
         out = self.generated(rows, step_seed(self.cfg.seed, step, rank, micro), student, teacher, tokenizer,
-                             {"rollout/fresh": 1.0, "rollout/ppo_epoch": 0.0})
+                             {"rollout/fresh": 1.0, "rollout/ppo_epoch": 0.0}, params=self.mix)
         old = self.behaviour_logprobs(student, teacher, out.batch)
         out.batch["old_logprobs"] = old
         old_rows = old.detach().cpu().tolist()
@@ -123,7 +143,7 @@ class RolloutSequences(GeneratedSequences):
             logits = forward_logits(student, batch)[:, :-1]
         finally:
             student.train(was_training)
-        v = min(x for x in (logits.shape[-1], _vocab(teacher)) if x)
+        v = min(x for x in (logits.shape[-1], teacher.vocab) if x)
         targets, mask = shifted(batch)
         lp = token_logprobs(logits, targets, v, self.temperature) * mask
         return torch.cat([torch.zeros_like(lp[:, :1]), lp], 1)
@@ -143,7 +163,8 @@ class RolloutSequences(GeneratedSequences):
             p = len(it["prompt_ids"])
             old[i, p:p + len(it["old_logprobs"])] = torch.tensor(it["old_logprobs"], dtype=torch.float32)
         batch["old_logprobs"] = old
-        return SequenceBatch(batch, new, {"rollout/fresh": 0.0, "rollout/ppo_epoch": float(ppo_pass)})
+        return SequenceBatch(batch, new, {"rollout/fresh": 0.0, "rollout/ppo_epoch": float(ppo_pass)},
+                             fields=self.fields())
 
     # ------------------------------------------------------------------ checkpoint
     def state(self) -> dict:

@@ -15,13 +15,12 @@ from accelerate import Accelerator
 from lmdistill.data import load_examples, tokenize_examples
 from lmdistill.data.templates import AUTO, resolve_template
 from lmdistill.errors import ConfigError
-from lmdistill.losses.objective import entry_params, reads_teacher
 from lmdistill.models import load_model, load_tokenizer
 from lmdistill.runtime import rank_world
-from lmdistill.teachers import CACHE, LOCAL, TeacherCache, cache_dir, examples_hash, teacher_kind, tokenizer_hash
+from lmdistill.teachers import CACHE, LOCAL, cache_dir, examples_hash, open_teacher, teacher_kind, tokenizer_hash
 from lmdistill.teachers.cache import read_manifest
-from lmdistill.teachers.served import ServedTeacher
 from lmdistill.train.config import TrainConfig
+from lmdistill.train.needs import run_needs
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -179,34 +178,21 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def load_teacher(cfg: TrainConfig, device, tokenizer=None):
-    """The teacher: a model in this process, a :class:`TeacherCache` (``cache:DIR``) or a served teacher
-    (``openai:NAME@URL``); ``None`` without one."""
+    """The run's :class:`~lmdistill.teachers.base.Teacher` (a model in this process, ``cache:DIR`` or
+    ``openai:NAME@URL``; ``None`` without one), checked against what the run asks of it (``needs.run_needs``: a
+    cache knows its temperature only now)."""
     if not cfg.teacher:
         return None
-    kind = teacher_kind(cfg.teacher)
-    if kind == LOCAL:
-        return load_model(cfg.teacher, dtype=cfg.teacher_dtype, device=str(device))
-    if kind == CACHE:
-        return open_cache(cfg, tokenizer)
-    return ServedTeacher.from_spec(cfg.teacher, top_k=cfg.teacher_top_k, api=cfg.teacher_logprobs_api,
-                                   cache_path=Path(cfg.output_dir) / "teacher_scores.jsonl", tokenizer=tokenizer)
 
+    def cache_expects(manifest: dict) -> dict:   # the cache's rows must be this run's
+        data = load_examples(cfg.data).examples[: manifest.get("limit") or None]
+        return {"tokenizer_hash": tokenizer_hash(tokenizer), "template": cfg.template,
+                "max_prompt_length": cfg.max_prompt_length, "max_length": cfg.max_length,
+                "data_hash": examples_hash(data)}
 
-def open_cache(cfg: TrainConfig, tokenizer) -> TeacherCache:
-    """The run's teacher cache, refused when it was captured with another tokenizer, template, lengths, data or
-    temperature than this run uses."""
-    cache = TeacherCache(cache_dir(cfg.teacher))
-    data = load_examples(cfg.data)
-    cache.check_compatible({"tokenizer_hash": tokenizer_hash(tokenizer), "template": cfg.template,
-                            "max_prompt_length": cfg.max_prompt_length, "max_length": cfg.max_length,
-                            "data_hash": examples_hash(data.examples[: cache.manifest.get("limit") or None])})
-    for e in cfg.objective:
-        t = float(entry_params(e).get("temperature", 1.0))
-        if e["weight"] > 0 and reads_teacher(e) and t != cache.temperature:
-            raise ConfigError(f"objective: term {e.get('name', e['term'])} uses temperature {t}, but cache:"
-                              f"{cache.root} was captured at temperature {cache.temperature}; capture with "
-                              f"--temperature {t} or set the term's temperature to {cache.temperature}")
-    return cache
+    return open_teacher(cfg.teacher, run_needs(cfg), device=device, dtype=cfg.teacher_dtype, tokenizer=tokenizer,
+                        expect=cache_expects, top_k=cfg.teacher_top_k, api=cfg.teacher_logprobs_api,
+                        cache_path=Path(cfg.output_dir) / "teacher_scores.jsonl")
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]):

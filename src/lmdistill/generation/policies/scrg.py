@@ -9,7 +9,7 @@
    Rows correct at different positions, so the student cache is cropped to the earliest j of the
    batch and each row re-feeds its own kept tokens up to its j before sampling again (only the
    suffix after min j is new work; one batched step per position).
-4. ``scrg_rounds`` rounds; a round that has another after it re-scores the positions from the
+4. ``rounds`` rounds; a round that has another after it re-scores the positions from the
    earliest correction on while it re-generates. A row without candidates is kept unchanged (our
    choice; the paper is silent).
 
@@ -28,7 +28,7 @@ its logits with the ids banned by prompt + y_<t set to -inf, so a correction nev
 n-gram (and a position whose student token is the teacher's best allowed token is not a candidate). d_t is
 KL of the unbanned distributions (the models' disagreement, as SWITCH's JSD; see ``switch.py``).
 
-A teacher that scores whole sequences (``teacher.scores_sequences``: a served teacher, ``teachers/served.py``)
+A teacher that scores whole sequences (``batch.scorer``: a served teacher, ``teachers/served.py``)
 instead of running in this process: after the student has written, one request per row returns the teacher's top-k
 log-probabilities at every response position (:class:`SequenceScorer`); the student's logits at those positions
 come from one pass over its own tokens, d_t is the forward KL on the K + 1 bins (the K listed ids and the tail,
@@ -39,10 +39,13 @@ float64); with K < V a merged tail can only lower d_t.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from lmdistill.generation.batch import CORRECTED, PADDING, STUDENT, Batch, Decoded, source_tags
 from lmdistill.generation.decode import sample_loop
+from lmdistill.generation.policies.base import Policy
 from lmdistill.generation.runner import CachedLM
 from lmdistill.generation.sampling import NgramBan
 from lmdistill.errors import ConfigError
@@ -99,11 +102,6 @@ class StreamingScorer:
                 banned = self.ban.mask(tokens[:, :a + i]).to(p.device)
                 self.top[:, a + i] = p[:, i].masked_fill(banned, float("-inf")).argmax(-1)
         self.pending, self.start, self.filled = ahead[:, -1], a + k, 0
-
-
-def scores_sequences(teacher) -> bool:
-    """Whether ``teacher`` is a scorer of whole sequences (a served teacher) rather than a model."""
-    return bool(getattr(teacher, "scores_sequences", False))
 
 
 class SequenceScorer:
@@ -192,19 +190,32 @@ def error_positions(tokens: torch.Tensor, lengths: torch.Tensor, kl: torch.Tenso
     return torch.where(has, j, torch.full_like(j, -1)), has
 
 
+@dataclass(frozen=True)
+class ScrgParams:
+    """``rounds``: rounds of correction + re-generation (0: the student's sample unchanged)."""
+
+    rounds: int = field(default=1, metadata={"help": "correction + re-generation rounds"})
+
+    def __post_init__(self):
+        if not isinstance(self.rounds, int) or self.rounds < 0:
+            raise ConfigError(f"rounds: must be an integer >= 0, got {self.rounds!r}")
+
+
 def run(student, teacher, batch: Batch) -> Decoded:
-    cfg, n, dev = batch.config, batch.max_new_tokens, batch.device
+    """With a ``teacher`` model the streaming scorer; without one, ``batch.scorer`` (a teacher scoring whole
+    sequences: :class:`SequenceScorer`)."""
+    rounds, n, dev = batch.params.rounds, batch.max_new_tokens, batch.device
     s_lm = batch.runner(student)
     scorer = None
-    if cfg.scrg_rounds > 0:
-        scorer = SequenceScorer(teacher, s_lm, batch) if scores_sequences(teacher) else \
-            StreamingScorer(batch.runner(teacher), batch)
+    if rounds > 0:
+        scorer = StreamingScorer(batch.runner(teacher), batch) if teacher is not None else \
+            SequenceScorer(batch.scorer, s_lm, batch)
         scorer.restart(None, 0)
     tokens, lengths = sample_loop(s_lm, s_lm.prefill(), batch, observe=scorer and scorer.observe)
     sources = source_tags(lengths, n, STUDENT)
     stats = [{"correction_positions": [], "regenerated_tokens": 0} for _ in range(batch.size)]
     pos = torch.arange(n, device=dev)[None, :]
-    for rnd in range(1, cfg.scrg_rounds + 1):
+    for rnd in range(1, rounds + 1):
         scorer.flush(tokens, lengths)
         j, has = error_positions(tokens, lengths, scorer.kl, scorer.top)
         if not bool(has.any()):
@@ -212,7 +223,7 @@ def run(student, teacher, batch: Batch) -> Decoded:
         rows = has.nonzero().flatten()
         tokens[rows, j[rows]] = scorer.top[rows, j[rows]]
         lo = int(j[rows].min())
-        rescore = rnd < cfg.scrg_rounds
+        rescore = rnd < rounds
         if rescore:
             scorer.restart(tokens, lo)
         free_from = torch.where(has, j + 1, torch.full_like(j, n))
@@ -226,3 +237,6 @@ def run(student, teacher, batch: Batch) -> Decoded:
             stats[b]["correction_positions"].append(int(j[b]))
             stats[b]["regenerated_tokens"] += int(lengths[b]) - int(j[b]) - 1
     return Decoded(tokens, lengths, sources, stats)
+
+
+POLICY = Policy("scrg", run, ScrgParams, teacher=("steps", "sequence_scores"), aliases={"rounds": ["--n-corrections"]})

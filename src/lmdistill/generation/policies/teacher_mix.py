@@ -1,6 +1,6 @@
 """``teacher_mix``: MiniLLM's teacher-mixed sampling. Each token is drawn from the mixture
 ``alpha * p_t + (1 - alpha) * q_t`` of the teacher's and the student's next-token distributions
-(MiniLLM uses alpha = 0.2, ``SamplingConfig.teacher_mix_alpha``); both caches advance on the drawn token.
+(MiniLLM uses alpha = 0.2, :class:`TeacherMixParams`); both caches advance on the drawn token.
 
 Each model's distribution is filtered first, then they are mixed (``mixture_log_probs``), as MiniLLM's fork of
 transformers does in ``sample`` (microsoft/LMOps, the fork's copy in
@@ -25,12 +25,15 @@ decoding (no warpers, as HF's greedy search) takes the argmax of the mixture of 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
 from lmdistill.generation.batch import STUDENT, Batch, Decoded, mark_eos, source_tags
 from lmdistill.generation.decode import ActiveRows, no_eos
+from lmdistill.errors import ConfigError
 from lmdistill.generation.config import SamplingConfig
+from lmdistill.generation.policies.base import Policy
 from lmdistill.generation.sampling import NgramBan, filter_logits
 
 
@@ -43,7 +46,7 @@ def mixture_logits(q: torch.Tensor, p: torch.Tensor, alpha: float) -> torch.Tens
     return torch.logaddexp(torch.log_softmax(p, -1) + math.log(alpha), torch.log_softmax(q, -1) + math.log1p(-alpha))
 
 
-def mixture_log_probs(q: torch.Tensor, p: torch.Tensor, config: SamplingConfig,
+def mixture_log_probs(q: torch.Tensor, p: torch.Tensor, config: SamplingConfig, alpha: float,
                       banned: torch.Tensor | None = None) -> torch.Tensor:
     """``log(alpha * softmax(f(p)) + (1 - alpha) * softmax(f(q)))`` for student logits ``q`` and teacher logits
     ``p`` (float32, or as given when float64), ``f(x)`` = ``banned`` ids at -inf, then ``x / T``, top-k and
@@ -55,7 +58,18 @@ def mixture_log_probs(q: torch.Tensor, p: torch.Tensor, config: SamplingConfig,
     cast = (lambda x: x) if q.dtype == torch.float64 else (lambda x: x.float())
     qf = filter_logits(cast(q) / t, k, top_p, banned)
     pf = filter_logits(cast(p) / t, k, top_p, banned)
-    return mixture_logits(qf, pf, config.teacher_mix_alpha)
+    return mixture_logits(qf, pf, alpha)
+
+
+@dataclass(frozen=True)
+class TeacherMixParams:
+    """``alpha``: the teacher's share of the mixture ``alpha * p + (1 - alpha) * q`` (MiniLLM: 0.2)."""
+
+    alpha: float = field(default=0.2, metadata={"help": "teacher's share of the mixture (MiniLLM: 0.2)"})
+
+    def __post_init__(self):
+        if not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
+            raise ConfigError(f"alpha: must be in [0, 1], got {self.alpha!r}")
 
 
 def run(student, teacher, batch: Batch) -> Decoded:
@@ -70,7 +84,7 @@ def run(student, teacher, batch: Batch) -> Decoded:
     rows = ActiveRows([s_lm, t_lm], batch.noise, b, ban=NgramBan.of(batch))  # finished rows leave the forward passes
     for t in range(n):
         k = rows.k
-        mix = mixture_log_probs(q[:k, :v], p[:k, :v].to(dev), cfg, rows.banned(tokens, t))
+        mix = mixture_log_probs(q[:k, :v], p[:k, :v].to(dev), cfg, batch.params.alpha, rows.banned(tokens, t))
         nxt = pad.clone()
         nxt[:k] = mix.argmax(-1) if cfg.greedy else (mix + rows.noise.gumbel(t, rows=k).to(dev)).argmax(-1)
         nxt = torch.where(done, pad, nxt)
@@ -85,5 +99,9 @@ def run(student, teacher, batch: Batch) -> Decoded:
         q, p = rows.step(s_lm, tokens[:, t], q), rows.step(t_lm, tokens[:, t], p)
     tokens, lengths = rows.to_caller(tokens), rows.to_caller(lengths)
     rows.restore()
-    stats = [{"teacher_mix_alpha": cfg.teacher_mix_alpha} for _ in range(b)]
+    stats = [{"teacher_mix_alpha": batch.params.alpha} for _ in range(b)]
     return Decoded(tokens, lengths, source_tags(lengths, n, STUDENT), stats)
+
+
+POLICY = Policy("teacher_mix", run, TeacherMixParams, teacher=("steps",), aliases={"alpha": ["--mix-alpha"]},
+                fields=lambda params: {"mix_alpha": params.alpha})

@@ -7,13 +7,15 @@ reader), so its slot is free for the next step. Each step is one forward for all
 fast decoder (``slots.SlotBatch``: each request a row of one preallocated cache, prefilled alone when it
 joins), or, for a model the fast decoder does not run (``fast_decoder.unsupported_reason``: decided per
 request when it joins, so a hook added later is honoured), one HF forward per request with its own
-``DynamicCache``, as ``ChatEngine`` decodes unbatched.
+``DynamicCache``, as ``decoder.solo_steps`` decodes a request alone. The forwards take the ``ModelHandle``'s
+lock, so they never overlap another path's on the same model.
 
-Every request keeps its own settings: temperature and top-p through ``ChatEngine._pick`` with its own
+Every request keeps its own settings: temperature and top-p through ``sampler.pick`` with its own
 ``torch.Generator`` (a seeded request draws what it draws alone), ``max_tokens``, ``logprobs`` (the chosen
-token's score, from the same logits row) and ``prompt_logprobs`` (from its prefill). A ``Ticket`` yields
-``(token, TokenLogprob | None, prompt scores | None)`` per step, what ``ChatEngine``'s text loop reads, so stop
-strings, holdback and multi-byte characters are handled there, once, for both paths.
+token's score, ``scoring.score_token``, from the same logits row) and ``prompt_logprobs`` (from its prefill). A
+``Ticket`` yields ``(token, TokenLogprob | None, prompt scores | None)`` per step, as ``decoder.solo_steps`` does,
+and ``engine.ChatEngine``'s text loop reads either, so stop strings, holdback and multi-byte characters are
+handled there, once, for both paths.
 
 The queue is bounded: with ``max_queue`` set, a submission that would put more than ``max_batch + max_queue``
 requests in the system raises ``QueueFull`` (the server answers 429 with ``retry_after``); an empty system
@@ -33,9 +35,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmdistill.decoding.handle import ModelHandle
+from lmdistill.decoding.sampler import pick
+from lmdistill.decoding.scoring import prompt_scores, score_token
+from lmdistill.decoding.slots import SlotBatch
 from lmdistill.errors import ConfigError, LmdistillError
+from lmdistill.generation.fast_decoder import unsupported_reason
+from lmdistill.generation.runner import note_hf_fallback
 from lmdistill.models.kv_cache import cache_kwargs
-from lmdistill.serve.slots import SlotBatch
 
 BACKENDS = ("auto", "fast", "hf")
 _DONE = object()
@@ -105,9 +112,9 @@ class Ticket:
 
 
 class Batcher:
-    """The scheduler of ``engine`` (a ``ChatEngine``): at most ``max_batch`` requests decode together."""
+    """The scheduler of ``handle``'s model: at most ``max_batch`` requests decode together."""
 
-    def __init__(self, engine, *, max_batch: int, max_queue: int | None = None, idle_timeout: float = 2.0,
+    def __init__(self, handle: ModelHandle, *, max_batch: int, max_queue: int | None = None, idle_timeout: float = 2.0,
                  backend: str = "auto"):
         if max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
@@ -115,7 +122,7 @@ class Batcher:
             raise ConfigError(f"max_queue must be at least 0, got {max_queue}")
         if backend not in BACKENDS:
             raise ConfigError(f"batch backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        self.engine = engine
+        self.handle = handle
         self.max_batch, self.max_queue, self.idle_timeout, self.backend = max_batch, max_queue, idle_timeout, backend
         self._cv = threading.Condition(threading.RLock())
         self._waiting: deque[_Seq] = deque()
@@ -218,12 +225,9 @@ class Batcher:
 
     def _fast(self, seq: _Seq) -> bool:
         """Whether ``seq`` runs on the fast path (checked when it joins: hooks, dtype, length)."""
-        from lmdistill.generation.fast_decoder import unsupported_reason
-        from lmdistill.generation.runner import note_hf_fallback
-
         if self.backend == "hf":
             return False
-        model = self.engine.model
+        model = self.handle.model
         total = len(seq.ids) + seq.max_tokens
         if self._slots is not None and not self._slots.matches(model):
             if self._rows:
@@ -234,62 +238,61 @@ class Batcher:
             note_hf_fallback(model, why)
             return False
         if self._slots is None:
-            self._slots = SlotBatch(model, self.max_batch, self.engine.max_positions or DEFAULT_POSITIONS)
+            self._slots = SlotBatch(model, self.max_batch, self.handle.max_positions or DEFAULT_POSITIONS)
         return self._slots.fits(total)
 
     def _admit(self, seq: _Seq) -> None:
         """Prefill ``seq`` (its first token, or only its prompt scores when ``max_tokens`` is 0)."""
-        engine = self.engine
+        handle = self.handle
         if seq.cancelled or (seq.max_tokens == 0 and seq.prompt_logprobs is None):
             self._finish(seq)
             return
         try:
             if self._fast(seq):
-                with engine.lock:
+                with handle.lock:
                     logits = self._slots.add(seq.ids, len(seq.ids) + seq.max_tokens,
                                              keep=0 if seq.prompt_logprobs is not None else 1)
                 seq.row = len(self._rows)
                 self._rows.append(seq)
-            else:  # the unbatched engine's calls, one request at a time
+            else:  # solo_steps' calls, one request at a time
                 from transformers import DynamicCache
 
-                input_ids = torch.tensor([seq.ids], device=engine.device)
-                with engine.lock:
+                model = handle.model
+                input_ids = torch.tensor([seq.ids], device=handle.device)
+                with handle.lock:
                     if seq.max_tokens == 0:
-                        logits = engine.model(input_ids=input_ids).logits[0]
+                        logits = model(input_ids=input_ids).logits[0]
                     else:
-                        seq.cache = cache_kwargs(engine.model, DynamicCache(config=engine.model.config))
-                        logits = engine.model(input_ids=input_ids, **seq.cache, use_cache=True).logits[0]
+                        seq.cache = cache_kwargs(model, DynamicCache(config=model.config))
+                        logits = model(input_ids=input_ids, **seq.cache, use_cache=True).logits[0]
                 self._hf.append(seq)
-            prompt_scores = None
+            scores = None
             if seq.prompt_logprobs is not None:
-                from lmdistill.serve.engine import score_rows
-
-                prompt_scores = [None, *score_rows(logits[:-1], seq.ids[1:], seq.prompt_logprobs)]
+                scores = prompt_scores(logits, seq.ids, seq.prompt_logprobs)
             if seq.max_tokens == 0:
-                seq.out.put((None, None, prompt_scores))
+                seq.out.put((None, None, scores))
                 self._release(seq)
                 self._finish(seq)
                 return
-            self._emit(seq, logits[-1], prompt_scores)
+            self._emit(seq, logits[-1], scores)
         except Exception as e:
             self._release(seq)
             self._finish(seq, e)
 
     def _step(self) -> None:
         """One token for every running request: one batched forward (fast rows), one forward each (HF)."""
-        engine = self.engine
+        handle = self.handle
         self.peak = max(self.peak, len(self._rows) + len(self._hf))
         if self._rows:
             batch = list(self._rows)
-            with engine.lock:
+            with handle.lock:
                 logits = self._slots.step([s.pending for s in batch])
             for seq, row in zip(batch, logits):
                 self._emit_or_fail(seq, row)
         for seq in list(self._hf):
             try:
-                with engine.lock:
-                    out = engine.model(input_ids=torch.tensor([[seq.pending]], device=engine.device), **seq.cache,
+                with handle.lock:
+                    out = handle.model(input_ids=torch.tensor([[seq.pending]], device=handle.device), **seq.cache,
                                        use_cache=True)
             except Exception as e:  # its own cache: the others go on
                 self._release(seq)
@@ -305,14 +308,14 @@ class Batcher:
             self._release(seq)
             self._finish(seq, e)
 
-    def _emit(self, seq: _Seq, logits: torch.Tensor, prompt_scores) -> None:
+    def _emit(self, seq: _Seq, logits: torch.Tensor, scores) -> None:
         """Choose ``seq``'s next token from its ``[V]`` logits and send it; end the request when it is done."""
-        engine = self.engine
+        stop_ids = self.handle.stop_ids
         last = logits.float()
-        token = engine._pick(last, seq.temperature, seq.top_p, seq.gen)
-        seq.out.put((token, engine._score(last, token, seq.logprobs), prompt_scores))
+        token = pick(last, seq.temperature, seq.top_p, seq.gen)
+        seq.out.put((token, score_token(last, token, seq.logprobs, stop_ids), scores))
         seq.generated += 1
-        if token in engine.stop_ids or seq.generated >= seq.max_tokens:
+        if token in stop_ids or seq.generated >= seq.max_tokens:
             self._release(seq)
             self._finish(seq)
         else:
