@@ -25,6 +25,8 @@ SCRIPTS=(
     "server_limits.py --quick"
     "denormal.py --quick"
     "serve_throughput.py --quick"
+    "opd_served.py --quick"
+    "cross_tokenizer.py --quick"
     "quantify_ice.py --quick"
     "generation.py --quick"
     "mgsr_terms.py --quick"

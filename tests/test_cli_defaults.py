@@ -165,12 +165,15 @@ def test_print_config_without_models_marks_them_required(tmp_path, capsys):
 def test_demo_out_is_the_report_folder(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(demo_cmd, "run_demo", lambda preset, out, workers=None: calls.append((preset, out)))
-    monkeypatch.setattr(demo_cmd, "run_real_demo", lambda preset, out: calls.append((preset, out)))
+    monkeypatch.setattr(demo_cmd, "run_real_demo",
+                        lambda preset, out, independent: calls.append((preset, out, independent)))
     assert main(["demo", "--preset", "full", "--out", str(tmp_path / "d")]) == 0
     assert main(["demo", "--preset", "smollm2-smoke", "--out", str(tmp_path / "s")]) == 0
+    assert main(["demo", "--preset", "smollm2-smoke", "--no-independent", "--out", str(tmp_path / "n")]) == 0
     assert main(["demo"]) == 0
-    assert calls == [("full", str(tmp_path / "d")), ("smollm2-smoke", str(tmp_path / "s")),
-                     ("quick", "runs/demo/quick")]
+    assert calls == [("full", str(tmp_path / "d")), ("smollm2-smoke", str(tmp_path / "s"), True),
+                     ("smollm2-smoke", str(tmp_path / "n"), False), ("quick", "runs/demo/quick")]
+    assert main(["demo", "--preset", "quick", "--no-independent"]) == 2 and len(calls) == 4   # refused, not ignored
 
 
 # ---------------------------------------------------------------------------------------------- template: auto

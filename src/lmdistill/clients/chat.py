@@ -154,9 +154,21 @@ class OpenAIChatClient(ChatClient):
         (one request holds a list of prompts), up to ``concurrency`` requests in flight."""
         if api not in LOGPROB_APIS:
             raise ClientError(f"{self.name}: api must be one of {', '.join(LOGPROB_APIS)}, got {api!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ClientError(f"{self.name}: top_k must be an integer >= 0 (0: each token's own log-probability, "
-                              f"as token_logprobs_many), got {top_k!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ClientError(f"{self.name}: top_k must be a positive integer, got {top_k!r}")
+        return self._logprobs_many(batch, top_k, api, batch_size)
+
+    def token_logprobs_many(self, batch: list[list[int]], *, api: str = "echo",
+                            batch_size: int = 8) -> list[list[float | None]]:
+        """For each sequence of ``batch``: the log-probability of each of its own tokens given the ones before it
+        (position 0: ``None``), and nothing else: ``echo`` with ``logprobs: 0``, or vLLM's ``prompt_logprobs: 0``
+        (no top-k asked, so the answer holds one score per token). Batched and retried as ``prompt_logprobs_many``."""
+        return self._logprobs_many(batch, 0, api, batch_size)
+
+    def _logprobs_many(self, batch: list[list[int]], top_k: int, api: str, batch_size: int) -> list:
+        """``top_k`` > 0: ``prompt_logprobs_many``; 0: ``token_logprobs_many``."""
+        if api not in LOGPROB_APIS:
+            raise ClientError(f"{self.name}: api must be one of {', '.join(LOGPROB_APIS)}, got {api!r}")
         for row in batch:
             if (not isinstance(row, (list, tuple)) or not row
                     or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in row)):
@@ -170,13 +182,6 @@ class OpenAIChatClient(ChatClient):
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 answers = list(pool.map(lambda g: self._score_group(g, top_k, api), groups))
         return [row for group in answers for row in group]
-
-    def token_logprobs_many(self, batch: list[list[int]], *, api: str = "echo",
-                            batch_size: int = 8) -> list[list[float | None]]:
-        """For each sequence of ``batch``: the log-probability of each of its own tokens given the ones before it
-        (position 0: ``None``), and nothing else: ``echo`` with ``logprobs: 0``, or vLLM's ``prompt_logprobs: 0``
-        (no top-k asked, so the answer holds one score per token). Batched and retried as ``prompt_logprobs_many``."""
-        return self.prompt_logprobs_many(batch, 0, api=api, batch_size=batch_size)
 
     def _score_group(self, rows: list[list[int]], top_k: int, api: str) -> list[list[dict[int, float] | None]]:
         if api == "echo":
@@ -220,14 +225,20 @@ def _token_id(key: str, name: str) -> int:
         raise ClientError(f"{name}: bad token key {key!r} in the logprobs") from None
 
 
-def _echo_logprobs(choice: dict, ids: list[int], top_k: int, name: str) -> list[dict[int, float] | None]:
+def _echoed(choice: dict, ids: list[int], field: str, name: str) -> list:
+    """The echo answer's ``logprobs[field]`` list, once its echoed tokens are checked to be exactly ``ids``."""
     lp = choice.get("logprobs")
-    tokens, tops = (lp.get("tokens"), lp.get("top_logprobs")) if isinstance(lp, dict) else (None, None)
-    if not isinstance(tokens, list) or not isinstance(tops, list):
+    tokens, values = (lp.get("tokens"), lp.get(field)) if isinstance(lp, dict) else (None, None)
+    if not isinstance(tokens, list) or not isinstance(values, list):
         raise ClientError(f"{name}: the answer has no logprobs (does the server support echo with logprobs?)")
-    if (len(tokens) < len(ids) or len(tops) < len(ids)
+    if (len(tokens) < len(ids) or len(values) < len(ids)
             or [_token_id(t, name) for t in tokens[:len(ids)]] != ids):
         raise ClientError(f"{name}: the server re-tokenized the prompt (the echoed tokens differ from the ids sent)")
+    return values
+
+
+def _echo_logprobs(choice: dict, ids: list[int], top_k: int, name: str) -> list[dict[int, float] | None]:
+    tops = _echoed(choice, ids, "top_logprobs", name)
     out: list[dict[int, float] | None] = [None]
     for entry in tops[1:len(ids)]:
         if not isinstance(entry, dict) or not entry:
@@ -236,7 +247,8 @@ def _echo_logprobs(choice: dict, ids: list[int], top_k: int, name: str) -> list[
     return out
 
 
-def _vllm_prompt_logprobs(choice: dict, ids: list[int], top_k: int, name: str) -> list[dict[int, float] | None]:
+def _vllm_entries(choice: dict, ids: list[int], name: str) -> list:
+    """vLLM's ``prompt_logprobs`` list of the answer, one entry per id sent (else the prompt was re-tokenized)."""
     entries = choice.get("prompt_logprobs")
     if entries is None:
         raise ClientError(f"{name}: the answer has no prompt_logprobs (the server does not support vLLM's "
@@ -244,6 +256,11 @@ def _vllm_prompt_logprobs(choice: dict, ids: list[int], top_k: int, name: str) -
     if len(entries) != len(ids):
         raise ClientError(f"{name}: the server re-tokenized the prompt ({len(ids)} ids sent, "
                           f"{len(entries)} prompt_logprobs returned)")
+    return entries
+
+
+def _vllm_prompt_logprobs(choice: dict, ids: list[int], top_k: int, name: str) -> list[dict[int, float] | None]:
+    entries = _vllm_entries(choice, ids, name)
     out: list[dict[int, float] | None] = [None]
     for i, entry in enumerate(entries[1:], start=1):
         try:
@@ -258,26 +275,14 @@ def _vllm_prompt_logprobs(choice: dict, ids: list[int], top_k: int, name: str) -
 
 
 def _echo_token_logprobs(choice: dict, ids: list[int], _k: int, name: str) -> list[float | None]:
-    lp = choice.get("logprobs")
-    tokens, lps = (lp.get("tokens"), lp.get("token_logprobs")) if isinstance(lp, dict) else (None, None)
-    if not isinstance(tokens, list) or not isinstance(lps, list):
-        raise ClientError(f"{name}: the answer has no logprobs (does the server support echo with logprobs?)")
-    if (len(tokens) < len(ids) or len(lps) < len(ids)
-            or [_token_id(t, name) for t in tokens[:len(ids)]] != ids):
-        raise ClientError(f"{name}: the server re-tokenized the prompt (the echoed tokens differ from the ids sent)")
+    lps = _echoed(choice, ids, "token_logprobs", name)
     if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in lps[1:len(ids)]):
         raise ClientError(f"{name}: a prompt position after the first has no token_logprobs")
     return [None, *(float(v) for v in lps[1:len(ids)])]
 
 
 def _vllm_token_logprobs(choice: dict, ids: list[int], _k: int, name: str) -> list[float | None]:
-    entries = choice.get("prompt_logprobs")
-    if entries is None:
-        raise ClientError(f"{name}: the answer has no prompt_logprobs (the server does not support vLLM's "
-                          "prompt_logprobs; use api='echo')")
-    if len(entries) != len(ids):
-        raise ClientError(f"{name}: the server re-tokenized the prompt ({len(ids)} ids sent, "
-                          f"{len(entries)} prompt_logprobs returned)")
+    entries = _vllm_entries(choice, ids, name)
     out: list[float | None] = [None]
     for i, entry in enumerate(entries[1:], start=1):
         v = entry.get(str(ids[i])) if isinstance(entry, dict) else None   # vLLM always lists the actual token

@@ -22,7 +22,7 @@ from lmdistill.io import iter_jsonl_rows, json_problem
 
 ROLES = ("system", "user", "assistant")
 #: The fields a row is read from (any other is ignored, and offered as a did-you-mean for a missing one).
-FIELDS = ("instruction", "input", "output", "references", "messages", "id", "source")
+FIELDS = ("instruction", "input", "output", "references", "messages", "id", "source", "teacher")
 MESSAGE_FIELDS = ("role", "content")
 
 
@@ -32,7 +32,9 @@ class Example:
 
     ``output`` is the gold response; ``references`` holds every acceptable reference (the gold
     response first) for metrics that take the max over references. Chat rows keep ``messages``
-    (the conversation before the answer); their ``instruction`` is the last user turn.
+    (the conversation before the answer); their ``instruction`` is the last user turn. ``teacher`` names the
+    teacher that reads the row when a run has several (``teachers:``); ``origin`` is where it was read
+    (``file:line``), for messages.
     """
 
     id: str
@@ -42,6 +44,8 @@ class Example:
     references: list[str] = field(default_factory=list)
     messages: list[dict] | None = None
     source: str = ""
+    teacher: str = ""
+    origin: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.references and self.output:
@@ -74,6 +78,13 @@ def is_unicode(text: str) -> bool:
     return True
 
 
+def _quoted(key: str) -> str:
+    """``key`` in JSON quotes, on one line: JSON escapes the control characters; the three other characters that
+    break a line (NEL, LINE and PARAGRAPH SEPARATOR) are escaped too, so a message stays one ``FILE:LINE:`` line."""
+    text = json.dumps(key, ensure_ascii=False)
+    return text.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
 def missing_hint(key: str, obj: dict, known: tuple[str, ...] = FIELDS) -> str:
     """What to add to ``is missing`` for ``key``: ``; did you mean "ouput"?`` when one of the row's unknown fields
     looks like it (difflib ratio >= 0.75, case ignored), else the unknown fields and the ones read, else nothing."""
@@ -83,8 +94,8 @@ def missing_hint(key: str, obj: dict, known: tuple[str, ...] = FIELDS) -> str:
     lower = {k.lower(): k for k in reversed(unknown)}
     close = difflib.get_close_matches(key.lower(), list(lower), n=1, cutoff=0.75)
     if close:
-        return f"; did you mean {json.dumps(lower[close[0]], ensure_ascii=False)}?"
-    shown = ", ".join(json.dumps(k[:40], ensure_ascii=False) for k in unknown[:5])
+        return f"; did you mean {_quoted(lower[close[0]])}?"
+    shown = ", ".join(_quoted(k[:40]) for k in unknown[:5])
     more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
     return f" (the row has {shown}{more}; the fields read are {', '.join(known)})"
 
@@ -120,6 +131,8 @@ def parse_row(obj: Any, path: str, line: int, *, require_output: bool = True) ->
         problems.append(Problem(path, line, "id", NOT_UNICODE))
     source = obj.get("source", "")
     source = source if isinstance(source, str) and is_unicode(source) else ""
+    teacher = _check_str(obj, "teacher", path, line, problems, required=False)   # several teachers: who reads it
+    where = {"teacher": teacher, "origin": f"{path}:{line}"}
 
     if "messages" in obj:
         msgs = obj["messages"]
@@ -156,7 +169,7 @@ def parse_row(obj: Any, path: str, line: int, *, require_output: bool = True) ->
         if not users:
             return None, [Problem(path, line, "messages", "has no user turn")]
         return Example(id=str(rid), instruction=users[-1]["content"], output=output, messages=history,
-                       source=source), []
+                       source=source, **where), []
 
     instruction = _check_str(obj, "instruction", path, line, problems, required=True, nonempty=True)
     inp = _check_str(obj, "input", path, line, problems, required=False)
@@ -175,7 +188,7 @@ def parse_row(obj: Any, path: str, line: int, *, require_output: bool = True) ->
     if output and output not in references:
         references = [output] + references
     return Example(id=str(rid), instruction=instruction, input=inp, output=output,
-                   references=references, source=source), []
+                   references=references, source=source, **where), []
 
 
 def _iter_json(path: Path) -> Iterable[tuple[int, Any, Problem | None]]:

@@ -2,7 +2,8 @@
 
 The student and a teacher with another tokenizer read the same response text, each in its own tokens. The teacher
 side (``teachers/cross_tokenizer.py``) cuts both token sequences into *groups* at the byte offsets where both sides
-end a token (TRL GOLD's extended ULD, ``trl/experimental/gold/gold_trainer.py:530`` ``_align_by_byte_offsets``): group
+end a token (TRL GOLD's extended ULD, trl 1.16.0 ``trl/experimental/gold/gold_trainer.py:530``
+``_align_by_byte_offsets``; the line numbers below are that file's): group
 ``g`` holds the student's trained positions ``[s0, s1)`` and the teacher's scored positions ``[t0, t1)``, both
 covering the same bytes. Position ``k`` of either side is the distribution ``P_k`` over that side's vocabulary of the
 token at ``k`` given the text before it (the logits one position earlier: the causal shift).
@@ -39,8 +40,10 @@ The vocabularies are each tokenizer's ids (a head's padding rows are cut off, as
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from lmdistill.losses.divergences import jsd_from_logprobs
@@ -58,9 +61,9 @@ class AlignedTeacher:
     row-major, as the terms' ``[N, V]`` logits) and teacher start and stop (flat over ``teacher_ids``);
     ``teacher_ids`` ``[M]`` the teacher's tokens; ``logits`` ``[M, V_t]`` its logits predicting them (a model here)
     or ``sparse`` its top-k there (a server, a cache) with ``token_logprobs`` ``[M]`` (log-probability of its own
-    token, at the sparse teacher's temperature); ``matched`` ``(teacher ids, student ids)`` of the tokens whose text
-    is the same in both vocabularies; ``vocab`` ``(student, teacher)`` vocabulary sizes; ``coverage`` the share of
-    response bytes in one-to-one groups.
+    token, at the sparse teacher's temperature); ``matching`` makes ``matched``, ``(teacher ids, student ids)`` of
+    the tokens whose text is the same in both vocabularies; ``vocab`` ``(student, teacher)`` vocabulary sizes;
+    ``coverage`` the share of response bytes in one-to-one groups.
     """
 
     groups: torch.Tensor
@@ -68,7 +71,7 @@ class AlignedTeacher:
     logits: torch.Tensor | None = None
     sparse: SparseTeacher | None = None
     token_logprobs: torch.Tensor | None = None
-    matched: tuple[torch.Tensor, torch.Tensor] | None = None
+    matching: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
     vocab: tuple[int, int] = (0, 0)
     coverage: float = 1.0
     stats: dict = field(default_factory=dict)
@@ -80,6 +83,12 @@ class AlignedTeacher:
             raise LossInputError("aligned teacher: give exactly one of logits (dense) and sparse (top-k)")
         if self.sparse is not None and self.token_logprobs is None:
             raise LossInputError("aligned teacher: a sparse teacher needs token_logprobs (its own tokens' scores)")
+
+    @property
+    def matched(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(teacher ids, student ids)`` of the tokens whose text is the same in both vocabularies (made on first
+        use: a few seconds for a 262k vocabulary, which only ``gold`` reads)."""
+        return self.matching() if self.matching is not None else None
 
 
 def check_merge(merge: str) -> str:
@@ -117,11 +126,21 @@ def merge_sparse(sparse: SparseTeacher, own: torch.Tensor, start: torch.Tensor, 
     return sparse.logprobs[base] + scalars[:, None], sparse.rest[base] + scalars
 
 
+def descending(x: torch.Tensor) -> torch.Tensor:
+    """``x`` sorted descending along its last dimension. A tensor without gradients on the CPU (the teacher's side)
+    is sorted by NumPy: its vectorised sort (AVX-512 where the CPU has it) took 0.27 s where ``torch.sort`` took 1.8 s
+    for 100 rows of 262,144 entries, and 0.012 s vs 0.30 s at 49,152, on the benchmark machine, where the teacher's
+    sorts were the largest part of the term (bench/README.md, "Cross-tokenizer step"); values alone need no order of
+    equal entries. With gradients, or elsewhere, ``torch.sort`` (its order of equal entries picks the subgradient)."""
+    if x.requires_grad or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return x.sort(dim=-1, descending=True).values
+    return torch.from_numpy(np.sort(x.detach().numpy(), axis=-1)[..., ::-1].copy())   # a copy: positive strides
+
+
 def sorted_l1(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """``[G]`` L1 distance between ``q`` ``[G, Vq]`` and ``p`` ``[G, Vp]`` each sorted descending, the shorter
     zero-padded (its missing entries are 0, so the longer side's tail counts in full)."""
-    a = q.sort(dim=-1, descending=True).values
-    b = p.sort(dim=-1, descending=True).values
+    a, b = descending(q), descending(p)
     n = min(a.shape[-1], b.shape[-1])
     return (a[:, :n] - b[:, :n]).abs().sum(-1) + a[:, n:].sum(-1) + b[:, n:].sum(-1)
 
@@ -146,6 +165,8 @@ def hybrid(logq: torch.Tensor, logp: torch.Tensor, matched: tuple[torch.Tensor, 
     (teacher): generalized JSD on the ``matched`` ids, sorted L1 on the rest (module docstring)."""
     t_ids, s_ids = (m.to(logq.device) for m in matched)
     vs, vt = logq.shape[-1], logp.shape[-1]
+    inside = (t_ids < vt) & (s_ids < vs)   # ids of a tokenizer longer than its model's head are left out
+    t_ids, s_ids = t_ids[inside], s_ids[inside]
     jsd = jsd_from_logprobs(logq[:, s_ids], logp[:, t_ids], beta) if len(t_ids) else logq.new_zeros(len(logq))
     s_rest = torch.ones(vs, dtype=torch.bool, device=logq.device)
     s_rest[s_ids] = False

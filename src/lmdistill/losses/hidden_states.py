@@ -96,6 +96,8 @@ class HiddenStateTerm(Term):
     def bind(self, context: TermContext) -> None:
         """The layer map from both models' depths (and the student's ``prune.json``), and the projection where the
         widths differ (or ``projection: always``); says which map it uses, once."""
+        if context.teacher is None:
+            raise ConfigError(f"objective ({self.name}): reads the teacher's hidden states; the run has no teacher")
         n_s, w_s = model_layout(context.student)
         n_t, w_t = context.teacher.layer_shape()
         self.pairs, self.map_kind = layer_map(self.spec, student_path=context.student_path, n_student=n_s,

@@ -73,7 +73,8 @@ def prune_pairs(student_path: str, n_student: int, n_teacher: int, where: str) -
         raise ConfigError(f"{path}: kept_layers lists {len(kept)} blocks, the student has {n_student}")
     if before is not None and before != n_teacher:
         raise ConfigError(f"{path}: the student was cut from a model of {before} blocks (layers_before), the "
-                          f"teacher has {n_teacher}: the prune map pairs it with the model it was pruned from")
+                          f"teacher has {n_teacher}: the prune map pairs it with the model it was pruned from (set layers: uniform "
+                          "or pairs for another teacher)")
     if any(not 0 <= k < n_teacher for k in kept):
         raise ConfigError(f"{path}: kept_layers {kept} holds a block the teacher ({n_teacher} blocks) does not have")
     return list(enumerate(kept))

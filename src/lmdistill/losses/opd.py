@@ -2,8 +2,9 @@
 
 As Thinking Machines' Tinker cookbook runs it (``tinker_cookbook/distillation/train_on_policy.py``,
 ``incorporate_kl_penalty``, lines 86-108; ``tinker_cookbook/rl/metrics.py:192-211``,
-``discounted_future_sum_vectorized``; tinker-cookbook commit 9dfcc3a). For a sequence the student sampled, with x_t its token at
-trained position t (mask m_t), q the student, p the teacher, both at temperature 1, and gamma = ``discount``:
+``discounted_future_sum_vectorized``; tinker-cookbook commit 9dfcc3a). For a sequence the student sampled, with x_t
+its token at trained position t (mask m_t), q the student, p the teacher, both at temperature 1, and gamma =
+``discount``:
 
     a_t = -m_t (log q(x_t) - log p(x_t))          negative per-token reverse KL   (train_on_policy.py:91-96, 103)
     A_t = a_t                                     gamma = 0 (Tinker's default kl_discount_factor 0.0)
@@ -30,10 +31,11 @@ vocabulary the student samples from (the shared prefix with a local teacher, or 
 the teacher's whole vocabulary, as a server computes it.
 
 Compared with the other references: TRL's MiniLLM ``rkl_advantage`` (``trl/experimental/minillm/minillm_trainer.py:
-291-346``, TRL commit f2cd577) takes the same reward but multiplies it by gamma^i at the absolute position i before the reverse cumulative
-sum (so A_t carries a factor gamma^t unless length-normalised, its default) and adds it to GRPO's advantage; NeMo-RL's
-``adv_estimator: opd`` (``nemo_rl/algorithms/advantage_estimator.py:551-611``, NVIDIA-NeMo/RL commit 7ea279a) is the undiscounted sg(log p - log q)
-with its importance-sampling truncation left to the loss. We follow Tinker.
+291-346``, TRL commit f2cd577) takes the same reward but multiplies it by gamma^i at the absolute position i before
+the reverse cumulative sum (so A_t carries a factor gamma^t unless length-normalised, its default) and adds it to
+GRPO's advantage; NeMo-RL's ``adv_estimator: opd`` (``nemo_rl/algorithms/advantage_estimator.py:551-611``,
+NVIDIA-NeMo/RL commit 7ea279a) is the undiscounted sg(log p - log q) with its importance-sampling truncation left to
+the loss. We follow Tinker.
 """
 
 from __future__ import annotations

@@ -27,9 +27,11 @@ Parameters of a term come from its recipe entry; ``check_params`` validates them
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -48,6 +50,10 @@ class Term(nn.Module):
     whole_logits: bool = False
     chunkable: bool = False
     sparse_teacher: bool = False
+    #: What the last ``forward`` measured besides its value (``{name: float}``, e.g. ``uld``'s alignment coverage):
+    #: the objective clears it before each forward and the trainer logs it as ``ENTRY/name``, a mean over the step's
+    #: micro-batches and processes weighted by the term's tokens (as its loss). A term sets a new dict, never mutates.
+    last_stats: Mapping[str, float] = MappingProxyType({})
 
     #: The callable whose keyword parameters are the term's recipe parameters (default: the term's ``__init__``).
     params_of = None
@@ -198,6 +204,12 @@ class TermInputs:
         """The teacher's :class:`~lmdistill.losses.sparse.SparseTeacher` at the sequences' trained positions
         (row-major, the order of ``flat``)."""
         return self.teacher.top_k(self.rows, self.sequences)
+
+    @cached_property
+    def teacher_aligned(self):
+        """A teacher with another tokenizer on the sequences: its distributions on its own tokens of their text,
+        grouped with the student's tokens by bytes (an :class:`~lmdistill.losses.aligned.AlignedTeacher`)."""
+        return self.teacher.aligned(self.rows, self.sequences)
 
     @cached_property
     def teacher_token_logprobs(self) -> torch.Tensor:

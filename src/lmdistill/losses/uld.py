@@ -13,6 +13,10 @@ the student token that closes it and the mean runs over the N student tokens of 
 ``sequences`` token set), so micro-batches and processes add up exactly as for every other term. With one tokenizer
 every group is one token and ``N`` equals the number of groups: ``uld`` is then the mean sorted L1 and ``gold`` the
 mean generalized JSD of the same-tokenizer ``jsd`` term. TRL averages over each row's groups, then over rows.
+
+Each forward also records the micro-batch's alignment coverage, the share of its response bytes that lie in
+one-to-one groups (``AlignedTeacher.coverage``), in ``last_stats``: metrics.jsonl and TensorBoard show it per step as
+``uld/coverage`` (``gold/coverage``; the entry's name), the micro-batches weighted by their student tokens.
 """
 
 from __future__ import annotations
@@ -71,22 +75,24 @@ class AlignedTerm(Term):
         lp = log_probs(logits[:, :vocab], self.temperature)
         return lp, lp.gather(-1, ids[:, None].to(lp.device)).squeeze(-1)
 
-    def teacher_dense(self, al: AlignedTeacher, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def teacher_dense(self, al: AlignedTeacher, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's log-probabilities ``[M, V_t]`` (on ``like``'s device and dtype) and of its own tokens."""
         vocab = al.vocab[1] or al.logits.shape[-1]
-        lp = log_probs(al.logits[:, :vocab].to(dtype), self.temperature)
+        lp = log_probs(al.logits[:, :vocab].to(device=like.device, dtype=like.dtype), self.temperature)
         return lp, lp.gather(-1, al.teacher_ids[:, None].to(lp.device)).squeeze(-1)
 
     def forward(self, inputs: TermInputs) -> torch.Tensor:
         al = inputs.teacher_aligned
+        self.last_stats = {"coverage": al.coverage}   # logged as ENTRY/coverage (share of bytes in 1:1 groups)
         lq, own_q = self.student_side(inputs, al)
         if len(al.groups) == 0:
             return lq.sum() * 0.0
         s0, s1, t0, t1 = (c.to(lq.device) for c in group_positions(al.groups))
         merged_q = merge_logprobs(lq, own_q, s0, s1, self.merge)
-        per_group = self.distance(merged_q, al, t0, t1, lq.dtype)
+        per_group = self.distance(merged_q, al, t0, t1)
         return per_group.sum() / max(lq.shape[0], 1)
 
-    def distance(self, merged_q, al: AlignedTeacher, t0, t1, dtype) -> torch.Tensor:
+    def distance(self, merged_q, al: AlignedTeacher, t0, t1) -> torch.Tensor:
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -99,16 +105,16 @@ class ULDTerm(AlignedTerm):
 
     aligned_capabilities = ("aligned", "aligned_top_k")
 
-    def distance(self, merged_q, al: AlignedTeacher, t0, t1, dtype) -> torch.Tensor:
+    def distance(self, merged_q, al: AlignedTeacher, t0, t1) -> torch.Tensor:
         if al.sparse is None:
-            lp, own_p = self.teacher_dense(al, dtype)
+            lp, own_p = self.teacher_dense(al, merged_q)
             return sorted_l1(merged_q.exp(), merge_logprobs(lp, own_p, t0, t1, self.merge).exp())
         if abs(al.sparse.temperature - self.temperature) > 1e-12:
             raise LossInputError(f"the teacher was scored at temperature {al.sparse.temperature}; the term's "
                                  f"temperature is {self.temperature}")
         sparse = al.sparse.to(merged_q.device)
         top, rest = merge_sparse(sparse, al.token_logprobs.to(merged_q.device), t0, t1, self.merge)
-        return sorted_l1_sparse(merged_q.exp(), top.to(dtype).exp(), rest.to(dtype).exp())
+        return sorted_l1_sparse(merged_q.exp(), top.to(merged_q.dtype).exp(), rest.to(merged_q.dtype).exp())
 
 
 class GOLDTerm(AlignedTerm):
@@ -133,10 +139,10 @@ class GOLDTerm(AlignedTerm):
         if weights[0] is not None and not all(_number(w) and w >= 0 for w in weights):
             raise ConfigError(f"{where}: matched_weight and unmatched_weight must be numbers >= 0, got {weights}")
 
-    def distance(self, merged_q, al: AlignedTeacher, t0, t1, dtype) -> torch.Tensor:
+    def distance(self, merged_q, al: AlignedTeacher, t0, t1) -> torch.Tensor:
         if al.matched is None:
             raise LossInputError("gold: the aligned teacher gave no vocabulary matches")
-        lp, own_p = self.teacher_dense(al, dtype)
+        lp, own_p = self.teacher_dense(al, merged_q)
         merged_p = merge_logprobs(lp, own_p, t0, t1, self.merge)
         return hybrid(merged_q, merged_p, al.matched, beta=self.beta, matched_weight=self.matched_weight,
                       unmatched_weight=self.unmatched_weight)

@@ -66,3 +66,30 @@ def build_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 4096):
     if out_dir is not None:
         tok.save_pretrained(str(out_dir))
     return tok
+
+
+def train_sp_tokenizer(vocab_size: int = 600, *, limit: int | None = 2000):
+    """A tokenizer of another family than :func:`train_tokenizer`'s, for a teacher whose tokenizer differs from the
+    student's (``teacher=xtok:...``): SentencePiece-style BPE as Gemma's (``▁`` for spaces, ``<0xNN>`` byte fallback,
+    Gemma's decoder, ``<bos>`` before every text, no chat template) with its own special tokens (``<pad>``, ``<eos>``,
+    ``<bos>``, ``<unk>``), trained on the first ``limit`` Dolly train texts with an alphabet of 80 characters, so CJK,
+    emoji and accents fall back to bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+                                  limit_alphabet=80, show_progress=False)
+    tok.train_from_iterator(training_texts(limit), trainer=trainer)
+    spec = json.loads(tok.to_str())
+    for b in range(256):   # the byte-fallback pieces, as SentencePiece models have them
+        spec["model"]["vocab"].setdefault(f"<0x{b:02X}>", len(spec["model"]["vocab"]))
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A",
+                                                       special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                   unk_token="<unk>")
+    fast.model_max_length = 1024
+    return fast

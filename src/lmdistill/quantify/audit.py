@@ -103,4 +103,5 @@ def separation_sentence(metric: str, s: Separation) -> str:
     if s.verdict == "reversed":
         return (f"{metric} points the wrong way: the independent models score closer to the teacher than the "
                 f"distilled students ({span}).")
-    return f"{metric} cannot tell the distilled students from the independent models: the interval contains 0.5 ({span})."
+    return (f"{metric} cannot tell the distilled students from the independent models: the interval contains 0.5 "
+            f"({span}).")

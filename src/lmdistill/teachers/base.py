@@ -101,6 +101,9 @@ class Teacher:
       (row-major), nothing else (on-policy distillation, ``losses/opd.py``);
     - ``aligned(rows, batch)``: an :class:`~lmdistill.losses.aligned.AlignedTeacher`, its distributions on its own
       tokens of the batch's text, grouped with the student's tokens by byte offsets (``cross_tokenizer.py``);
+    - ``layer_shape()``, ``layer_states(batch, layers)``, ``record_layers(layers)``: its blocks and width, the
+      outputs of its layers (``embed``, a block index, ``final``: ``losses/layer_states.py``) on a batch, or
+      recorded during its other forwards (hidden-state terms, capability ``hidden_states``);
     - ``model``: the ``nn.Module`` itself, for the capabilities that run it step by step (``steps``).
 
     ``vocab`` is its vocabulary size when known, ``tokenizer`` its tokenizer when it has one here.
@@ -147,6 +150,31 @@ class Teacher:
 
     def aligned(self, rows, batch: dict):
         raise self._cannot(MEANING["aligned"])
+
+    def layer_shape(self) -> tuple[int, int]:
+        raise self._cannot(MEANING["hidden_states"])
+
+    def layer_states(self, batch: dict, layers) -> list:
+        raise self._cannot(MEANING["hidden_states"])
+
+    def record_layers(self, layers):
+        raise self._cannot(MEANING["hidden_states"])
+
+    #: the teachers it routes rows to, by name (several teachers: ``routed.py``); ``()``: it reads every row itself
+    names: tuple[str, ...] = ()
+
+    def route(self, rows) -> list[str] | None:
+        """The name of the teacher that reads each of ``rows`` (``None``: this teacher reads them all itself)."""
+        return None
+
+    def given(self, rows) -> "Teacher":
+        """The teacher that reads ``rows``: itself, or, for a routed teacher whose rows all name one member, that
+        member (the trainer asks it per micro-batch)."""
+        return self
+
+    def models(self) -> list:
+        """The ``nn.Module``s it runs in this process (the parallelism strategy shards and releases each)."""
+        return [] if self.model is None else [self.model]
 
     def check(self, needs: list[Need], where: str = "teacher") -> None:
         """:func:`check_use` with this teacher's own capabilities (a cache's temperature is known once it opens)."""

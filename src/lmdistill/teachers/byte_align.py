@@ -112,18 +112,22 @@ def student_text(chunks: list[bytes]) -> tuple[str, list[int]]:
         pieces.append(piece)
         n += len(piece.encode("utf-8"))
         ends.append(n)
-    rest = decoder.decode(b"", final=True)   # an unfinished character at the very end
+    rest = decoder.decode(b"", final=True)   # an unfinished character at the very end: the last token with bytes
     if rest:
         pieces.append(rest)
         n += len(rest.encode("utf-8"))
-        ends = [min(e, n) for e in ends[:-1]] + [n] if ends else ends
+        last = max(i for i, c in enumerate(chunks) if c)
+        ends[last:] = [n] * (len(ends) - last)
     return "".join(pieces), ends
 
 
-def _offset_ends(tokenizer, text: str, ids: list[int]) -> list[int] | None:
-    """Token ends in ``text``'s bytes from a fast tokenizer's character offsets (``None`` without them)."""
+def _offset_ends(token_bytes: TokenBytes, text: str, ids: list[int]) -> list[int] | None:
+    """Token ends in ``text``'s bytes from a fast tokenizer's character offsets (``None`` without them). Tokens
+    that share one character's span (SentencePiece byte fallback: ``<0xE4><0xBD><0xA0>`` for "你") end one byte
+    after another inside it when their bytes add up to the span's; otherwise each ends where the span ends."""
     try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = token_bytes.tokenizer(text, add_special_tokens=False, split_special_tokens=True,
+                                    return_offsets_mapping=True)
     except (NotImplementedError, ValueError, TypeError):
         return None
     if list(enc["input_ids"]) != list(ids):
@@ -131,10 +135,19 @@ def _offset_ends(tokenizer, text: str, ids: list[int]) -> list[int] | None:
     to_byte = [0]
     for ch in text:
         to_byte.append(to_byte[-1] + len(ch.encode("utf-8")))
-    ends, last = [], 0
-    for _, end in enc["offset_mapping"]:
-        last = max(last, to_byte[end])
-        ends.append(last)
+    spans = [tuple(span) for span in enc["offset_mapping"]]
+    ends, last, i = [], 0, 0
+    while i < len(spans):
+        j = i
+        while j + 1 < len(spans) and spans[j + 1] == spans[i]:
+            j += 1
+        start, end = to_byte[spans[i][0]], to_byte[spans[i][1]]
+        sizes = [len(token_bytes(t)) for t in ids[i:j + 1]]
+        split = j > i and sum(sizes) == end - start
+        for k in range(j - i + 1):
+            last = max(last, start + sum(sizes[:k + 1]) if split else end)
+            ends.append(last)
+        i = j + 1
     if ends:
         ends[-1] = to_byte[-1]
     return ends
@@ -145,7 +158,7 @@ def teacher_ends(ids: list[int], text: str, token_bytes: TokenBytes, where: str)
     chunks = [token_bytes(i) for i in ids]
     if b"".join(chunks) == text.encode("utf-8"):
         return prefix_ends(chunks)
-    ends = _offset_ends(token_bytes.tokenizer, text, ids)
+    ends = _offset_ends(token_bytes, text, ids)
     if ends is None:
         raise ConfigError(f"{where}: the teacher's tokens do not spell the response text back and its tokenizer gives "
                           "no character offsets; byte alignment needs one of the two (a fast tokenizer)")

@@ -91,17 +91,20 @@ def read_shard_arrays(source: bytes | Path, names: tuple[str, ...]) -> dict[str,
         raise ValueError(f"{kind}: {e}") from None
 
 
-def read_manifest(root: Path) -> dict | None:
+def read_manifest(root: Path, fmt: str = FORMAT, *, what: str = "teacher-cache",
+                  instead: str = "remove the folder and capture again") -> dict | None:
+    """``root``'s manifest of format ``fmt`` (None when there is none); anything else is refused naming the file,
+    what it should have been (``what``) and what to do (``instead``)."""
     path = root / MANIFEST
     if not path.exists():
         return None
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(f"{path}: not a teacher-cache manifest ({e}); remove the folder and capture again") from None
-    fmt = manifest.get("format") if isinstance(manifest, dict) else None
-    if fmt != FORMAT:
-        raise ConfigError(f"{path}: not a teacher-cache manifest (format {fmt!r}, expected {FORMAT!r})")
+        raise ConfigError(f"{path}: not a {what} manifest ({e}); {instead}") from None
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != fmt:
+        raise ConfigError(f"{path}: not a {what} manifest (format {found!r}, expected {fmt!r}); {instead}")
     return manifest
 
 

@@ -173,7 +173,7 @@ def capture(s: CaptureSettings) -> dict:
     vocab = model_vocab(model, tokenizer)
     spec = cache_spec(tokenizer, model_fingerprint(s.teacher), examples, s, vocab)
     old = check_out(out, spec)
-    for stale in out.glob(".shard-*.tmp"):   # a shard being written when the last run was killed
+    for stale in [*out.glob(".shard-*.tmp"), *out.glob(".manifest.json.*.tmp")]:   # being written at a kill -9
         stale.unlink()
     t0 = time.time()
     head = {**spec, "batch_size": s.batch_size, "dtype": s.dtype, "shards": -(-len(rows) // s.shard_rows),

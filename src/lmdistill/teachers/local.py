@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from lmdistill.losses.layer_states import model_layout, recorded_forward, recording
 from lmdistill.losses.model_forward import forward_hidden, forward_logits, head_transform, selected_logits
 from lmdistill.models import load_model
 from lmdistill.teachers.base import Capabilities, Teacher
@@ -44,3 +45,17 @@ class LocalTeacher(Teacher):
     @property
     def transform(self):
         return head_transform(self.model)
+
+    def layer_shape(self) -> tuple[int, int]:
+        """``(decoder blocks, hidden width)``."""
+        return model_layout(self.model)
+
+    @torch.no_grad()
+    def layer_states(self, batch: dict, layers) -> list[torch.Tensor]:
+        """The outputs ``[B, T, H]`` of ``layers`` on ``batch``, from one forward of their own."""
+        caught = recorded_forward(self.model, batch, layers)
+        return [caught[n] for n in layers]
+
+    def record_layers(self, layers):
+        """A context in which every forward of the model (``logits``, ``hidden``) records ``layers``."""
+        return recording(self.model, layers)

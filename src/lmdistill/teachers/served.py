@@ -8,9 +8,9 @@ server did not list). Requests go through the clients' retry policy; answers are
 cache (``teacher_scores.jsonl`` in the run folder), so a resumed run asks only for what it has not seen.
 
 On-policy distillation (``opd``) asks only for each sampled token's own log-probability (``token_logprobs``: no
-top-k travels). SCRG scores the student's whole responses with it (``sequence_scores``; ``generation/policies/scrg.py``). Methods
-that need the teacher's own tokens while generating (SWITCH, the teacher's samples, MiniLLM's mixed sampling) need
-a local teacher; ``TrainConfig.check`` refuses them with a served teacher.
+top-k travels). SCRG scores the student's whole responses with it (``sequence_scores``;
+``generation/policies/scrg.py``). Methods that need the teacher's own tokens while generating (SWITCH, the teacher's
+samples, MiniLLM's mixed sampling) need a local teacher; ``TrainConfig.check`` refuses them with a served teacher.
 """
 
 from __future__ import annotations
@@ -52,9 +52,14 @@ def top_k_rows(positions: list[dict[int, float] | None], wanted: list[int], top_
 
 
 def tail_log_mass(lps: torch.Tensor) -> torch.Tensor:
-    """``log(1 - sum exp(lps))`` per row; ``-inf`` where the listed entries hold all the mass."""
+    """``log(1 - sum exp(lps))`` per row; ``-inf`` where the listed entries hold all the mass.
+
+    A server computes its log-probabilities in float32 (or less): K of them sum to 1 only to about ``K * 2**-23``,
+    so a remainder within that rounding is no mass at all (else a top-k covering the vocabulary would leave a
+    spurious tail bucket of ~1e-7 that the sparse losses weigh against the student's near-empty one)."""
     rest = 1.0 - lps.double().exp().sum(-1)
-    return torch.where(rest > 0, rest.clamp(min=1e-300).log(), torch.full_like(rest, -math.inf)).float()
+    rounding = max(lps.shape[-1], 1) * 2.0 ** -23
+    return torch.where(rest > rounding, rest.clamp(min=1e-300).log(), torch.full_like(rest, -math.inf)).float()
 
 
 class ServedTeacher(Teacher):

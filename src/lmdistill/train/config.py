@@ -18,9 +18,11 @@ from lmdistill.generation import SamplingConfig
 from lmdistill.generation.config import MOVED_TO_POLICY
 from lmdistill.losses.objective import TERMS, check_objective, entry_name, term_class
 from lmdistill.teachers import SERVED, check_spec, teacher_kind
+from lmdistill.teachers.cross_tokenizer import check_cross_options
 from lmdistill.train.needs import check_fields, run_needs
 from lmdistill.train.recipe_compat import moved_key_error
 from lmdistill.train.sources import check_policy, policy_class, policy_params
+from lmdistill.train.teacher_set import check_teacher_set, options_spec, teacher_specs
 
 #: Sampling keys the trainer sets itself (per step and micro-batch).
 SAMPLING_SET_BY_TRAINER = ("seed",)
@@ -33,7 +35,13 @@ class TrainConfig:
     # models and data
     student: str = ""
     teacher: str = ""
-    data: str = "dolly:train"
+    # several teachers (teacher_set.py; not with teacher:): {NAME: SPEC}, each SPEC any teacher: value; each row is
+    # read by the teacher it names (teacher_route: field, its "teacher" field) or by its data source's namesake
+    # (teacher_route: source, with data: {NAME: PATH}); teacher_mix {NAME: weight}: every row reads the mixture
+    teachers: dict = field(default_factory=dict)
+    teacher_route: str = "field"
+    teacher_mix: dict = field(default_factory=dict)
+    data: str = "dolly:train"               # or {NAME: PATH}: several sources, in order
     valid_data: str = "dolly:valid"
     output_dir: str = "runs/train"
     template: str = "auto"                  # auto: chat when both tokenizers have a chat template, else alpaca
@@ -86,6 +94,11 @@ class TrainConfig:
     teacher_dtype: str = "float32"
     teacher_top_k: int = 20                 # served teacher (openai:NAME@URL): log-probabilities per position
     teacher_logprobs_api: str = "echo"      # served teacher: echo (completions echo + logprobs) | prompt_logprobs (vLLM)
+    # a teacher with another tokenizer (teacher=xtok:SOURCE, teachers/cross_tokenizer.py): the template its prompts
+    # use (auto: its own chat template when its tokenizer has one, else alpaca) and, for a served one
+    # (xtok:openai:NAME@URL), its tokenizer (a folder or hub id)
+    teacher_template: str = "auto"
+    teacher_tokenizer: str = ""
     student_dtype: str = "float32"
     device: str = "auto"
     progress: bool = True
@@ -109,11 +122,14 @@ class TrainConfig:
         self.objective = check_objective(self.objective)
         self.sampling = check_sampling(self.sampling)
         needs = run_needs(self)
-        if needs and not self.teacher and require_models:
+        if needs and not (self.teacher or self.teachers) and require_models:
             raise ConfigError(f"teacher: is required ({'; '.join(n.who for n in needs)} read the teacher)")
         if self.teacher:
             check_spec(self.teacher, needs)
-            check_served(self)
+        check_teacher_set(self, needs)   # teachers:, teacher_route, teacher_mix, data: {NAME: PATH}
+        check_served(self)
+        check_cross_options(self.teacher or options_spec(self), teacher_tokenizer=self.teacher_tokenizer,
+                            teacher_template=self.teacher_template)
         check_fields(self)
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
@@ -180,7 +196,7 @@ def check_ranges(cfg: TrainConfig) -> None:
 
 def check_served(cfg: TrainConfig) -> None:
     """A served teacher's own settings: ``teacher_top_k`` and ``teacher_logprobs_api``."""
-    if teacher_kind(cfg.teacher) != SERVED:
+    if SERVED not in {teacher_kind(spec) for spec in teacher_specs(cfg).values()}:
         return
     if isinstance(cfg.teacher_top_k, bool) or not isinstance(cfg.teacher_top_k, int) or cfg.teacher_top_k < 1:
         raise ConfigError(f"teacher_top_k: must be a positive integer, got {cfg.teacher_top_k!r}")

@@ -46,12 +46,20 @@ MAY_CHANGE = ("output_dir", "max_steps", "save_steps", "eval_steps", "log_steps"
 
 #: What a run leaves in its folder (``--overwrite`` removes these and nothing else).
 ARTIFACTS = (RUN_FILE, "config.json", "metrics.jsonl", "result.json", "curves.png", "fsdp.json",
-             "teacher_scores.jsonl", "checkpoints", "final", "best", "tb")
+             "teacher_scores.jsonl", "teachers", "checkpoints", "final", "best", "tb")
 
 
 # ---------------------------------------------------------------------------------------------- identity
-def _data_identity(spec: str) -> dict:
-    return {"spec": spec, "sha256": examples_hash(load_examples(spec).examples)} if spec else {"spec": ""}
+def _data_identity(spec) -> dict:
+    if isinstance(spec, dict):   # several sources, {NAME: PATH}
+        return {name: _data_identity(path) for name, path in spec.items()}
+    if not spec:
+        return {"spec": ""}
+    examples = load_examples(spec).examples
+    out = {"spec": spec, "sha256": examples_hash(examples)}
+    if any(ex.teacher for ex in examples):   # the teacher each row names (several teachers) changes the math too
+        out["teachers_sha256"] = hashlib.sha256(json.dumps([ex.teacher for ex in examples]).encode()).hexdigest()
+    return out
 
 
 def _model_identity(spec: str) -> dict:
@@ -64,6 +72,8 @@ def _model_identity(spec: str) -> dict:
         manifest = Path(cache_dir(spec)) / "manifest.json"
         digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
         return {"spec": spec, "manifest_sha256": digest}
+    if kind == "cross_tokenizer":   # xtok:SOURCE: the source's identity
+        return {**_model_identity(spec.strip()[len("xtok:"):]), "spec": spec}
     return {"spec": spec}   # served: the server's name and address are all we know of it
 
 
@@ -72,6 +82,7 @@ def run_identity(cfg) -> dict:
     values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in MAY_CHANGE}
     values["student"] = _model_identity(cfg.student)
     values["teacher"] = _model_identity(cfg.teacher)
+    values["teachers"] = {name: _model_identity(spec) for name, spec in cfg.teachers.items()}
     values["data"] = _data_identity(cfg.data)
     values["valid_data"] = _data_identity(cfg.valid_data)
     return json.loads(json.dumps(values))   # the JSON form: what run.json holds compares equal to a fresh one

@@ -3,9 +3,10 @@
 - :class:`SingleProcess`: ``accelerate.prepare`` (a no-op wrapper here), accelerate's clipping, nothing to gather.
 - :class:`DDP`: the same through accelerate's DDP wrapper, which averages the student's gradients; the objective's
   own parameters (DAC-KL's) are in no wrapper, so their gradients are averaged here.
-- :class:`FSDP2`: the student and a local teacher sharded per decoder layer by ``train/fsdp.py`` (not by
-  ``prepare``: accelerate ignores FSDP on CPU processes); generation decodes on gathered weights, the teacher's
-  root group is released after each micro-batch, clipping takes the global norm over DTensors, checkpoints are full
+- :class:`FSDP2`: the student and every model the teacher runs here (``Teacher.models()``: a local teacher's, each
+  local member of several teachers') sharded per decoder layer by ``train/fsdp.py`` (not by ``prepare``:
+  accelerate ignores FSDP on CPU processes); generation decodes on gathered weights, the teacher's root groups are
+  released after each micro-batch, clipping takes the global norm over DTensors, checkpoints are full
   state dicts gathered on every rank (or each rank's shards with ``checkpoint_format: sharded``).
 
 A strategy gives the trainer: ``prepare``, ``unwrap``, ``full_student`` (the plain model, for exports),
@@ -87,12 +88,12 @@ class FSDP2(SingleProcess):
         return student, optimizer   # sharded before the optimiser was built (shard_models); FSDP2 syncs gradients
 
     def shard_models(self, student, teacher) -> None:
-        """Shard the student, and a local teacher frozen (eval, no gradients, no optimiser state); before the
-        optimiser is made, so it holds the sharded parameters."""
+        """Shard the student, and each model the teacher runs here frozen (eval, no gradients, no optimiser state);
+        before the optimiser is made, so it holds the sharded parameters."""
         bf16 = self.acc.mixed_precision == "bf16"
         shard(student, bf16=bf16)
-        if teacher is not None and teacher.model is not None:
-            shard(teacher.model, frozen=True, bf16=bf16)
+        for model in teacher.models() if teacher is not None else ():
+            shard(model, frozen=True, bf16=bf16)
 
     def unwrap(self, student):
         return student   # the sharded model itself: parameters are DTensors; full_student() gathers them
@@ -123,7 +124,8 @@ class FSDP2(SingleProcess):
         return nullcontext()
 
     def after_micro_batch(self, teacher) -> None:
-        release(teacher.model if teacher is not None else None)   # the teacher back to its shards
+        for model in teacher.models() if teacher is not None else ():   # the teacher back to its shards
+            release(model)
 
     def clip(self, params, max_norm: float):
         return clip_grad_norm(params, max_norm)
@@ -139,9 +141,9 @@ class FSDP2(SingleProcess):
         """Parameter bytes each rank holds for the student and the teacher (local shards) and their full sizes (a
         collective; written to ``fsdp.json``)."""
         report = {"world_size": self.world}
-        for name, model in (("student", student), ("teacher", teacher.model if teacher is not None else None)):
-            if model is None:
-                continue
+        models = teacher.models() if teacher is not None else []
+        named = [("teacher" if len(models) == 1 else f"teacher.{i}", m) for i, m in enumerate(models)]
+        for name, model in [("student", student), *named]:
             local = [None] * self.world
             torch.distributed.all_gather_object(local, local_param_bytes(model))
             report[name] = {"full_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),

@@ -23,6 +23,7 @@ import yaml
 
 from lmdistill.errors import ConfigError
 from lmdistill.generation.config import MOVED_TO_POLICY
+from lmdistill.generation.policies.base import scalar
 from lmdistill.losses.objective import TERMS, entry_name
 from lmdistill.train.config import TrainConfig
 from lmdistill.train.recipe_compat import MOVED_REPLAY, OLD_OBJECTIVE, OLD_SAMPLING, moved_key_error, \
@@ -43,20 +44,12 @@ def _unknown(key: str, where: str) -> ConfigError:
 
 def _coerce(key: str, value, where: str):
     want = HINTS[key]
-    if want is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-    elif want in (int, float):
-        accepted = (int,) if want is int else (int, float)   # an int key never takes 2.5
-        if isinstance(value, accepted) and not isinstance(value, bool):
-            return want(value)
-        if isinstance(value, str):
-            try:
-                return want(value)
-            except ValueError:
-                pass
+    if key == "data" and isinstance(value, dict):   # several sources, {NAME: PATH} (train/teacher_set.py)
+        return value
+    if want in (bool, int, float):
+        out = scalar(value, want)   # an int key never takes 2.5
+        if out is not None:
+            return out
     elif want is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -81,8 +74,8 @@ def parse_override(text: str) -> tuple[str, object]:
         raise ConfigError(f"override {text!r} must look like key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
-    if HINTS.get(key) is str:   # a text key takes the text as typed: mixed_precision=no is "no", not YAML's False
-        return key, raw
+    if HINTS.get(key) is str and not (key == "data" and raw.lstrip().startswith("{")):   # data={a: x, b: y}: a map
+        return key, raw   # a text key takes the text as typed: mixed_precision=no is "no", not YAML's False
     try:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:
@@ -223,8 +216,9 @@ def config_yaml(cfg: TrainConfig) -> str:
     marks = {}
     if not cfg.student:
         marks["student"] = "required: a model folder or hub id"
-    if not cfg.teacher and cfg.needs_teacher:
-        marks["teacher"] = "required by this recipe: a model folder or hub id, cache:DIR or openai:NAME@URL"
+    if not cfg.teacher and not cfg.teachers and cfg.needs_teacher:
+        marks["teacher"] = ("required by this recipe: a model folder or hub id, cache:DIR or openai:NAME@URL "
+                             "(xtok:... for one of another tokenizer)")
     lines = text.splitlines()
     for i, line in enumerate(lines):
         key = line.partition(":")[0]

@@ -20,14 +20,15 @@ from lmdistill.errors import Stopped
 from lmdistill.io import atomic_dir
 from lmdistill.losses.model_forward import shifted
 from lmdistill.losses.objective import Objective
-from lmdistill.losses.term import TermInputs
+from lmdistill.losses.term import TermContext, TermInputs
 from lmdistill.models.model_card import copy_license_files
 from lmdistill.runtime import StopSignals
 from lmdistill.train.checkpoint import resume_checkpoint, save_checkpoint
 from lmdistill.train.config import TrainConfig, samples_teacher
-from lmdistill.train.data_order import global_batch_indices, rank_slice
+from lmdistill.train.data_order import global_batch_indices
 from lmdistill.train.ownership import fingerprint, run_identity
 from lmdistill.train.parallel import make_strategy
+from lmdistill.train.route_plan import add_part, loss_keys, micro_batches, reader, route_tokens
 from lmdistill.train.setup import (load_rows, load_student, load_teacher, load_tokenizers, make_accelerator,
                                    make_optimizer, make_scheduler)
 from lmdistill.train.sources import make_sequence_source, policy_class, policy_params
@@ -50,8 +51,9 @@ class Run:
         self.teacher = load_teacher(cfg, device, self.tokenizer)   # a teachers.Teacher (model, cache, server) or None
         teacher_model = self.teacher.model if self.teacher is not None else None
         self.strategy.shard_models(student, self.teacher)
-        self.objective = Objective(cfg.objective).to(device)   # after the models: its parameters draw random numbers
-        self.whole_logits = self.objective.whole_logits(student, teacher_model)
+        # after the models: its parameters draw random numbers, and terms size them from the models (Term.bind)
+        self.objective = Objective(cfg.objective, TermContext(student, self.teacher, cfg.student)).to(device)
+        self.whole_logits = self.objective.whole_logits(student, *(self.teacher.models() if self.teacher else ()))
         self.sampling = cfg.sampling_config(cfg.seed)   # what the terms may read of how sequences are drawn
         optimizer = make_optimizer(cfg, self.params(student))
         self.scheduler = make_scheduler(cfg, optimizer)
@@ -104,46 +106,58 @@ class Run:
         return self.step_metrics(prepared, totals, total_loss, logged, self.update())
 
     def build_sequences(self, step: int) -> list[tuple]:
-        """``[(gold, sequences)]`` per micro-batch of this process's rows of the step's global batch."""
+        """``[(gold, sequences, slot)]`` per micro-batch of this process's rows of the step's global batch (with
+        several teachers, each micro-batch one teacher's rows: ``route_plan.py``)."""
         cfg = self.cfg
         idx = global_batch_indices(step, cfg.batch_size, len(self.train_rows), cfg.seed)
-        mine = [self.train_rows[i] for i in rank_slice(idx, self.rank, self.world)]
-        if cfg.micro_batch_order == "length":   # similar lengths share a micro-batch: less padding computed
-            mine.sort(key=lambda r: len(r.input_ids))
-        micros = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+        slots = micro_batches(self.teacher, [self.train_rows[i] for i in idx], self.rank, self.world,
+                              cfg.micro_batch_size, cfg.micro_batch_order)
         prepared = []
         with self.strategy.generation(*self.generation_models):
-            for m, rows in enumerate(micros):
-                seqs = self.source.build(rows, step=step, micro=m, rank=self.rank, student=self.unwrapped(),
-                                         teacher=self.teacher, tokenizer=self.tokenizer)
-                gold = seqs if seqs.is_gold else self.source.gold(rows, self.tokenizer)  # one batch serves both
-                prepared.append((gold, seqs))
-                self.hook("on_sequences", step, seqs)
+            for m, slot in enumerate(slots):   # a stand-in (weight 0) keeps processes in step: gold rows
+                seqs = self.source.build(slot.rows, step=step, micro=m, rank=self.rank, student=self.unwrapped(),
+                                         teacher=self.teacher, tokenizer=self.tokenizer) if slot.weight else \
+                    self.source.gold(slot.rows, self.tokenizer)
+                gold = seqs if seqs.is_gold else self.source.gold(slot.rows, self.tokenizer)  # one batch serves both
+                prepared.append((gold, seqs, slot))
+                if slot.weight:
+                    self.hook("on_sequences", step, seqs)
         return prepared
 
     def token_totals(self, prepared) -> dict[str, torch.Tensor]:
         """Global token counts per token set, so every micro-batch and process is weighted by its tokens."""
-        counts = {"gold": sum(shifted(g.batch)[1].sum() for g, _ in prepared),
-                  "sequences": sum(shifted(s.batch)[1].sum() for _, s in prepared), "batch": len(prepared)}
+        live = [(g, s) for g, s, slot in prepared if slot.weight]   # stand-ins (route_plan.py) count nothing
+        counts = {"gold": sum(shifted(g.batch)[1].sum() for g, _ in live),
+                  "sequences": sum(shifted(s.batch)[1].sum() for _, s in live), "batch": len(live),
+                  "positions": sum(s.batch["attention_mask"].sum() for _, s in live)}
         return {k: self.all_sum(torch.as_tensor(v, dtype=torch.float32, device=self.acc.device)).clamp(min=1)
                 for k, v in counts.items()}
 
     def forward_backward(self, prepared, totals) -> tuple[dict, torch.Tensor]:
         """Every term of every micro-batch, weighted by its token share; backward per micro-batch."""
         dev, weights = self.acc.device, self.objective.weights
-        logged = {k: 0.0 for k in weights}
+        logged = loss_keys(weights, self.teacher)
+        self.term_stats: dict[str, float] = {}   # the terms' ENTRY/name statistics (Term.last_stats), token-weighted
         total_loss = torch.zeros((), device=dev)
-        for m, (gold, seqs) in enumerate(prepared):
-            inputs = TermInputs(self.student, self.teacher, {k: v.to(dev) for k, v in gold.batch.items()},
+        for m, (gold, seqs, slot) in enumerate(prepared):
+            inputs = TermInputs(self.student, reader(self.teacher, seqs.rows),
+                                {k: v.to(dev) for k, v in gold.batch.items()},
                                 {k: v.to(dev) for k, v in seqs.batch.items()}, same=seqs.is_gold,
                                 whole=self.whole_logits, rows=seqs.rows, tokenizer=self.tokenizer,
                                 sampling=self.sampling, fields=seqs.fields)
             with self.strategy.no_sync(self.student, last=m == len(prepared) - 1), self.acc.autocast():
                 loss = torch.zeros((), device=dev)
                 for name, (mean, tokens) in self.objective(inputs, chunked=self.cfg.chunked_loss).items():
-                    part = mean * inputs.token_count(tokens) / totals[tokens]
+                    part = mean * inputs.token_count(tokens) / totals[tokens] * slot.weight
                     loss = loss + weights[name] * part * self.world
-                    logged[name] += float(part.detach())
+                    add_part(logged, name, slot, float(part.detach()))   # and the teacher's share (TERM@NAME)
+                for name, (mean, tokens) in self.objective.unbalanced.items():   # balance_with: the term's own value
+                    key = f"{name}_unbalanced"
+                    logged[key] = logged.get(key, 0.0) + float(mean * inputs.token_count(tokens) / totals[tokens]
+                                                               * slot.weight)
+                for key, (value, tokens) in self.objective.stats.items():
+                    share = float(inputs.token_count(tokens) / totals[tokens]) * slot.weight
+                    self.term_stats[key] = self.term_stats.get(key, 0.0) + value * share
                 self.acc.backward(loss)
             self.strategy.after_micro_batch(self.teacher)
             total_loss += loss.detach() / self.world
@@ -164,11 +178,14 @@ class Run:
         self.state["tokens_seen"] += tokens
         metrics = {"loss": float(self.all_sum(total_loss)), "lr": self.scheduler.get_last_lr()[0], "tokens": tokens}
         metrics.update({f"loss/{k}": float(self.all_sum(torch.tensor(v))) for k, v in logged.items()})
+        metrics.update({k: float(self.all_sum(torch.tensor(v))) for k, v in self.term_stats.items()})
+        metrics.update(route_tokens(prepared, self.objective.token_sets, self.teacher, self.all_sum))  # tokens@NAME
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
-        for _, s in prepared:
+        live = [s for _, s, slot in prepared if slot.weight]
+        for s in live:
             for k, v in s.stats.items():
-                metrics[k] = metrics.get(k, 0.0) + v / len(prepared)
+                metrics[k] = metrics.get(k, 0.0) + v / len(live)
         return metrics
 
     # ------------------------------------------------------------------ validation, stops
@@ -224,6 +241,8 @@ class Run:
             model.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
             copy_license_files(self.cfg.student, tmp)   # the student's terms travel with it (Gemma's, section 3.1)
+        if name == "final":   # the objective's own trained parameters (a hidden-state projection), beside final/
+            self.objective.write_artifacts(self.out)
         return path
 
     def save(self, step: int) -> Path:

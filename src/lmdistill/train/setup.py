@@ -15,12 +15,14 @@ from accelerate import Accelerator
 from lmdistill.data import load_examples, tokenize_examples
 from lmdistill.data.templates import AUTO, resolve_template
 from lmdistill.errors import ConfigError
+from lmdistill.losses.objective import TERMS
 from lmdistill.models import load_model, load_tokenizer
 from lmdistill.runtime import rank_world
 from lmdistill.teachers import CACHE, LOCAL, cache_dir, examples_hash, open_teacher, teacher_kind, tokenizer_hash
 from lmdistill.teachers.cache import read_manifest
 from lmdistill.train.config import TrainConfig
 from lmdistill.train.needs import run_needs
+from lmdistill.train.teacher_set import check_routes, load_train_examples, open_teacher_set, set_template
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -41,10 +43,17 @@ def check_tokenizers(student_tok, teacher_tok) -> None:
     for i in range(min(len(sv), len(tv))):
         if sv.get(i) != tv.get(i):
             raise ConfigError(f"teacher and student tokenizers differ at id {i}: student {sv.get(i)!r}, "
-                              f"teacher {tv.get(i)!r}; distillation needs a shared tokenizer")
+                              f"teacher {tv.get(i)!r}; distillation needs a shared tokenizer{cross_tokenizer_hint()}")
     for name in ("eos_token_id", "pad_token_id"):
         if getattr(student_tok, name) != getattr(teacher_tok, name):
-            raise ConfigError(f"teacher and student tokenizers have different {name}")
+            raise ConfigError(f"teacher and student tokenizers have different {name}{cross_tokenizer_hint()}")
+
+
+def cross_tokenizer_hint() -> str:
+    """How to train with a teacher of another tokenizer: the ``xtok:`` kind and the terms that read it."""
+    terms = [name for name, cls in TERMS.items() if "aligned" in cls.teacher_needs({})[0]]
+    return (f" (or name it teacher=xtok:PATH, a teacher with its own tokenizer, and train with a term that aligns "
+            f"the two by bytes: {', '.join(terms)}; recipes of the same names)")
 
 
 def load_tokenizers(cfg: TrainConfig):
@@ -56,6 +65,12 @@ def load_tokenizers(cfg: TrainConfig):
     if cfg.teacher and teacher_kind(cfg.teacher) == LOCAL:
         teacher_tokenizer = load_tokenizer(cfg.teacher)
         check_tokenizers(tokenizer, teacher_tokenizer)
+    for name, spec in cfg.teachers.items():   # several teachers: each local one shares the student's tokenizer
+        if teacher_kind(spec) == LOCAL:
+            try:
+                check_tokenizers(tokenizer, load_tokenizer(spec))
+            except ConfigError as e:
+                raise ConfigError(f"teachers.{name}: {e}") from None
     cfg.template = run_template(cfg, tokenizer, teacher_tokenizer)
     return tokenizer
 
@@ -72,7 +87,13 @@ def resolve_config_template(cfg: TrainConfig) -> TrainConfig:
 def run_template(cfg: TrainConfig, tokenizer, teacher_tokenizer=None) -> str:
     """``cfg.template`` resolved; ``auto`` is said once (by the main process). A local teacher's tokenizer is loaded
     unless given. A cached teacher's ``auto`` is the template its capture recorded (the cache's rows were built with
-    it); a served teacher's tokenizer is not known here (it must equal the student's), so the student's decides."""
+    it); a served teacher's tokenizer is not known here (it must equal the student's), so the student's decides.
+    Several teachers (``teachers:``): ``teacher_set.set_template``."""
+    if cfg.teachers:
+        template, note = set_template(cfg, tokenizer)
+        if note:
+            _say(note)
+        return template
     kind = teacher_kind(cfg.teacher) if cfg.teacher else None
     if kind == LOCAL and teacher_tokenizer is None and cfg.template != "alpaca":
         teacher_tokenizer = load_tokenizer(cfg.teacher)
@@ -110,7 +131,8 @@ def _tokenizer_key(tokenizer) -> str:
 
 
 def _tokenized_rows(examples, tokenizer, cfg: TrainConfig) -> tuple[list, list[str]]:
-    key = (examples_hash(examples), _tokenizer_key(tokenizer), cfg.template, cfg.max_prompt_length, cfg.max_length)
+    key = (examples_hash(examples), _tokenizer_key(tokenizer), cfg.template, cfg.max_prompt_length, cfg.max_length,
+           tuple(ex.teacher for ex in examples))   # the rows keep their examples: their teachers too
     if key not in _ROWS_MEMO:
         rows, reports = tokenize_examples(examples, tokenizer, template=cfg.template,
                                           max_prompt_length=cfg.max_prompt_length, max_length=cfg.max_length)
@@ -126,8 +148,8 @@ def load_rows(cfg: TrainConfig, tokenizer) -> tuple[list, list, list[str]]:
     still ``auto`` is resolved first (``run_template``)."""
     if cfg.template == AUTO:
         cfg.template = run_template(cfg, tokenizer)
-    train = load_examples(cfg.data)
-    examples = train.examples[: cfg.max_train_examples or None]
+    examples = load_train_examples(cfg)[: cfg.max_train_examples or None]
+    check_routes(cfg, examples)   # several teachers: every row names one of them, before any model loads
     rows, reports = _tokenized_rows(examples, tokenizer, cfg)
     if not rows:
         raise ConfigError(f"data: no training rows left after filtering ({'; '.join(reports)})")
@@ -181,18 +203,21 @@ def load_teacher(cfg: TrainConfig, device, tokenizer=None):
     """The run's :class:`~lmdistill.teachers.base.Teacher` (a model in this process, ``cache:DIR`` or
     ``openai:NAME@URL``; ``None`` without one), checked against what the run asks of it (``needs.run_needs``: a
     cache knows its temperature only now)."""
+    if cfg.teachers:   # several: each opened as the run's one teacher would be (teacher_set.py)
+        return open_teacher_set(cfg, lambda member: load_teacher(member, device, tokenizer), run_needs(cfg))
     if not cfg.teacher:
         return None
 
     def cache_expects(manifest: dict) -> dict:   # the cache's rows must be this run's
-        data = load_examples(cfg.data).examples[: manifest.get("limit") or None]
+        data = load_train_examples(cfg)[: manifest.get("limit") or None]
         return {"tokenizer_hash": tokenizer_hash(tokenizer), "template": cfg.template,
                 "max_prompt_length": cfg.max_prompt_length, "max_length": cfg.max_length,
                 "data_hash": examples_hash(data)}
 
     return open_teacher(cfg.teacher, run_needs(cfg), device=device, dtype=cfg.teacher_dtype, tokenizer=tokenizer,
                         expect=cache_expects, top_k=cfg.teacher_top_k, api=cfg.teacher_logprobs_api,
-                        cache_path=Path(cfg.output_dir) / "teacher_scores.jsonl")
+                        cache_path=Path(cfg.output_dir) / "teacher_scores.jsonl",
+                        teacher_tokenizer=cfg.teacher_tokenizer, teacher_template=cfg.teacher_template)
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]):

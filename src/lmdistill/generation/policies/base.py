@@ -26,8 +26,9 @@ class NoParams:
     """A policy without knobs."""
 
 
-def _coerce(value, want, where: str):
-    """``value`` as the field type ``want`` (command-line text included); a ``ConfigError`` naming ``where``."""
+def scalar(value, want: type):
+    """``value`` as ``want`` (bool, int or float), command-line text included ("yes", "3", "0.5"), or None when it is
+    not one: an int never takes 2.5 nor a bool. Shared by policy parameters and ``train.recipes``' keys."""
     if want is bool:
         if isinstance(value, bool):
             return value
@@ -41,6 +42,15 @@ def _coerce(value, want, where: str):
                 return want(value)
             except ValueError:
                 pass
+    return None
+
+
+def _coerce(value, want, where: str):
+    """``value`` as the field type ``want`` (command-line text included); a ``ConfigError`` naming ``where``."""
+    if want in (bool, int, float):
+        out = scalar(value, want)
+        if out is not None:
+            return out
     elif want is str:
         if isinstance(value, str):
             return value
